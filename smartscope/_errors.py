@@ -1,0 +1,22 @@
+"""Errors that smartscope reports to users as one clear line."""
+
+from __future__ import annotations
+
+
+class SmartscopeError(Exception):
+    """Base class for problems caused by user input (config, experiment, model).
+
+    The CLI prints these as a single ``error: ...`` line and exits with code 2.
+    """
+
+
+class ConfigError(SmartscopeError):
+    """A Micro-Manager hardware configuration is missing or cannot be loaded."""
+
+
+class ExperimentError(SmartscopeError):
+    """An experiment file is missing, is not valid YAML or has impossible values."""
+
+
+class RegistryError(SmartscopeError):
+    """A segmenter or policy name is not known."""

@@ -1,0 +1,225 @@
+"""`Experiment`: one YAML file = hardware config, base plan, segmenter, policies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from useq import MDASequence
+
+from smartscope._errors import ExperimentError, SmartscopeError
+
+__all__ = [
+    "AnalysisSettings",
+    "Experiment",
+    "OutputSettings",
+    "PolicySpec",
+    "SegmenterSpec",
+    "format_validation_error",
+]
+
+
+class _Named(BaseModel):
+    """``{name: ..., <params>}``: a registered component and its parameters."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Everything but ``name``."""
+        return dict(self.model_extra or {})
+
+
+class SegmenterSpec(_Named):
+    """Which segmenter and its parameters, e.g. ``{name: threshold, sigma_px: 1}``."""
+
+    name: str = "threshold"
+
+    @model_validator(mode="after")
+    def _check(self) -> SegmenterSpec:
+        from smartscope.segment import create_segmenter
+
+        _build(create_segmenter, self.name, self.params)
+        return self
+
+    def build(self) -> Any:
+        """Instantiate the segmenter."""
+        from smartscope.segment import create_segmenter
+
+        return create_segmenter(self.name, self.params)
+
+
+class PolicySpec(_Named):
+    """A policy and its parameters, e.g. ``{name: skip_empty, min_objects: 1}``."""
+
+    @model_validator(mode="after")
+    def _check(self) -> PolicySpec:
+        from smartscope.scheduler import create_policy
+
+        _build(create_policy, self.name, self.params)
+        return self
+
+    def build(self) -> Any:
+        """Instantiate a fresh policy (policies keep per-run state)."""
+        from smartscope.scheduler import create_policy
+
+        return create_policy(self.name, self.params)
+
+
+def _build(factory: Any, name: str, params: dict[str, Any]) -> Any:
+    try:
+        return factory(name, params)
+    except SmartscopeError as e:
+        raise ValueError(str(e)) from None
+    except ValidationError as e:
+        raise ValueError(f"{name}: {format_validation_error(e)}") from None
+    except TypeError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+class AnalysisSettings(BaseModel):
+    """How frames are analysed during the run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    analyze: Literal["all", "base"] = Field(
+        "all",
+        description="Frames to analyse: every frame, or only base-plan frames "
+        "(survey tiles) so targeted acquisitions do not compete for the model.",
+    )
+    queue_size: int = Field(16, ge=1, description="Frames waiting before drops.")
+    batch_size: int = Field(4, ge=1, description="Largest micro-batch.")
+    num_threads: int | None = Field(
+        None, ge=1, description="Threads for torch segmenters (default: 1 on ≤2 cores)."
+    )
+
+
+class OutputSettings(BaseModel):
+    """Where the run is written."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    directory: str | None = Field(
+        None,
+        description="Run directory (relative to the working directory). Default: "
+        "runs/<name>-<timestamp>.",
+    )
+    overwrite: bool = False
+
+
+class Experiment(BaseModel):
+    """One experiment: hardware config, base plan, segmenter, policies, output.
+
+    Load with `Experiment.from_file`; relative paths in the file (the hardware
+    config) are resolved against the file's folder, then against the bundled
+    ``hardware_configs/``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = "experiment"
+    description: str = ""
+    config: str | None = Field(
+        None,
+        description="Micro-Manager .cfg; default: hardware_configs/demo.cfg.",
+    )
+    properties: list[tuple[str, str, str]] = Field(
+        default_factory=list,
+        description="Extra (device, property, value) settings applied after loading.",
+    )
+    channel_group: str = "Channel"
+    sequence: MDASequence
+    segmenter: SegmenterSpec = SegmenterSpec()
+    policies: list[PolicySpec] = Field(default_factory=list)
+    analysis: AnalysisSettings = AnalysisSettings()
+    output: OutputSettings = OutputSettings()
+    seed: int = 0
+    source: Path | None = Field(None, exclude=True)
+
+    @field_validator("sequence", mode="before")
+    @classmethod
+    def _check_grid(cls, value: Any) -> Any:
+        grid = value.get("grid_plan") if isinstance(value, dict) else None
+        if isinstance(grid, dict) and ({"rows", "columns"} & set(grid)):
+            for key in ("rows", "columns"):
+                if not isinstance(grid.get(key), int) or grid[key] < 1:
+                    raise ValueError(
+                        f"grid_plan.{key} must be an integer ≥ 1 (empty grid)"
+                    )
+        return value
+
+    @field_validator("sequence")
+    @classmethod
+    def _check_sequence(cls, seq: MDASequence) -> MDASequence:
+        if any(p.sequence is not None for p in seq.stage_positions):
+            raise ValueError("per-position sub-sequences are not supported")
+        if next(iter(seq), None) is None:
+            raise ValueError("the base sequence has no events")
+        return seq
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def from_file(cls, path: str | Path) -> Experiment:
+        """Read an experiment YAML file.
+
+        Raises
+        ------
+        ExperimentError
+            One line naming the file and the problem: missing file, invalid
+            YAML, unknown segmenter or policy, impossible values.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ExperimentError(f"experiment file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ExperimentError(f"{path}: invalid YAML{where}: {problem}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ExperimentError(f"cannot read {path}: {e}") from None
+        if not isinstance(data, dict):
+            raise ExperimentError(f"{path}: expected a mapping of experiment fields")
+        try:
+            return cls.model_validate({**data, "source": path.resolve()})
+        except ValidationError as e:
+            raise ExperimentError(f"{path}: {format_validation_error(e)}") from None
+
+    def to_yaml(self) -> str:
+        """The resolved experiment as YAML (written next to the data)."""
+        data = self.model_dump(mode="json", exclude_unset=False)
+        data["sequence"] = self.sequence.model_dump(mode="json", exclude_unset=True)
+        return yaml.safe_dump(data, sort_keys=False)
+
+    def config_path(self, override: str | Path | None = None) -> Path:
+        """The hardware config to load (`override` wins), resolved to a file."""
+        from smartscope.microscope import resolve_config
+
+        config = override if override is not None else self.config
+        base = self.source.parent if self.source else None
+        return resolve_config(config, relative_to=base)
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One line per pydantic error, joined with '; ' (first three)."""
+    parts = []
+    for err in error.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function"))
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    more = len(error.errors()) - 3
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

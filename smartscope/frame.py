@@ -1,0 +1,60 @@
+"""`Frame`: one acquired image's identity, place and timestamps."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from useq import MDAEvent
+
+__all__ = ["Frame", "event_tag"]
+
+
+def event_tag(event: MDAEvent) -> dict[str, Any]:
+    """The ``smartscope`` block the Scheduler puts in ``MDAEvent.metadata``."""
+    tag = event.metadata.get("smartscope")
+    return tag if isinstance(tag, dict) else {}
+
+
+@dataclass
+class Frame:
+    """An acquired frame as it travels from ``frameReady`` to the policies.
+
+    Times are seconds since the run started (``time.perf_counter`` based):
+    `t_acquired` when ``frameReady`` fired, `t_analysed` when its detections were
+    ready, `t_decided` when every policy had answered, `t_queued` when the
+    resulting events were in the Scheduler's queue.
+    """
+
+    frame_index: int
+    event: MDAEvent = field(repr=False)
+    position: str
+    kind: str
+    stage_x_um: float
+    stage_y_um: float
+    stage_z_um: float | None
+    channel: str | None
+    exposure_ms: float | None
+    t_acquired: float
+    event_id: int = -1
+    t_analysed: float | None = None
+    t_decided: float | None = None
+    t_queued: float | None = None
+    dropped: bool = False
+
+    @property
+    def stage_xy_um(self) -> tuple[float, float]:
+        """XY stage position at acquisition, µm."""
+        return (self.stage_x_um, self.stage_y_um)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready summary (no image data)."""
+        d = asdict(self)
+        d.pop("event")
+        d["index"] = {str(k): int(v) for k, v in self.event.index.items()}
+        tag = event_tag(self.event)
+        for key in ("decision_id", "trigger_frame"):
+            if key in tag:
+                d[key] = tag[key]
+        return d

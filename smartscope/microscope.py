@@ -1,0 +1,260 @@
+"""`Microscope`: owns a Micro-Manager core, its config and the pixel↔stage geometry."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from smartscope._errors import ConfigError
+from smartscope._resources import default_config, hardware_configs_dir
+
+if TYPE_CHECKING:
+    from pymmcore_plus import CMMCorePlus
+    from useq import MDAEvent
+
+__all__ = ["Microscope", "resolve_config"]
+
+
+def resolve_config(
+    config: str | Path | None, *, relative_to: str | Path | None = None
+) -> Path:
+    """Find a Micro-Manager ``.cfg`` file.
+
+    Tried in order: the path as given (absolute or relative to the working
+    directory), relative to `relative_to` (an experiment file's folder), and a
+    bundled file of the same name in ``hardware_configs/``. ``None`` means the demo
+    microscope, ``hardware_configs/demo.cfg``.
+
+    Raises
+    ------
+    ConfigError
+        If no such file exists.
+    """
+    if config is None:
+        return default_config()
+    path = Path(config).expanduser()
+    candidates = [path]
+    if relative_to is not None and not path.is_absolute():
+        candidates.append(Path(relative_to) / path)
+    candidates.append(hardware_configs_dir() / path.name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"hardware config not found: {config}")
+
+
+class Microscope:
+    """A Micro-Manager core with its loaded config and pixel↔stage transforms.
+
+    Parameters
+    ----------
+    config : str | Path | None
+        Micro-Manager configuration file. ``None`` loads the demo microscope
+        (``hardware_configs/demo.cfg``: DemoCamera in *Fluorescent Beads* mode).
+    core : CMMCorePlus | None
+        An existing core to use instead of creating one; it is then not released
+        by `close`. When given, `config` is only loaded if not ``None``.
+
+    Notes
+    -----
+    Pixel coordinates are ``(x, y)`` = ``(column, row)`` of the image; stage
+    coordinates are µm. The core's pixel-size affine ``(a, b, c, d, e, f)`` maps a
+    pixel offset from the image center to a stage offset::
+
+        dx_um = a * dx_px + b * dy_px + c
+        dy_um = d * dx_px + e * dy_px + f
+
+    so orientation (flips, rotation, swapped axes) is honoured. A config without an
+    affine falls back to ``pixel_size_um`` times the identity.
+
+    Always call `close` (or use the microscope as a context manager): a process
+    that exits while a core still holds the demo devices can abort.
+    """
+
+    def __init__(
+        self,
+        config: str | Path | None = None,
+        *,
+        core: CMMCorePlus | None = None,
+    ) -> None:
+        from pymmcore_plus import CMMCorePlus
+
+        self._owns_core = core is None
+        self._core: CMMCorePlus | None = core if core is not None else CMMCorePlus()
+        self.config_path: Path | None = None
+        self._thread: threading.Thread | None = None
+        if core is None or config is not None:
+            self.load_config(config)
+
+    # ------------------------------------------------------------------ config
+    @property
+    def core(self) -> CMMCorePlus:
+        """The pymmcore-plus core (raises once the microscope is closed)."""
+        if self._core is None:
+            raise RuntimeError("this Microscope has been closed")
+        return self._core
+
+    def load_config(self, config: str | Path | None = None) -> Path:
+        """Load a Micro-Manager config file (see `resolve_config`)."""
+        path = resolve_config(config)
+        try:
+            self.core.loadSystemConfiguration(str(path))
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            raise ConfigError(f"cannot load hardware config {path}: {first}") from e
+        if not self.core.getCameraDevice():
+            raise ConfigError(f"hardware config {path} defines no camera")
+        self.config_path = path
+        return path
+
+    # ---------------------------------------------------------------- geometry
+    @property
+    def pixel_size_um(self) -> float:
+        """Size of one image pixel at the sample, in µm (1.0 if not calibrated)."""
+        size = self.core.getPixelSizeUm()
+        return float(size) if size > 0 else 1.0
+
+    @property
+    def affine(self) -> np.ndarray:
+        """The 2×3 pixel→stage affine of the current pixel-size configuration."""
+        aff = np.asarray(self.core.getPixelSizeAffine(), dtype=float)
+        if aff.size != 6 or not np.any(aff[[0, 1, 3, 4]]):
+            ps = self.pixel_size_um
+            aff = np.array([ps, 0.0, 0.0, 0.0, ps, 0.0])
+        return aff.reshape(2, 3)
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """``(height, width)`` of the camera image in pixels."""
+        return int(self.core.getImageHeight()), int(self.core.getImageWidth())
+
+    @property
+    def fov_um(self) -> tuple[float, float]:
+        """``(width, height)`` of the field of view in µm."""
+        height, width = self.image_shape
+        corners = self._offsets_um(np.array([[0.0, 0.0], [width, 0.0], [0.0, height]]))
+        return (
+            float(np.hypot(*(corners[1] - corners[0]))),
+            float(np.hypot(*(corners[2] - corners[0]))),
+        )
+
+    def image_center_px(self) -> np.ndarray:
+        """``(x, y)`` of the image center in pixel-index coordinates."""
+        height, width = self.image_shape
+        return np.array([(width - 1) / 2.0, (height - 1) / 2.0])
+
+    def _offsets_um(self, d_px: np.ndarray) -> np.ndarray:
+        aff = self.affine
+        return d_px @ aff[:, :2].T + aff[:, 2]
+
+    def pixel_to_stage(
+        self, px_xy: Sequence[float] | np.ndarray, stage_xy: Sequence[float]
+    ) -> np.ndarray:
+        """Stage µm of pixel positions in an image taken with the stage at `stage_xy`.
+
+        Parameters
+        ----------
+        px_xy : array-like, shape ``(2,)`` or ``(N, 2)``
+            Pixel ``(x, y)`` = ``(column, row)``; subpixel values allowed.
+        stage_xy : (float, float)
+            XY stage position (µm) at which the image was acquired.
+        """
+        px = np.asarray(px_xy, dtype=float)
+        out = np.asarray(stage_xy, dtype=float) + self._offsets_um(
+            px.reshape(-1, 2) - self.image_center_px()
+        )
+        return out.reshape(px.shape)
+
+    def stage_to_pixel(
+        self, points_um: Sequence[float] | np.ndarray, stage_xy: Sequence[float]
+    ) -> np.ndarray:
+        """Pixel ``(x, y)`` at which stage points appear with the stage at `stage_xy`.
+
+        The inverse of `pixel_to_stage`.
+        """
+        pts = np.asarray(points_um, dtype=float)
+        aff = self.affine
+        rel = pts.reshape(-1, 2) - np.asarray(stage_xy, dtype=float) - aff[:, 2]
+        px = rel @ np.linalg.inv(aff[:, :2]).T + self.image_center_px()
+        return px.reshape(pts.shape)
+
+    # -------------------------------------------------------------------- runs
+    def run(
+        self, events: Iterable[MDAEvent], *, output: Any = None
+    ) -> threading.Thread:
+        """Start acquiring `events` on the core's MDA runner; return its thread.
+
+        Hardware sequencing is turned off: adaptive runs must execute event by
+        event, or the runner would merge events the scheduler may still change.
+        """
+        if self.is_running():
+            raise RuntimeError("an acquisition is already running")
+        engine = self.core.mda.engine
+        if engine is not None and hasattr(engine, "use_hardware_sequencing"):
+            engine.use_hardware_sequencing = False
+        self._thread = self.core.run_mda(events, output=output)
+        return self._thread
+
+    def is_running(self) -> bool:
+        """Whether an acquisition is in progress."""
+        return self._core is not None and self.core.mda.is_running()
+
+    def pause(self) -> None:
+        """Pause the running acquisition (at the next event boundary)."""
+        self.core.mda.set_paused(True)
+
+    def resume(self) -> None:
+        """Resume a paused acquisition."""
+        self.core.mda.set_paused(False)
+
+    def is_paused(self) -> bool:
+        """Whether the running acquisition is paused."""
+        return self.core.mda.is_paused()
+
+    def cancel(self) -> None:
+        """Cancel the running acquisition after the current event."""
+        if self._core is not None:
+            self.core.mda.cancel()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the acquisition thread; return True if it has finished."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # ---------------------------------------------------------------- shutdown
+    def close(self) -> None:
+        """Cancel any run, unload the devices and release the core.
+
+        Safe to call more than once. Releasing the core before the process exits
+        avoids Micro-Manager's abort at interpreter shutdown.
+        """
+        if self._core is None:
+            return
+        if self.is_running():
+            self.cancel()
+            self.wait(30)
+        core, self._core = self._core, None
+        if self._owns_core:
+            try:
+                core.unloadAllDevices()
+            except Exception:  # pragma: no cover - best effort at shutdown
+                pass
+        del core
+        gc.collect()
+
+    def __enter__(self) -> Microscope:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._core is None else str(self.config_path)
+        return f"<Microscope {state}>"

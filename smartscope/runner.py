@@ -1,0 +1,459 @@
+"""`Runner`: wires one experiment — microscope, stream, scheduler, storage."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from psygnal import Signal, SignalGroup
+
+from smartscope._errors import ExperimentError
+from smartscope.frame import Frame, event_tag
+from smartscope.microscope import Microscope
+from smartscope.scheduler import PolicyContext, Scheduler
+from smartscope.storage import RunStorage
+from smartscope.stream import FrameStream, InferenceWorker
+
+if TYPE_CHECKING:
+    from useq import MDAEvent, MDASequence
+
+    from smartscope.experiment import Experiment
+
+__all__ = ["RunSummary", "Runner", "RunnerEvents", "run_experiment"]
+
+_VERSIONED = (
+    "smartscope",
+    "pymmcore-plus",
+    "pymmcore",
+    "useq-schema",
+    "ome-writers",
+    "numpy",
+    "scipy",
+    "scikit-image",
+    "torch",
+)
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages that shape a run's results."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+@dataclass
+class RunSummary:
+    """Counts and timings of a finished run (also stored in ``run.json``)."""
+
+    status: str
+    reason: str
+    directory: str
+    wall_time_s: float
+    frames_acquired: int
+    frames_analysed: int
+    frames_dropped: int
+    detections: int
+    decisions: int
+    events_scheduled: int
+    events_skipped: int
+    base_events: int
+    positions: int
+    latency_ms: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RunnerEvents(SignalGroup):
+    """Signals of a `Runner`.
+
+    ``frameAcquired`` is emitted on the acquisition thread, ``detectionsReady``
+    and ``decisionMade`` on the inference thread; GUI code connects with
+    ``thread="main"``.
+    """
+
+    frameAcquired = Signal(object)  # Frame
+    detectionsReady = Signal(object, object)  # Frame, Detections
+    decisionMade = Signal(dict)
+    eventsScheduled = Signal(list)
+    runFinished = Signal(object)  # RunSummary
+
+
+def default_run_dir(name: str) -> Path:
+    """``runs/<name>-<UTC timestamp>`` under the working directory."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return Path("runs") / f"{safe}-{stamp}"
+
+
+class Runner:
+    """Run one `Experiment` on a `Microscope` and write everything to disk.
+
+    Parameters
+    ----------
+    experiment : Experiment
+        What to run.
+    microscope : Microscope, optional
+        Use this microscope (left open afterwards). By default the runner loads
+        the experiment's config (or `config`) and closes it in `close`.
+    config : str | Path, optional
+        Hardware config overriding the experiment's.
+    out_dir : str | Path, optional
+        Run directory overriding the experiment's ``output.directory``.
+    overwrite : bool, optional
+        Allow writing into a directory that already holds a run.
+
+    Examples
+    --------
+    >>> exp = Experiment.from_file("demos/find_and_center.yaml")
+    >>> with Runner(exp, out_dir="runs/demo") as runner:
+    ...     summary = runner.run()
+    """
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        *,
+        microscope: Microscope | None = None,
+        config: str | Path | None = None,
+        out_dir: str | Path | None = None,
+        overwrite: bool | None = None,
+    ) -> None:
+        self.experiment = experiment
+        self.events = RunnerEvents()
+        directory = out_dir or experiment.output.directory
+        self.directory = Path(directory) if directory else default_run_dir(
+            experiment.name
+        )
+        overwrite = experiment.output.overwrite if overwrite is None else overwrite
+        if (self.directory / "run.json").exists() and not overwrite:
+            raise ExperimentError(
+                f"{self.directory} already holds a run (choose another --out or "
+                "allow overwrite)"
+            )
+        if self.directory.exists() and overwrite:
+            _clear_run_dir(self.directory)
+
+        # build everything that can fail on bad input before touching hardware
+        self.segmenter = experiment.segmenter.build()
+        self.policies = [spec.build() for spec in experiment.policies]
+
+        self._owns_microscope = microscope is None
+        if microscope is None:
+            microscope = Microscope(experiment.config_path(config))
+        elif config is not None:
+            microscope.load_config(experiment.config_path(config))
+        self.microscope = microscope
+        try:
+            self._apply_properties()
+            self.plan = self._resolve_plan(experiment.sequence)
+        except Exception:
+            self.close()
+            raise
+
+        self.scheduler: Scheduler | None = None
+        self.stream: FrameStream | None = None
+        self.worker: InferenceWorker | None = None
+        self.storage: RunStorage | None = None
+        self.summary: RunSummary | None = None
+        self._thread: threading.Thread | None = None
+        self._t0 = 0.0
+        self._frame_count = 0
+        self._cancel_reason: str | None = None
+        self._mda_error: str | None = None
+        self._started_at = ""
+        self.warmup_s = 0.0
+
+    # --------------------------------------------------------------- set-up
+    def _apply_properties(self) -> None:
+        core = self.microscope.core
+        for device, prop, value in self.experiment.properties:
+            try:
+                core.setProperty(device, prop, value)
+            except Exception as e:
+                raise ExperimentError(
+                    f"cannot set property {device}.{prop}={value!r}: "
+                    f"{str(e).strip().splitlines()[0] if str(e).strip() else e}"
+                ) from None
+        group = self.experiment.channel_group
+        for ch in self.experiment.sequence.channels:
+            if not core.isConfigDefined(ch.group or group, ch.config):
+                raise ExperimentError(
+                    f"channel {ch.config!r} is not a preset of config group "
+                    f"{ch.group or group!r} in {self.microscope.config_path}"
+                )
+
+    def _resolve_plan(self, seq: MDASequence) -> MDASequence:
+        """Fill in the grid plan's field of view from the microscope."""
+        grid = seq.grid_plan
+        if grid is not None and getattr(grid, "fov_width", 1) is None:
+            width, height = self.microscope.fov_um
+            grid = grid.model_copy(update={"fov_width": width, "fov_height": height})
+            seq = seq.model_copy(update={"grid_plan": grid})
+        return seq
+
+    @property
+    def context(self) -> PolicyContext:
+        """The `PolicyContext` given to the policies."""
+        return PolicyContext(
+            fov_um=self.microscope.fov_um,
+            pixel_size_um=self.microscope.pixel_size_um,
+            channel_group=self.experiment.channel_group,
+        )
+
+    def clock(self) -> float:
+        """Seconds since the run started."""
+        return time.perf_counter() - self._t0
+
+    # ------------------------------------------------------------------ run
+    def start(self) -> None:
+        """Start acquisition and analysis; returns immediately."""
+        if self._thread is not None:
+            raise RuntimeError("a Runner runs once; make a new one")
+        exp = self.experiment
+        np.random.seed(exp.seed)
+        core = self.microscope.core
+        self.storage = RunStorage(
+            self.directory, pixel_size_um=self.microscope.pixel_size_um
+        )
+        (self.directory / "experiment.yaml").write_text(exp.to_yaml())
+        self.scheduler = Scheduler(self.plan, clock=core.mda.event_seconds_elapsed)
+        for policy in self.policies:
+            self.scheduler.add_pending_check(policy.has_pending_work)
+        self.scheduler.events.eventsScheduled.connect(self.events.eventsScheduled)
+        self.stream = FrameStream(exp.analysis.queue_size)
+        num_threads = exp.analysis.num_threads or (1 if (os.cpu_count() or 1) <= 2 else 2)
+        self.worker = InferenceWorker(
+            self.stream,
+            self.segmenter,
+            self.policies,
+            self.scheduler,
+            to_stage=self.microscope.pixel_to_stage,
+            context=self.context,
+            clock=self.clock,
+            storage=self.storage,
+            batch_size=exp.analysis.batch_size,
+            num_threads=num_threads,
+        )
+        self.worker.events.detectionsReady.connect(self.events.detectionsReady)
+        self.worker.events.decisionMade.connect(self.events.decisionMade)
+        if exp.analysis.enabled:
+            self.warmup_s = self.worker.warm_up(self.microscope.image_shape)
+        self._started_at = datetime.now(timezone.utc).isoformat()
+        self.storage.write_run_json(self._run_info("running"))
+
+        core.mda.events.frameReady.connect(self._on_frame_ready)
+        self._t0 = time.perf_counter()
+        if exp.analysis.enabled:
+            self.worker.start()
+        self._thread = threading.Thread(
+            target=self._acquire, name="smartscope-acquisition", daemon=True
+        )
+        self._thread.start()
+
+    def _acquire(self) -> None:
+        try:
+            mda_thread = self.microscope.run(self.scheduler)  # type: ignore[arg-type]
+            mda_thread.join()
+        except Exception as e:  # device error etc.
+            self._mda_error = f"{type(e).__name__}: {e}"
+
+    def _on_frame_ready(self, img: np.ndarray, event: MDAEvent, meta: dict) -> None:
+        """Acquisition thread: store the frame and hand it to analysis. Never waits."""
+        t = self.clock()
+        tag = event_tag(event)
+        pos = meta.get("position") or {}
+        frame = Frame(
+            frame_index=self._frame_count,
+            event=event,
+            position=str(tag.get("position", "p000")),
+            kind=str(tag.get("kind", "base")),
+            stage_x_um=float(pos.get("x", event.x_pos or 0.0)),
+            stage_y_um=float(pos.get("y", event.y_pos or 0.0)),
+            stage_z_um=_opt_float(pos.get("z", event.z_pos)),
+            channel=event.channel.config if event.channel else None,
+            exposure_ms=_opt_float(meta.get("exposure_ms", event.exposure)),
+            t_acquired=t,
+            event_id=int(tag.get("event_id", -1)),
+        )
+        self._frame_count += 1
+        if self._analyze(frame):
+            self.scheduler.analysis_started()  # type: ignore[union-attr]
+            if not self.stream.put(frame, img):  # type: ignore[union-attr]
+                self.scheduler.analysis_finished()  # type: ignore[union-attr]
+        self.storage.write_frame(img, frame)  # type: ignore[union-attr]
+        self.events.frameAcquired.emit(frame)
+
+    def _analyze(self, frame: Frame) -> bool:
+        analysis = self.experiment.analysis
+        return analysis.enabled and (analysis.analyze == "all" or frame.kind == "base")
+
+    def is_running(self) -> bool:
+        """Whether acquisition is still going."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for acquisition to end; True if it has."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def pause(self) -> None:
+        """Pause acquisition at the next event boundary."""
+        self.microscope.pause()
+
+    def resume(self) -> None:
+        """Resume a paused acquisition."""
+        self.microscope.resume()
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop after the current event; `finish` then records 'interrupted'."""
+        if self._cancel_reason is None:
+            self._cancel_reason = reason
+        if self.scheduler is not None:
+            self.scheduler.stop(reason)
+        self.microscope.cancel()
+
+    def finish(self) -> RunSummary:
+        """Wait for acquisition and analysis to end; close the data; write run.json."""
+        if self.summary is not None:
+            return self.summary
+        self.wait()
+        core = self.microscope.core
+        core.mda.events.frameReady.disconnect(self._on_frame_ready)
+        worker, storage = self.worker, self.storage
+        assert worker is not None and storage is not None and self.scheduler
+        if worker.is_alive():
+            worker.finish()
+        storage.close()
+        error = self._mda_error or worker.error
+        if error:
+            status, reason = "failed", error
+        elif self._cancel_reason is not None:
+            status, reason = "interrupted", self._cancel_reason
+        else:
+            status = "completed"
+            reason = self.scheduler.finish_reason or "completed"
+        sched = self.scheduler
+        self.summary = RunSummary(
+            status=status,
+            reason=reason,
+            directory=str(self.directory),
+            wall_time_s=round(self.clock(), 3),
+            frames_acquired=self._frame_count,
+            frames_analysed=worker.n_analysed,
+            frames_dropped=self.stream.n_dropped if self.stream else 0,
+            detections=worker.n_detections,
+            decisions=worker.n_decisions,
+            events_scheduled=worker.n_events_scheduled,
+            events_skipped=sched.n_skipped,
+            base_events=sched.n_base_served,
+            positions=len(storage.images.positions),
+            latency_ms=worker.latency_percentiles(),
+            error=error,
+        )
+        storage.write_run_json(self._run_info(status))
+        self.events.runFinished.emit(self.summary)
+        return self.summary
+
+    def run(self) -> RunSummary:
+        """Start, wait, finish. Ctrl-C cancels and still finishes cleanly."""
+        self.start()
+        try:
+            while not self.wait(0.2):
+                pass
+        except KeyboardInterrupt:
+            self.cancel("interrupted by user (Ctrl-C)")
+        return self.finish()
+
+    def _run_info(self, status: str) -> dict[str, Any]:
+        exp = self.experiment
+        return {
+            "status": status,
+            "started_at": self._started_at,
+            "finished_at": (
+                datetime.now(timezone.utc).isoformat() if status != "running" else None
+            ),
+            "experiment": {
+                **exp.model_dump(mode="json"),
+                "sequence": exp.sequence.model_dump(mode="json", exclude_unset=True),
+                "source": str(exp.source) if exp.source else None,
+            },
+            "plan": self.plan.model_dump(mode="json", exclude_unset=True),
+            "hardware_config": str(self.microscope.config_path),
+            "pixel_size_um": self.microscope.pixel_size_um,
+            "pixel_affine": self.microscope.affine.ravel().tolist(),
+            "model_id": self.segmenter.model_id,
+            "warmup_s": round(self.warmup_s, 3),
+            "seed": exp.seed,
+            "versions": package_versions(),
+            "command": sys.argv,
+            "summary": self.summary.to_json() if self.summary else None,
+        }
+
+    # -------------------------------------------------------------- cleanup
+    def close(self) -> None:
+        """Release the microscope if this runner created it."""
+        if self._owns_microscope and getattr(self, "microscope", None) is not None:
+            self.microscope.close()
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None and self.summary is None:
+            self.cancel("aborted")
+            self.finish()
+        self.close()
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _clear_run_dir(directory: Path) -> None:
+    import shutil
+
+    for name in ("images", "labels", "overflow"):
+        shutil.rmtree(directory / name, ignore_errors=True)
+    for name in (
+        "frames.jsonl",
+        "detections.jsonl",
+        "decisions.jsonl",
+        "run.json",
+        "experiment.yaml",
+    ):
+        (directory / name).unlink(missing_ok=True)
+
+
+def run_experiment(
+    experiment: Experiment | str | Path,
+    *,
+    config: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    overwrite: bool | None = None,
+) -> RunSummary:
+    """Load (if a path), run and close: the library form of ``smartscope run``."""
+    from smartscope.experiment import Experiment
+
+    if not isinstance(experiment, Experiment):
+        experiment = Experiment.from_file(experiment)
+    with Runner(
+        experiment, config=config, out_dir=out_dir, overwrite=overwrite
+    ) as runner:
+        return runner.run()

@@ -1,0 +1,51 @@
+"""Segmenters by name: the built-ins and those plugins register."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Any
+
+from smartscope._errors import RegistryError
+from smartscope.segment._protocol import PSegmenter
+
+ENTRY_POINT_GROUP = "smartscope.segmenters"
+
+
+def _builtins() -> dict[str, Any]:
+    from smartscope.segment._threshold import ThresholdSegmenter
+
+    return {"threshold": ThresholdSegmenter}
+
+
+def available_segmenters() -> list[str]:
+    """Names accepted by `create_segmenter`."""
+    names = set(_builtins())
+    names.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    return sorted(names)
+
+
+def create_segmenter(name: str, params: dict[str, Any] | None = None) -> PSegmenter:
+    """Build the segmenter registered as `name` with keyword `params`.
+
+    Raises
+    ------
+    RegistryError
+        If no segmenter of that name is registered.
+    ValueError
+        If the parameters are invalid for it (pydantic validation errors).
+    """
+    factories = _builtins()
+    if name not in factories:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name == name:
+                factories[name] = ep.load()
+                break
+    if name not in factories:
+        raise RegistryError(
+            f"unknown segmenter {name!r} (available: "
+            f"{', '.join(available_segmenters())})"
+        )
+    segmenter = factories[name](**(params or {}))
+    if not isinstance(segmenter, PSegmenter):
+        raise RegistryError(f"segmenter {name!r} does not implement PSegmenter")
+    return segmenter

@@ -1,0 +1,262 @@
+"""Run output: per-position OME-Zarr images and labels, JSONL logs, run.json.
+
+Layout of a run directory::
+
+    images/<position>.ome.zarr    every acquired frame, one array per position,
+                                  dims (t, c, z, y, x); t = visit of the position
+    labels/<position>.ome.zarr    instance labels of the analysed frames, same
+                                  layout (frames not analysed stay 0)
+    frames.jsonl                  one line per acquired frame: index, position,
+                                  (t, c, z) in its array, stage x/y/z, channel,
+                                  exposure, acquisition time, trigger decision
+    detections.jsonl              one line per analysed frame: objects table,
+                                  latencies, dropped frames are listed with
+                                  ``"dropped": true``
+    decisions.jsonl               one line per policy decision (see `Runner`)
+    run.json                      resolved experiment, versions, seeds, counts,
+                                  status ("running", "completed", "interrupted",
+                                  "failed")
+
+Adaptive runs acquire an unknown number of events, so each position gets its own
+array whose first (time/visit) axis grows; nothing is flattened into one
+ambiguous axis. Frames are written as they arrive (one chunk per frame), so a
+run that fails or is cancelled midway leaves every acquired frame readable.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+
+from smartscope.frame import event_tag
+
+if TYPE_CHECKING:
+    from ome_writers import OMEStream
+
+    from smartscope.frame import Frame
+
+__all__ = ["PositionArrays", "RunStorage", "read_jsonl", "read_position"]
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON (numpy-aware, NaN/inf as null-safe strings are avoided)."""
+    return json.dumps(obj, default=_jsonable, separators=(",", ":"))
+
+
+class _JsonLines:
+    """Append-only JSON-lines file, flushed per line so a crash loses nothing."""
+
+    def __init__(self, path: Path) -> None:
+        self._fh: IO[str] = path.open("a", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = dumps(record) + "\n"
+        with self._lock:
+            if not self._fh.closed:
+                self._fh.write(line)
+                self._fh.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._fh.close()
+
+
+class PositionArrays:
+    """One growing OME-Zarr array per position, written in acquisition order.
+
+    Each frame lands at ``(visit, c, z)`` of its position's array (the
+    Scheduler's ``metadata["smartscope"]`` says where). Frames that arrive out
+    of order for their array (never in normal runs) are kept as TIFF files under
+    ``overflow/`` rather than lost.
+    """
+
+    def __init__(self, root: Path, *, pixel_size_um: float = 1.0) -> None:
+        self.root = root
+        self.pixel_size_um = pixel_size_um
+        self._streams: dict[str, OMEStream] = {}
+        self._written: dict[str, int] = {}  # frames (incl. skipped) per position
+        self.n_frames = 0
+
+    def write(self, image: np.ndarray, event_meta: dict[str, Any]) -> dict[str, int]:
+        """Write one frame; return its ``{"t", "c", "z"}`` index in its array."""
+        key = str(event_meta["position"])
+        shape = event_meta.get("shape") or {"c": 1, "z": 1, "order": "cz"}
+        nc, nz = int(shape.get("c", 1)), int(shape.get("z", 1))
+        t, c, z = (int(event_meta.get(k, 0)) for k in ("visit", "c", "z"))
+        order = shape.get("order", "cz")
+        inner = c * nz + z if order == "cz" else z * nc + c
+        linear = t * nc * nz + inner
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = self._create(key, image, nc, nz, order)
+            self._written[key] = 0
+        written = self._written[key]
+        if linear < written:
+            self._overflow(key, image, t, c, z)
+        else:
+            if linear > written:
+                stream.skip(frames=linear - written)
+            stream.append(np.asarray(image))
+            self._written[key] = linear + 1
+        self.n_frames += 1
+        return {"t": t, "c": c, "z": z}
+
+    def _create(
+        self, key: str, image: np.ndarray, nc: int, nz: int, order: str
+    ) -> OMEStream:
+        from ome_writers import AcquisitionSettings, Dimension, create_stream
+
+        height, width = image.shape[-2:]
+        inner = {
+            "c": Dimension(name="c", count=nc, chunk_size=1, type="channel"),
+            "z": Dimension(name="z", count=nz, chunk_size=1, type="space"),
+        }
+        dims = [
+            Dimension(name="t", count=None, chunk_size=1, type="time"),
+            inner[order[0]],
+            inner[order[1]],
+            Dimension(
+                name="y",
+                count=height,
+                chunk_size=height,
+                type="space",
+                scale=self.pixel_size_um,
+                unit="micrometer",
+            ),
+            Dimension(
+                name="x",
+                count=width,
+                chunk_size=width,
+                type="space",
+                scale=self.pixel_size_um,
+                unit="micrometer",
+            ),
+        ]
+        self.root.mkdir(parents=True, exist_ok=True)
+        settings = AcquisitionSettings(
+            root_path=str(self.root / f"{key}.ome.zarr"),
+            dimensions=dims,
+            dtype=str(image.dtype),
+            format="ome-zarr",
+            overwrite=True,
+        )
+        return create_stream(settings)
+
+    def _overflow(self, key: str, image: np.ndarray, t: int, c: int, z: int) -> None:
+        import tifffile
+
+        folder = self.root.parent / "overflow"
+        folder.mkdir(exist_ok=True)
+        tifffile.imwrite(folder / f"{key}_t{t}_c{c}_z{z}_{self.n_frames}.tif", image)
+
+    @property
+    def positions(self) -> list[str]:
+        """Keys of the positions written so far."""
+        return list(self._written)
+
+    def close(self) -> None:
+        """Finalize every array (metadata, shapes)."""
+        for stream in self._streams.values():
+            try:
+                stream.close()
+            except Exception:  # pragma: no cover - keep closing the others
+                pass
+        self._streams.clear()
+
+
+class RunStorage:
+    """Everything a run writes, in one directory (see the module docstring)."""
+
+    def __init__(self, directory: str | Path, *, pixel_size_um: float = 1.0) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.images = PositionArrays(
+            self.directory / "images", pixel_size_um=pixel_size_um
+        )
+        self.labels = PositionArrays(
+            self.directory / "labels", pixel_size_um=pixel_size_um
+        )
+        self._frames = _JsonLines(self.directory / "frames.jsonl")
+        self._detections = _JsonLines(self.directory / "detections.jsonl")
+        self._decisions = _JsonLines(self.directory / "decisions.jsonl")
+        self._closed = False
+
+    # acquisition thread
+    def write_frame(self, image: np.ndarray, frame: Frame) -> None:
+        """Store an acquired frame and its index line."""
+        index = self.images.write(image, event_tag(frame.event))
+        record = frame.to_json()
+        record["array"] = {"position": frame.position, **index}
+        self._frames.write(record)
+
+    # worker thread
+    def write_labels(self, labels: np.ndarray, frame: Frame) -> None:
+        """Store the instance labels of an analysed frame."""
+        self.labels.write(labels.astype(np.uint16, copy=False), event_tag(frame.event))
+
+    def log_detections(self, record: dict[str, Any]) -> None:
+        """Append one analysed (or dropped) frame to ``detections.jsonl``."""
+        self._detections.write(record)
+
+    def log_decision(self, record: dict[str, Any]) -> None:
+        """Append one decision to ``decisions.jsonl``."""
+        self._decisions.write(record)
+
+    def write_run_json(self, info: dict[str, Any]) -> None:
+        """(Re)write ``run.json`` atomically."""
+        path = self.directory / "run.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(info, indent=2, default=_jsonable) + "\n")
+        tmp.replace(path)
+
+    def close(self) -> None:
+        """Flush and close every array and log. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self.images.close()
+        self.labels.close()
+        for log in (self._frames, self._detections, self._decisions):
+            log.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSON-lines log; a truncated last line (crash) is ignored."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def read_position(
+    run_dir: str | Path, position: str, *, labels: bool = False
+) -> np.ndarray:
+    """Read one position's ``(t, c, z, y, x)`` array from a run directory."""
+    import tensorstore as ts
+
+    folder = "labels" if labels else "images"
+    path = Path(run_dir) / folder / f"{position}.ome.zarr" / "0"
+    if not path.exists():
+        raise FileNotFoundError(f"no {folder} array for position {position!r}")
+    store = ts.open(
+        {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+    ).result()
+    return np.asarray(store.read().result())

@@ -1,0 +1,341 @@
+"""`FrameStream` and `InferenceWorker`: analysis that never blocks acquisition.
+
+``frameReady`` (acquisition thread) only calls `FrameStream.put`, which never
+waits: when the bounded queue is full the frame is counted as dropped from
+*analysis* (it is still stored). The `InferenceWorker` thread takes frames in
+acquisition order, micro-batches whatever has queued up, segments, measures
+`Detections`, asks every policy, applies their actions to the `Scheduler` and
+logs each decision. Its interface (`submit` frames, receive callbacks) is
+deliberately narrow so it can move to a subprocess later.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from psygnal import Signal, SignalGroup
+
+from smartscope.detections import Detections
+
+if TYPE_CHECKING:
+    from smartscope.frame import Frame
+    from smartscope.scheduler import PolicyContext, PPolicy, Scheduler
+    from smartscope.segment import PSegmenter
+    from smartscope.storage import RunStorage
+
+__all__ = ["FrameStream", "InferenceWorker", "WorkerEvents"]
+
+
+class FrameStream:
+    """Bounded, non-blocking hand-off of frames from acquisition to analysis."""
+
+    def __init__(self, maxsize: int = 16) -> None:
+        self._queue: queue.Queue[tuple[Frame, np.ndarray] | None] = queue.Queue(
+            maxsize=maxsize
+        )
+        self.maxsize = maxsize
+        self.n_put = 0
+        self.n_dropped = 0
+
+    def put(self, frame: Frame, image: np.ndarray) -> bool:
+        """Queue a frame for analysis without waiting; False (and counted) if full."""
+        try:
+            self._queue.put_nowait((frame, image))
+        except queue.Full:
+            self.n_dropped += 1
+            frame.dropped = True
+            return False
+        self.n_put += 1
+        return True
+
+    def close(self) -> None:
+        """Tell the consumer that no more frames will come (after those queued)."""
+        self._queue.put(None)
+
+    def get_batch(self, max_size: int, timeout: float = 0.1) -> list[Any] | None:
+        """Block for one item, then take up to `max_size` - 1 more already queued.
+
+        Returns ``None`` once the stream is closed and drained, ``[]`` on timeout.
+        """
+        try:
+            first = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return []
+        if first is None:
+            return None
+        batch = [first]
+        while len(batch) < max_size:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)  # keep the sentinel for the next call
+                break
+            batch.append(item)
+        return batch
+
+    def qsize(self) -> int:
+        """Frames waiting for analysis."""
+        return self._queue.qsize()
+
+
+class WorkerEvents(SignalGroup):
+    """Signals of the `InferenceWorker` (emitted on the worker thread)."""
+
+    detectionsReady = Signal(object, object)  # Frame, Detections
+    decisionMade = Signal(dict)  # the decisions.jsonl record
+    analysisFailed = Signal(str)
+
+
+class InferenceWorker(threading.Thread):
+    """Thread that segments queued frames and turns detections into actions.
+
+    Parameters
+    ----------
+    stream : FrameStream
+        Where frames come from.
+    segmenter : PSegmenter
+        Image batch → labels.
+    policies : sequence of PPolicy
+        Asked in order for every analysed frame.
+    scheduler : Scheduler
+        Receives the actions; told when each frame's analysis is finished.
+    to_stage : callable
+        ``to_stage(px_xy (N, 2), stage_xy) -> (N, 2)`` stage µm.
+    context : PolicyContext
+        Passed to the policies.
+    clock : callable
+        Seconds since the run started.
+    storage : RunStorage, optional
+        Where labels, detections and decisions are written.
+    batch_size : int
+        Largest micro-batch of frames segmented together.
+    num_threads : int, optional
+        Thread count for torch-based segmenters (set on this thread).
+    """
+
+    def __init__(
+        self,
+        stream: FrameStream,
+        segmenter: PSegmenter,
+        policies: Sequence[PPolicy],
+        scheduler: Scheduler,
+        *,
+        to_stage: Callable[[np.ndarray, tuple[float, float]], np.ndarray],
+        context: PolicyContext,
+        clock: Callable[[], float],
+        storage: RunStorage | None = None,
+        batch_size: int = 4,
+        num_threads: int | None = None,
+    ) -> None:
+        super().__init__(name="smartscope-inference", daemon=True)
+        self.events = WorkerEvents()
+        self.stream = stream
+        self.segmenter = segmenter
+        self.policies = list(policies)
+        self.scheduler = scheduler
+        self.storage = storage
+        self._to_stage = to_stage
+        self._context = context
+        self._clock = clock
+        self.batch_size = batch_size
+        self.num_threads = num_threads
+        self.n_analysed = 0
+        self.n_detections = 0
+        self.n_decisions = 0
+        self.n_events_scheduled = 0
+        self.error: str | None = None
+        self.latencies_ms: dict[str, list[float]] = {
+            "frame_to_detections": [],
+            "frame_to_decision": [],
+            "frame_to_queued": [],
+        }
+
+    def warm_up(self, shape: tuple[int, int], dtype: Any = np.uint16) -> float:
+        """Segment one synthetic frame so imports, JIT and caches are ready.
+
+        Called before acquisition starts; returns the seconds it took.
+        """
+        import time
+
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(0)
+        image = rng.poisson(10.0, size=shape).astype(dtype)
+        image[shape[0] // 4 : shape[0] // 2, shape[1] // 4 : shape[1] // 2] += 100
+        self.segmenter.segment(image[None])
+        return time.perf_counter() - t0
+
+    def run(self) -> None:
+        torch = sys.modules.get("torch")  # only torch segmenters import it
+        if self.num_threads and torch is not None:
+            torch.set_num_threads(self.num_threads)
+        while True:
+            batch = self.stream.get_batch(self.batch_size)
+            if batch is None:
+                return
+            if not batch:
+                continue
+            try:
+                if self.error is None:
+                    self._process(batch)
+            except Exception as e:
+                self.error = f"analysis failed: {type(e).__name__}: {e}"
+                self.events.analysisFailed.emit(self.error)
+                self.scheduler.stop(self.error)
+                if self.storage is not None:
+                    self.storage.log_detections(
+                        {"error": self.error, "traceback": traceback.format_exc()}
+                    )
+            finally:
+                for _ in batch:
+                    self.scheduler.analysis_finished()
+
+    # ------------------------------------------------------------------ work
+    def _process(self, batch: list[tuple[Frame, np.ndarray]]) -> None:
+        images = [img for _, img in batch]
+        if len({im.shape for im in images}) == 1:
+            result = self.segmenter.segment(np.stack(images))
+            all_labels, all_scores = list(result.labels), result.scores
+        else:  # mixed shapes (e.g. ROI change): one by one
+            all_labels, all_scores = [], []
+            for im in images:
+                r = self.segmenter.segment(im[None])
+                all_labels.append(r.labels[0])
+                all_scores.append(r.scores[0] if r.scores else None)
+        for k, (frame, image) in enumerate(batch):
+            scores = all_scores[k] if all_scores else None
+            self._handle(frame, image, np.asarray(all_labels[k]), scores)
+
+    def _handle(
+        self,
+        frame: Frame,
+        image: np.ndarray,
+        labels: np.ndarray,
+        scores: np.ndarray | None,
+    ) -> None:
+        if labels.shape != image.shape:
+            raise ValueError(
+                f"segmenter returned labels of shape {labels.shape} for an image "
+                f"of shape {image.shape}"
+            )
+        stage_xy = frame.stage_xy_um
+        det = Detections.from_labels(
+            labels,
+            image,
+            to_stage=lambda px: self._to_stage(px, stage_xy),
+            scores=scores,
+            frame_index=frame.frame_index,
+            model_id=self.segmenter.model_id,
+        )
+        frame.t_analysed = self._clock()
+        self.n_analysed += 1
+        self.n_detections += len(det)
+        self._lat("frame_to_detections", frame.t_analysed - frame.t_acquired)
+        if self.storage is not None:
+            self.storage.write_labels(labels, frame)
+        self.events.detectionsReady.emit(frame, det)
+
+        frame.t_decided = frame.t_analysed
+        for policy in self.policies:
+            actions = list(policy.on_detections(frame, det, self._context))
+            frame.t_decided = self._clock()
+            if not actions:
+                continue
+            decision_id = self.n_decisions
+            self.n_decisions += 1
+            outcomes = []
+            for action in actions:
+                outcome = self.scheduler.apply(
+                    action,
+                    decision_id=decision_id,
+                    trigger_frame=frame.frame_index,
+                    kind=getattr(policy, "name", "added"),
+                )
+                self.n_events_scheduled += len(outcome.events)
+                outcomes.append(outcome)
+            frame.t_queued = self._clock()
+            record = self._decision_record(decision_id, policy, frame, det, outcomes)
+            self._lat("frame_to_queued", frame.t_queued - frame.t_acquired)
+            if self.storage is not None:
+                self.storage.log_decision(record)
+            self.events.decisionMade.emit(record)
+        self._lat("frame_to_decision", frame.t_decided - frame.t_acquired)
+
+        if self.storage is not None:
+            self.storage.log_detections(
+                {
+                    "frame_index": frame.frame_index,
+                    "position": frame.position,
+                    "model_id": det.model_id,
+                    "n_detections": len(det),
+                    "t_acquired_s": frame.t_acquired,
+                    "t_analysed_s": frame.t_analysed,
+                    "t_decided_s": frame.t_decided,
+                    "objects": det.summary(),
+                }
+            )
+
+    def _decision_record(
+        self,
+        decision_id: int,
+        policy: PPolicy,
+        frame: Frame,
+        det: Detections,
+        outcomes: list[Any],
+    ) -> dict[str, Any]:
+        def ms(t: float | None) -> float | None:
+            return None if t is None else round((t - frame.t_acquired) * 1000, 3)
+
+        return {
+            "decision_id": decision_id,
+            "policy": getattr(policy, "name", type(policy).__name__),
+            "model_id": det.model_id,
+            "trigger": {
+                "frame_index": frame.frame_index,
+                "event_id": frame.event_id,
+                "position": frame.position,
+                "kind": frame.kind,
+                "index": {str(k): int(v) for k, v in frame.event.index.items()},
+                "stage_um": {
+                    "x": frame.stage_x_um,
+                    "y": frame.stage_y_um,
+                    "z": frame.stage_z_um,
+                },
+                "channel": frame.channel,
+                "t_acquired_s": round(frame.t_acquired, 6),
+            },
+            "n_detections": len(det),
+            "actions": [o.to_json() for o in outcomes],
+            "latency_ms": {
+                "frame_to_detections": ms(frame.t_analysed),
+                "frame_to_decision": ms(frame.t_decided),
+                "frame_to_queued": ms(frame.t_queued),
+            },
+        }
+
+    def _lat(self, key: str, seconds: float) -> None:
+        self.latencies_ms[key].append(seconds * 1000.0)
+
+    def latency_percentiles(self) -> dict[str, dict[str, float | None]]:
+        """p50/p99 (ms) of each latency kind, ``None`` where nothing was measured."""
+        out: dict[str, dict[str, float | None]] = {}
+        for key, values in self.latencies_ms.items():
+            if values:
+                p50, p99 = np.percentile(values, [50, 99])
+                out[key] = {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
+            else:
+                out[key] = {"p50": None, "p99": None}
+        return out
+
+    def finish(self, timeout: float | None = None) -> None:
+        """Close the stream, let the worker drain what is queued, and join it."""
+        self.stream.close()
+        self.join(timeout)
+
