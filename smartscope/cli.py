@@ -1,0 +1,286 @@
+"""The ``smartscope`` command: run, demo, validate, bench."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from smartscope import __version__
+from smartscope._errors import SmartscopeError
+
+if TYPE_CHECKING:
+    from smartscope.runner import Runner, RunSummary
+
+app = typer.Typer(
+    name="smartscope",
+    help="Acquisition-coupled smart microscopy on Micro-Manager: frames stream to "
+    "a segmentation model whose detections drive the next acquisition events.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks (JSON with --json).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"smartscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version."
+        ),
+    ] = False,
+) -> None:
+    """smartscope: smart microscopy controller."""
+
+
+# ------------------------------------------------------------------- run/demo
+ExperimentArg = Annotated[
+    Path, typer.Argument(help="Experiment YAML file.", show_default=False)
+]
+ConfigOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option("--config", "-c", help="Micro-Manager .cfg overriding the file's."),
+]
+OutOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option("--out", "-o", help="Run directory (default: runs/<name>-<time>)."),
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace a run already in --out.")
+]
+
+
+@app.command()
+def run(
+    experiment: ExperimentArg,
+    config: ConfigOpt = None,
+    out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Run an experiment: acquire, analyse, decide, and write the dataset.
+
+    Writes per-position OME-Zarr images and labels, frames.jsonl,
+    decisions.jsonl and run.json to the run directory, and prints a summary.
+    Ctrl-C (or SIGTERM) stops after the current event; what was acquired stays
+    readable and run.json says "interrupted" (exit code 130).
+    """
+    _run_experiment_file(experiment, config=config, out=out, overwrite=overwrite)
+
+
+@app.command()
+def demo(out: OutOpt = None, overwrite: OverwriteOpt = False) -> None:
+    """Run demos/find_and_center.yaml on the demo microscope.
+
+    Surveys a 2×2 grid of tiles of fluorescent beads, then images every bead
+    centered as a Z-stack, and prints what it did.
+    """
+    from smartscope._resources import demos_dir
+
+    _run_experiment_file(
+        demos_dir() / "find_and_center.yaml", config=None, out=out, overwrite=overwrite
+    )
+
+
+@app.command()
+def validate(experiment: ExperimentArg, config: ConfigOpt = None) -> None:
+    """Check an experiment file (and that its hardware config exists)."""
+    from smartscope.experiment import Experiment
+
+    with _user_errors():
+        exp = Experiment.from_file(experiment)
+        cfg = exp.config_path(config)
+    n_events = sum(1 for _ in exp.sequence)
+    policies = ", ".join(p.name for p in exp.policies) or "none"
+    console.print(
+        f"[green]ok[/green] {experiment}: {n_events} base events, segmenter "
+        f"{exp.segmenter.name}, policies: {policies}, config {cfg}"
+    )
+
+
+def _run_experiment_file(
+    path: Path, *, config: Path | None, out: Path | None, overwrite: bool
+) -> None:
+    from smartscope.experiment import Experiment
+    from smartscope.runner import Runner
+
+    with _user_errors():
+        exp = Experiment.from_file(path)
+        runner = Runner(exp, config=config, out_dir=out, overwrite=overwrite)
+    try:
+        summary = _run_with_display(runner)
+    finally:
+        runner.close()  # releases the core before exit (avoids an abort)
+    _print_summary(summary)
+    if summary.status == "interrupted":
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if summary.status == "failed":
+        err_console.print(f"error: run failed: {summary.error}")
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _run_with_display(runner: Runner) -> RunSummary:
+    """Run with a live display (or periodic lines without a terminal)."""
+    stop_requested = threading.Event()
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        stop_requested.set()
+        runner.cancel(f"interrupted by {signal.Signals(signum).name}")
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _on_signal)
+    console.print(
+        f"[bold]smartscope[/bold] {runner.experiment.name}: config "
+        f"{runner.microscope.config_path}, output {runner.directory}"
+    )
+    try:
+        with _user_errors():
+            runner.start()
+        _watch(runner)
+        return runner.finish()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _status_text(runner: Runner) -> str:
+    w, s, st = runner.worker, runner.scheduler, runner.stream
+    frames = runner._frame_count
+    det = w.n_detections if w else 0
+    queued = s.queued if s else 0
+    drops = st.n_dropped if st else 0
+    scheduled = w.n_events_scheduled if w else 0
+    return (
+        f"frames {frames}  detections {det}  scheduled {scheduled}  "
+        f"queued {queued}  analysis drops {drops}  t={runner.clock():.1f}s"
+    )
+
+
+def _watch(runner: Runner) -> None:
+    if console.is_terminal:
+        from rich.live import Live
+        from rich.spinner import Spinner
+
+        with Live(console=console, refresh_per_second=4, transient=True) as live:
+            while not runner.wait(0.25):
+                live.update(Spinner("dots", text=_status_text(runner)))
+        return
+    last = time.monotonic()
+    while not runner.wait(0.25):
+        if time.monotonic() - last >= 10:
+            console.print(_status_text(runner), highlight=False)
+            last = time.monotonic()
+
+
+def _print_summary(summary: RunSummary) -> None:
+    table = Table(title=f"run {summary.status}", show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    lat = summary.latency_ms.get("frame_to_decision", {})
+    rows = [
+        ("status", f"{summary.status} ({summary.reason})"),
+        ("frames acquired", str(summary.frames_acquired)),
+        ("frames analysed", str(summary.frames_analysed)),
+        ("analysis drops", str(summary.frames_dropped)),
+        ("detections", str(summary.detections)),
+        ("decisions", str(summary.decisions)),
+        ("events scheduled", str(summary.events_scheduled)),
+        ("events skipped", str(summary.events_skipped)),
+        ("positions", str(summary.positions)),
+        (
+            "frame→decision",
+            f"p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms"
+            if lat.get("p50") is not None
+            else "n/a",
+        ),
+        ("wall time", f"{summary.wall_time_s:.1f} s"),
+        ("output", summary.directory),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+class _user_errors:
+    """Turn bad input into one ``error:`` line and exit code 2."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or not isinstance(exc, SmartscopeError):
+            return False
+        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+# ---------------------------------------------------------------------- bench
+@bench_app.command("loop")
+def bench_loop_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    frames: Annotated[int, typer.Option(min=1, help="Frames in the base plan.")] = 60,
+    exposure_ms: Annotated[float, typer.Option(min=0.1)] = 10.0,
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    config: ConfigOpt = None,
+) -> None:
+    """Plain pymmcore-plus MDA vs smartscope with analysis attached (policies inert).
+
+    Reports the wall-time ratio, frames in the dataset, frames analysed and
+    dropped, and frame→decision latency p50/p99. Goal: ratio ≤ 1.05, zero frames
+    missing.
+    """
+    from smartscope.bench import bench_loop
+
+    with _user_errors():
+        result = bench_loop(
+            config=config, frames=frames, exposure_ms=exposure_ms, repeats=repeats
+        )
+    _emit(result, as_json)
+
+
+def _emit(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    table = Table(title=f"bench {result.get('benchmark', '')}", show_header=False)
+    for k, v in result.items():
+        table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point of the ``smartscope`` console script."""
+    try:
+        app()
+    except SmartscopeError as e:  # raised outside a guarded block
+        err_console.print(f"error: {e}", markup=False, highlight=False)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from smartscope import ConfigError
+from smartscope.microscope import Microscope, resolve_config
+from smartscope.segment import ThresholdSegmenter
+
+
+def test_demo_config_shows_beads(microscope):
+    core = microscope.core
+    assert core.getProperty(core.getCameraDevice(), "Mode") == "Fluorescent Beads"
+    assert microscope.pixel_size_um == 1.0
+    assert microscope.image_shape == (512, 512)
+    np.testing.assert_allclose(microscope.affine, [[1, 0, 0], [0, 1, 0]])
+
+
+def test_identity_geometry(microscope):
+    center = microscope.image_center_px()
+    np.testing.assert_allclose(center, [255.5, 255.5])
+    np.testing.assert_allclose(microscope.pixel_to_stage(center, (10, 20)), [10, 20])
+    # one pixel right / down is one µm in +x / +y
+    np.testing.assert_allclose(
+        microscope.pixel_to_stage(center + [1, 2], (10, 20)), [11, 22]
+    )
+
+
+@pytest.mark.parametrize(
+    "affine",
+    [
+        (0.0, -0.5, 0.0, 0.5, 0.0, 0.0),  # rotated 90°, 0.5 µm/px
+        (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0),  # camera mirrored in x
+        (0.0, 2.0, 0.0, 2.0, 0.0, 0.0),  # x/y swapped, 2 µm/px
+    ],
+)
+def test_non_identity_affine(microscope, affine):
+    core = microscope.core
+    core.setPixelSizeAffine(core.getCurrentPixelSizeConfig(), list(affine))
+    np.testing.assert_allclose(microscope.affine.ravel(), affine)
+    center = microscope.image_center_px()
+    a, b, _, d, e, _ = affine
+    # a pixel 10 columns right and 4 rows down of center
+    got = microscope.pixel_to_stage(center + [10, 4], (100, -50))
+    np.testing.assert_allclose(got, [100 + a * 10 + b * 4, -50 + d * 10 + e * 4])
+    # round trip for many points
+    pts = np.random.default_rng(0).uniform(0, 512, size=(20, 2))
+    back = microscope.stage_to_pixel(microscope.pixel_to_stage(pts, (3, 4)), (3, 4))
+    np.testing.assert_allclose(back, pts, atol=1e-9)
+
+
+def test_moving_to_a_bead_centers_it(microscope):
+    """Real demo camera: the stage position from pixel_to_stage centers a bead."""
+    core = microscope.core
+    seg = ThresholdSegmenter(min_area_px=6)
+
+    def snap(x, y):
+        core.setXYPosition(x, y)
+        core.waitForSystem()
+        core.snapImage()
+        return core.getImage()
+
+    from smartscope.detections import Detections
+
+    img = snap(0, 0)
+    det = Detections.from_labels(
+        seg.segment(img).labels[0],
+        img,
+        to_stage=lambda px: microscope.pixel_to_stage(px, (0, 0)),
+    )
+    inner = det.select(~det.objects["touches_border"])
+    assert len(inner["label"]) >= 3
+    for x_um, y_um in list(zip(inner["stage_x_um"], inner["stage_y_um"]))[:3]:
+        img = snap(x_um, y_um)
+        d2 = Detections.from_labels(seg.segment(img).labels[0], img)
+        dist = np.hypot(*(d2.centroids_px - microscope.image_center_px()).T)
+        assert dist.min() < 1.0
+
+
+def test_missing_config_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_config(tmp_path / "nope.cfg")
+
+
+def test_unloadable_config_is_a_config_error(tmp_path):
+    bad = tmp_path / "bad.cfg"
+    bad.write_text("Device,Camera,NoSuchLibrary,NoSuchCam\n")
+    from pymmcore_plus import CMMCorePlus
+
+    scope = Microscope(core=CMMCorePlus())
+    try:
+        with pytest.raises(ConfigError, match="cannot load hardware config"):
+            scope.load_config(bad)
+    finally:
+        scope.close()
