@@ -107,12 +107,23 @@ def demo(out: OutOpt = None, overwrite: OverwriteOpt = False) -> None:
 
 @app.command()
 def validate(experiment: ExperimentArg, config: ConfigOpt = None) -> None:
-    """Check an experiment file (and that its hardware config exists)."""
+    """Check an experiment file against its hardware config, without acquiring.
+
+    Loads the config (to check channel presets and property settings) and
+    releases it again.
+    """
     from smartscope.experiment import Experiment
+    from smartscope.microscope import Microscope
+    from smartscope.runner import prepare_hardware
 
     with _user_errors():
         exp = Experiment.from_file(experiment)
         cfg = exp.config_path(config)
+        scope = Microscope(cfg)
+        try:
+            prepare_hardware(exp, scope)
+        finally:
+            scope.close()
     n_events = sum(1 for _ in exp.sequence)
     policies = ", ".join(p.name for p in exp.policies) or "none"
     console.print(

@@ -28,7 +28,13 @@ if TYPE_CHECKING:
 
     from smartscope.experiment import Experiment
 
-__all__ = ["RunSummary", "Runner", "RunnerEvents", "run_experiment"]
+__all__ = [
+    "RunSummary",
+    "Runner",
+    "RunnerEvents",
+    "prepare_hardware",
+    "run_experiment",
+]
 
 _VERSIONED = (
     "smartscope",
@@ -159,7 +165,7 @@ class Runner:
             microscope.load_config(experiment.config_path(config))
         self.microscope = microscope
         try:
-            self._apply_properties()
+            prepare_hardware(experiment, microscope)
             self.plan = self._resolve_plan(experiment.sequence)
         except Exception:
             self.close()
@@ -179,24 +185,6 @@ class Runner:
         self.warmup_s = 0.0
 
     # --------------------------------------------------------------- set-up
-    def _apply_properties(self) -> None:
-        core = self.microscope.core
-        for device, prop, value in self.experiment.properties:
-            try:
-                core.setProperty(device, prop, value)
-            except Exception as e:
-                raise ExperimentError(
-                    f"cannot set property {device}.{prop}={value!r}: "
-                    f"{str(e).strip().splitlines()[0] if str(e).strip() else e}"
-                ) from None
-        group = self.experiment.channel_group
-        for ch in self.experiment.sequence.channels:
-            if not core.isConfigDefined(ch.group or group, ch.config):
-                raise ExperimentError(
-                    f"channel {ch.config!r} is not a preset of config group "
-                    f"{ch.group or group!r} in {self.microscope.config_path}"
-                )
-
     def _resolve_plan(self, seq: MDASequence) -> MDASequence:
         """Fill in the grid plan's field of view from the microscope."""
         grid = seq.grid_plan
@@ -420,6 +408,32 @@ class Runner:
             self.cancel("aborted")
             self.finish()
         self.close()
+
+
+def prepare_hardware(experiment: Experiment, microscope: Microscope) -> None:
+    """Apply the experiment's property settings and check its channel presets.
+
+    Raises
+    ------
+    ExperimentError
+        For a property that cannot be set or a channel that is not a preset.
+    """
+    core = microscope.core
+    for device, prop, value in experiment.properties:
+        try:
+            core.setProperty(device, prop, value)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            raise ExperimentError(
+                f"cannot set property {device}.{prop}={value!r}: {first}"
+            ) from None
+    for ch in experiment.sequence.channels:
+        group = ch.group or experiment.channel_group
+        if not core.isConfigDefined(group, ch.config):
+            raise ExperimentError(
+                f"channel {ch.config!r} is not a preset of config group {group!r} "
+                f"in {microscope.config_path}"
+            )
 
 
 def _opt_float(value: Any) -> float | None:

@@ -241,6 +241,9 @@ class Scheduler(Iterator[MDAEvent]):
                     _, _, event = heapq.heappop(self._queue)
                     return self._serve(event)
                 base = self._peek_base()
+                if base is not None and _tag_pos(base) in self._skipped:
+                    self._drop_peeked()  # skipped while waiting to be due
+                    continue
                 if base is not None:
                     due_in = self._due_in(base)
                     if due_in > self._poll:
@@ -283,8 +286,7 @@ class Scheduler(Iterator[MDAEvent]):
                 break
             key = base_position_key(event)
             if key in self._skipped:
-                self.n_skipped += 1
-                self.events.eventsSkipped.emit(key, 1, "position skipped")
+                self._count_skipped(key)
                 continue
             index = event.index
             nc, nz, order = self._layout
@@ -297,6 +299,14 @@ class Scheduler(Iterator[MDAEvent]):
             }
             self._peeked = self._stamp(event, tag, key)
         return self._peeked
+
+    def _drop_peeked(self) -> None:
+        self._count_skipped(_tag_pos(self._peeked))
+        self._peeked = None
+
+    def _count_skipped(self, key: str | None) -> None:
+        self.n_skipped += 1
+        self.events.eventsSkipped.emit(str(key), 1, "position skipped")
 
     def _stamp(self, event: MDAEvent, tag: dict[str, Any], key: str | None) -> MDAEvent:
         event_id = next(self._event_ids)

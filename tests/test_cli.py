@@ -1,0 +1,120 @@
+"""The `smartscope` command as a user runs it: exit codes, messages, output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from smartscope.storage import read_jsonl, read_position
+
+FIXTURES = Path(__file__).parent / "fixtures"
+BAD = sorted(
+    p for p in FIXTURES.glob("*.yaml") if p.read_text().startswith("# expect:")
+)
+
+
+def smartscope(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CI": "true", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "smartscope.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+
+
+def _expected(path: Path) -> str:
+    return path.read_text().splitlines()[0].removeprefix("# expect:").strip()
+
+
+@pytest.mark.parametrize("path", BAD, ids=[p.stem for p in BAD])
+def test_bad_experiment_exits_2_with_one_line(path, tmp_path):
+    result = smartscope("run", str(path), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert _expected(path) in lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("path", BAD, ids=[p.stem for p in BAD])
+def test_validate_rejects_bad_experiment(path):
+    result = smartscope("validate", str(path))
+    assert result.returncode == 2
+    assert _expected(path) in result.stderr
+
+
+def test_missing_experiment_file(tmp_path):
+    result = smartscope("run", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: experiment file not found: {tmp_path / 'nope.yaml'}"
+
+
+def test_missing_config_option(tmp_path):
+    demo = Path(__file__).parents[1] / "demos" / "find_and_center.yaml"
+    result = smartscope("run", str(demo), "--config", str(tmp_path / "x.cfg"))
+    assert result.returncode == 2
+    assert "hardware config not found" in result.stderr
+
+
+def test_validate_accepts_the_demo():
+    demo = Path(__file__).parents[1] / "demos" / "find_and_center.yaml"
+    result = smartscope("validate", str(demo))
+    assert result.returncode == 0, result.stderr
+    assert "4 base events" in result.stdout
+
+
+def test_demo_command_prints_summary(tmp_path):
+    out = tmp_path / "demo"
+    result = smartscope("demo", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "run completed" in result.stdout
+    assert "frames acquired" in result.stdout
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "completed"
+    # a second run into the same directory is refused, not overwritten
+    again = smartscope("demo", "--out", str(out))
+    assert again.returncode == 2
+    assert "already holds a run" in again.stderr
+
+
+def test_ctrl_c_leaves_a_readable_interrupted_run(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "CI": "true"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smartscope.cli", "run", str(FIXTURES / "timelapse.yaml"),
+         "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    frames_log = out / "frames.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if frames_log.exists() and len(read_jsonl(frames_log)) >= 4:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "interrupted"
+    assert "SIGINT" in info["summary"]["reason"]
+    frames = read_jsonl(frames_log)
+    assert 4 <= len(frames) < 400
+    for f in frames:
+        a = f["array"]
+        assert read_position(out, a["position"])[a["t"], a["c"], a["z"]].any()
