@@ -139,15 +139,15 @@ def _run_smart(
             "analysis": {"analyze": "all"},
         }
     )
-    runner = Runner(experiment, microscope=microscope, out_dir=out_dir, overwrite=True)
-    t0 = time.perf_counter()
-    summary = runner.run()
-    wall = time.perf_counter() - t0
-    runner.close()  # leaves the shared microscope open
+    # the runner leaves a microscope it was given open
+    with Runner(
+        experiment, microscope=microscope, out_dir=out_dir, overwrite=True
+    ) as runner:
+        t0 = time.perf_counter()
+        summary = runner.run()
+        wall = time.perf_counter() - t0
     if summary.status != "completed":
-        raise RuntimeError(
-            f"smart benchmark run {summary.status}: {summary.reason}"
-        )
+        raise RuntimeError(f"smart benchmark run {summary.status}: {summary.reason}")
     return wall, summary
 
 
@@ -159,10 +159,12 @@ def bench_loop(
     repeats: int = 3,
     segmenter: str = "threshold",
     workdir: Path | None = None,
+    positions: int = 4,
 ) -> dict[str, Any]:
     """Wall time of a smartscope run against plain pymmcore-plus, same sequence.
 
-    Both acquire `base_sequence` (`frames` frames, one channel, no waits) on one
+    Both acquire `base_sequence` (`frames` frames over up to `positions` stage
+    positions, one channel, no waits) on one
     `Microscope`, loaded once, so load time is not counted: (a) plain
     ``core.run_mda(..., output=<dir>/plain-<i>.ome.zarr)`` without hardware
     sequencing; (b) a `Runner` analysing every frame with `segmenter` and no
@@ -184,6 +186,10 @@ def bench_loop(
     workdir : Path, optional
         Where the runs are written (kept); default: a temporary directory,
         removed afterwards.
+    positions : int
+        Most stage positions of the sequence, visited in turn (the demo XY
+        stage takes ~80 ms per move); 1 gives a time-lapse at one place, where
+        frames come every ~25 ms and analysis throughput dominates.
 
     Returns
     -------
@@ -198,8 +204,10 @@ def bench_loop(
         raise ValueError(f"repeats must be ≥ 1, got {repeats}")
     if exposure_ms <= 0:
         raise ValueError(f"exposure_ms must be > 0, got {exposure_ms}")
-    seq = base_sequence(frames, exposure_ms)
-    warm_seq = base_sequence(min(frames, _WARMUP_FRAMES), exposure_ms)
+    seq = base_sequence(frames, exposure_ms, max_positions=positions)
+    warm_seq = base_sequence(
+        min(frames, _WARMUP_FRAMES), exposure_ms, max_positions=positions
+    )
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="smartscope-bench-") as tmp:
             return _bench_loop(config, seq, warm_seq, repeats, segmenter, Path(tmp))
@@ -255,6 +263,7 @@ def _bench_loop(
         "device": "cpu",
         "segmenter": segmenter,
         "frames_planned": planned,
+        "positions": len(seq.stage_positions),
         "exposure_ms": float(seq.channels[0].exposure or 0.0),
         "repeats": repeats,
         "plain_wall_s": round(plain_s, 4),

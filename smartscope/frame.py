@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -50,8 +50,7 @@ class Frame:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready summary (no image data)."""
-        d = asdict(self)
-        d.pop("event")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "event"}
         d["index"] = {str(k): int(v) for k, v in self.event.index.items()}
         tag = event_tag(self.event)
         for key in ("decision_id", "trigger_frame"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
@@ -21,7 +22,7 @@ from smartscope.frame import Frame, event_tag
 from smartscope.microscope import Microscope
 from smartscope.scheduler import PolicyContext, Scheduler
 from smartscope.storage import RunStorage
-from smartscope.stream import FrameStream, InferenceWorker
+from smartscope.stream import FrameStream, InferenceWorker, warm_up
 
 if TYPE_CHECKING:
     from useq import MDAEvent, MDASequence
@@ -49,6 +50,7 @@ _VERSIONED = (
 )
 
 
+@functools.cache
 def package_versions() -> dict[str, str | None]:
     """Versions of the packages that shape a run's results."""
     out: dict[str, str | None] = {"python": platform.python_version()}
@@ -170,6 +172,12 @@ class Runner:
         except Exception:
             self.close()
             raise
+        # imports, caches and JIT of the model are paid before the first frame
+        self.warmup_s = (
+            warm_up(self.segmenter, microscope.image_shape)
+            if experiment.analysis.enabled
+            else 0.0
+        )
 
         self.scheduler: Scheduler | None = None
         self.stream: FrameStream | None = None
@@ -182,7 +190,6 @@ class Runner:
         self._cancel_reason: str | None = None
         self._mda_error: str | None = None
         self._started_at = ""
-        self.warmup_s = 0.0
 
     # --------------------------------------------------------------- set-up
     def _resolve_plan(self, seq: MDASequence) -> MDASequence:
@@ -239,8 +246,6 @@ class Runner:
         )
         self.worker.events.detectionsReady.connect(self.events.detectionsReady)
         self.worker.events.decisionMade.connect(self.events.decisionMade)
-        if exp.analysis.enabled:
-            self.warmup_s = self.worker.warm_up(self.microscope.image_shape)
         self._started_at = datetime.now(timezone.utc).isoformat()
         self.storage.write_run_json(self._run_info("running"))
 
@@ -283,7 +288,7 @@ class Runner:
             self.scheduler.analysis_started()  # type: ignore[union-attr]
             if not self.stream.put(frame, img):  # type: ignore[union-attr]
                 self.scheduler.analysis_finished()  # type: ignore[union-attr]
-        self.storage.write_frame(img, frame)  # type: ignore[union-attr]
+        self.storage.submit_frame(img, frame)  # type: ignore[union-attr]
         self.events.frameAcquired.emit(frame)
 
     def _analyze(self, frame: Frame) -> bool:
@@ -330,6 +335,8 @@ class Runner:
             worker.finish()
         storage.close()
         error = self._mda_error or worker.error
+        if storage.write_errors:
+            error = error or f"writing frames failed: {storage.write_errors[0]}"
         if error:
             status, reason = "failed", error
         elif self._cancel_reason is not None:

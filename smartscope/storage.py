@@ -19,13 +19,15 @@ Layout of a run directory::
 
 Adaptive runs acquire an unknown number of events, so each position gets its own
 array whose first (time/visit) axis grows; nothing is flattened into one
-ambiguous axis. Frames are written as they arrive (one chunk per frame), so a
-run that fails or is cancelled midway leaves every acquired frame readable.
+ambiguous axis. Frames are written as they arrive (one chunk per frame, on a writer thread
+so acquisition never waits for the disk), so a run that fails or is cancelled
+midway leaves every acquired frame readable.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import threading
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -195,10 +197,35 @@ class RunStorage:
         self._detections = _JsonLines(self.directory / "detections.jsonl")
         self._decisions = _JsonLines(self.directory / "decisions.jsonl")
         self._closed = False
+        self._pending: queue.SimpleQueue[tuple[np.ndarray, Frame] | None] = (
+            queue.SimpleQueue()
+        )
+        self._writer: threading.Thread | None = None
+        self.write_errors: list[str] = []
 
     # acquisition thread
+    def submit_frame(self, image: np.ndarray, frame: Frame) -> None:
+        """Hand an acquired frame to the writer thread; never waits, never drops.
+
+        Growing an OME-Zarr array takes milliseconds, so frames are written on
+        a dedicated thread in arrival order; `close` drains the queue.
+        """
+        if self._writer is None:
+            self._writer = threading.Thread(
+                target=self._write_loop, name="smartscope-writer", daemon=True
+            )
+            self._writer.start()
+        self._pending.put((image, frame))
+
+    def _write_loop(self) -> None:
+        while (item := self._pending.get()) is not None:
+            try:
+                self.write_frame(*item)
+            except Exception as e:  # keep writing the others; report at close
+                self.write_errors.append(f"{type(e).__name__}: {e}")
+
     def write_frame(self, image: np.ndarray, frame: Frame) -> None:
-        """Store an acquired frame and its index line."""
+        """Store an acquired frame and its index line (synchronously)."""
         index = self.images.write(image, event_tag(frame.event))
         record = frame.to_json()
         record["array"] = {"position": frame.position, **index}
@@ -229,6 +256,9 @@ class RunStorage:
         if self._closed:
             return
         self._closed = True
+        if self._writer is not None:
+            self._pending.put(None)
+            self._writer.join()
         self.images.close()
         self.labels.close()
         for log in (self._frames, self._detections, self._decisions):

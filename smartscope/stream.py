@@ -29,7 +29,21 @@ if TYPE_CHECKING:
     from smartscope.segment import PSegmenter
     from smartscope.storage import RunStorage
 
-__all__ = ["FrameStream", "InferenceWorker", "WorkerEvents"]
+__all__ = ["FrameStream", "InferenceWorker", "WorkerEvents", "warm_up"]
+
+
+def warm_up(segmenter: PSegmenter, shape: tuple[int, int]) -> float:
+    """Segment one synthetic frame so imports, caches and JIT are ready.
+
+    Called before acquisition starts; returns the seconds it took.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    image = np.random.default_rng(0).poisson(10.0, size=shape).astype(np.uint16)
+    image[shape[0] // 4 : shape[0] // 2, shape[1] // 4 : shape[1] // 2] += 100
+    segmenter.segment(image[None])
+    return time.perf_counter() - t0
 
 
 class FrameStream:
@@ -157,20 +171,6 @@ class InferenceWorker(threading.Thread):
             "frame_to_decision": [],
             "frame_to_queued": [],
         }
-
-    def warm_up(self, shape: tuple[int, int], dtype: Any = np.uint16) -> float:
-        """Segment one synthetic frame so imports, JIT and caches are ready.
-
-        Called before acquisition starts; returns the seconds it took.
-        """
-        import time
-
-        t0 = time.perf_counter()
-        rng = np.random.default_rng(0)
-        image = rng.poisson(10.0, size=shape).astype(dtype)
-        image[shape[0] // 4 : shape[0] // 2, shape[1] // 4 : shape[1] // 2] += 100
-        self.segmenter.segment(image[None])
-        return time.perf_counter() - t0
 
     def run(self) -> None:
         torch = sys.modules.get("torch")  # only torch segmenters import it
