@@ -118,3 +118,15 @@ def test_ctrl_c_leaves_a_readable_interrupted_run(tmp_path):
     for f in frames:
         a = f["array"]
         assert read_position(out, a["position"])[a["t"], a["c"], a["z"]].any()
+
+
+def test_bench_loop_reports_json():
+    result = smartscope("bench", "loop", "--json", "--frames", "8", "--repeats", "1")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["benchmark"] == "loop"
+    assert data["frames_missing"] == 0
+    assert data["frames_in_dataset"] == 8
+    assert data["frames_analysed"] + data["frames_dropped"] == 8
+    assert data["ratio"] > 0
+    assert data["latency_ms"]["frame_to_decision"]["p50"] is not None
