@@ -165,9 +165,7 @@ class Detections:
             stage = np.asarray(to_stage(centroids), dtype=float).reshape(n, 2)
         else:
             stage = np.full((n, 2), np.nan)
-        score = (
-            np.ones(n) if scores is None else np.asarray(scores, dtype=float)[:n]
-        )
+        score = np.ones(n) if scores is None else np.asarray(scores, dtype=float)[:n]
         objects = {
             "label": ids.astype(np.int64),
             "x_px": x_px,

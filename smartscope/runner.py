@@ -144,8 +144,8 @@ class Runner:
         self.experiment = experiment
         self.events = RunnerEvents()
         directory = out_dir or experiment.output.directory
-        self.directory = Path(directory) if directory else default_run_dir(
-            experiment.name
+        self.directory = (
+            Path(directory) if directory else default_run_dir(experiment.name)
         )
         overwrite = experiment.output.overwrite if overwrite is None else overwrite
         if (self.directory / "run.json").exists() and not overwrite:
@@ -231,7 +231,9 @@ class Runner:
             self.scheduler.add_pending_check(policy.has_pending_work)
         self.scheduler.events.eventsScheduled.connect(self.events.eventsScheduled)
         self.stream = FrameStream(exp.analysis.queue_size)
-        num_threads = exp.analysis.num_threads or (1 if (os.cpu_count() or 1) <= 2 else 2)
+        num_threads = exp.analysis.num_threads or (
+            1 if (os.cpu_count() or 1) <= 2 else 2
+        )
         self.worker = InferenceWorker(
             self.stream,
             self.segmenter,

@@ -19,9 +19,9 @@ Layout of a run directory::
 
 Adaptive runs acquire an unknown number of events, so each position gets its own
 array whose first (time/visit) axis grows; nothing is flattened into one
-ambiguous axis. Frames are written as they arrive (one chunk per frame, on a writer thread
-so acquisition never waits for the disk), so a run that fails or is cancelled
-midway leaves every acquired frame readable.
+ambiguous axis. Frames are written as they arrive (one chunk per frame, on a
+writer thread so acquisition never waits for the disk), so a run that fails or
+is cancelled midway leaves every acquired frame readable.
 """
 
 from __future__ import annotations

@@ -338,4 +338,3 @@ class InferenceWorker(threading.Thread):
         """Close the stream, let the worker drain what is queued, and join it."""
         self.stream.close()
         self.join(timeout)
-

@@ -57,7 +57,10 @@ def test_validate_rejects_bad_experiment(path):
 def test_missing_experiment_file(tmp_path):
     result = smartscope("run", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: experiment file not found: {tmp_path / 'nope.yaml'}"
+    assert (
+        result.stderr.strip()
+        == f"error: experiment file not found: {tmp_path / 'nope.yaml'}"
+    )
 
 
 def test_missing_config_option(tmp_path):
@@ -92,8 +95,15 @@ def test_ctrl_c_leaves_a_readable_interrupted_run(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "CI": "true"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "smartscope.cli", "run", str(FIXTURES / "timelapse.yaml"),
-         "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "smartscope.cli",
+            "run",
+            str(FIXTURES / "timelapse.yaml"),
+            "--out",
+            str(out),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -107,7 +117,7 @@ def test_ctrl_c_leaves_a_readable_interrupted_run(tmp_path):
             break
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     info = json.loads((out / "run.json").read_text())

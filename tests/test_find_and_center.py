@@ -103,7 +103,9 @@ def test_targets_trace_back_to_their_survey_frame(demo_run):
         events = [e for a in decision["actions"] for e in a.get("events", [])]
         assert f["event_id"] in {e["event_id"] for e in events}
     for d in decisions.values():
-        assert d["latency_ms"]["frame_to_queued"] >= d["latency_ms"]["frame_to_detections"]
+        assert (
+            d["latency_ms"]["frame_to_queued"] >= d["latency_ms"]["frame_to_detections"]
+        )
 
 
 def test_targets_visited_in_short_travel_order(demo_run):
@@ -114,8 +116,10 @@ def test_targets_visited_in_short_travel_order(demo_run):
         firsts = {}
         for e in events:
             firsts.setdefault(e["position"], (e["x_um"], e["y_um"]))
-        pts = np.array([(d["trigger"]["stage_um"]["x"], d["trigger"]["stage_um"]["y"])]
-                       + list(firsts.values()))
+        pts = np.array(
+            [(d["trigger"]["stage_um"]["x"], d["trigger"]["stage_um"]["y"])]
+            + list(firsts.values())
+        )
         if len(pts) < 4:
             continue
         path = np.hypot(*np.diff(pts, axis=0).T).sum()

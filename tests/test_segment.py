@@ -79,8 +79,11 @@ def test_detections_table():
         np.column_stack([o["bbox_y0"], o["bbox_x0"], o["bbox_y1"], o["bbox_x1"]]),
         [[15, 25, 20, 30], [2, 3, 6, 9]],
     )
-    assert Detections.from_labels(np.zeros((5, 5), int), np.zeros((5, 5))).objects[
-        "label"
-    ].size == 0
+    assert (
+        Detections.from_labels(np.zeros((5, 5), int), np.zeros((5, 5)))
+        .objects["label"]
+        .size
+        == 0
+    )
     with pytest.raises(ValueError, match="same 2D shape"):
         Detections.from_labels(labels, image[:5])

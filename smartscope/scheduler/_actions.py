@@ -71,7 +71,7 @@ class Stop:
         return {"type": self.type, "reason": self.reason}
 
 
-Action = Union[AddEvents, SkipPosition, Stop]
+Action = Union[AddEvents, SkipPosition, Stop]  # noqa: UP007 (a runtime alias)
 
 
 @dataclass

@@ -22,7 +22,6 @@ from smartscope.scheduler._actions import (
     event_summary,
 )
 
-
 __all__ = ["Scheduler", "SchedulerEvents", "base_position_key"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
