@@ -119,3 +119,30 @@ def test_skip_empty_keeps_fields_with_objects(microscope, tmp_path):
     assert summary.frames_acquired == 6
     assert summary.events_skipped == 0
     assert read_jsonl(tmp_path / "decisions.jsonl") == []
+
+
+def test_pause_resume_and_cancel_a_run(microscope, tmp_path):
+    exp = Experiment.from_file(
+        __import__("pathlib").Path(__file__).parent / "fixtures" / "timelapse.yaml"
+    )
+    with Runner(exp, microscope=microscope, out_dir=tmp_path) as runner:
+        runner.start()
+        deadline = time.monotonic() + 30
+        while runner._frame_count < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        runner.pause()
+        time.sleep(0.7)  # let the current event finish
+        paused_at = runner._frame_count
+        time.sleep(1.2)  # two intervals: nothing may be acquired while paused
+        assert runner._frame_count == paused_at
+        assert microscope.is_paused()
+        runner.resume()
+        deadline = time.monotonic() + 30
+        while runner._frame_count <= paused_at and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert runner._frame_count > paused_at
+        runner.cancel("test cancel")
+        summary = runner.finish()
+    assert summary.status == "interrupted"
+    assert summary.reason == "test cancel"
+    assert len(read_jsonl(tmp_path / "frames.jsonl")) == summary.frames_acquired
