@@ -169,15 +169,15 @@ class Runner:
         try:
             prepare_hardware(experiment, microscope)
             self.plan = self._resolve_plan(experiment.sequence)
+            # imports, caches and JIT of the model are paid before the first frame
+            self.warmup_s = (
+                warm_up(self.segmenter, microscope.image_shape)
+                if experiment.analysis.enabled
+                else 0.0
+            )
         except Exception:
-            self.close()
+            self.close()  # never leave a core loaded behind a failed set-up
             raise
-        # imports, caches and JIT of the model are paid before the first frame
-        self.warmup_s = (
-            warm_up(self.segmenter, microscope.image_shape)
-            if experiment.analysis.enabled
-            else 0.0
-        )
 
         self.scheduler: Scheduler | None = None
         self.stream: FrameStream | None = None
