@@ -20,3 +20,12 @@ class ExperimentError(SmartscopeError):
 
 class RegistryError(SmartscopeError):
     """A segmenter or policy name is not known."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its repr if it has none).
+
+    Micro-Manager errors carry multi-line traces; users get one line.
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)

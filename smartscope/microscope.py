@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from smartscope._errors import ConfigError
+from smartscope._errors import ConfigError, first_line
 from smartscope._resources import default_config, hardware_configs_dir
 
 if TYPE_CHECKING:
@@ -105,8 +105,9 @@ class Microscope:
         try:
             self.core.loadSystemConfiguration(str(path))
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-            raise ConfigError(f"cannot load hardware config {path}: {first}") from e
+            raise ConfigError(
+                f"cannot load hardware config {path}: {first_line(e)}"
+            ) from e
         if not self.core.getCameraDevice():
             raise ConfigError(f"hardware config {path} defines no camera")
         self.config_path = path

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from psygnal import Signal, SignalGroup
 
-from smartscope._errors import ExperimentError
+from smartscope._errors import ExperimentError, first_line
 from smartscope.frame import Frame, event_tag
 from smartscope.microscope import Microscope
 from smartscope.scheduler import PolicyContext, Scheduler
@@ -432,9 +432,8 @@ def prepare_hardware(experiment: Experiment, microscope: Microscope) -> None:
         try:
             core.setProperty(device, prop, value)
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
             raise ExperimentError(
-                f"cannot set property {device}.{prop}={value!r}: {first}"
+                f"cannot set property {device}.{prop}={value!r}: {first_line(e)}"
             ) from None
     for ch in experiment.sequence.channels:
         group = ch.group or experiment.channel_group
