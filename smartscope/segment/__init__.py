@@ -1,13 +1,29 @@
-"""Segmenters: the `PSegmenter` protocol, the rule-based baseline and a registry."""
+"""Segmenters: the protocol, the rule-based baseline, the built-in model.
+
+`PSegmenter`, `ThresholdSegmenter`, the deep-learning `UNetSegmenter`
+(registered as ``unet``) and the registry.
+
+`UNetSegmenter` is imported lazily (it imports torch).
+"""
 
 from smartscope.segment._protocol import PSegmenter, Segmentation, as_batch
 from smartscope.segment._registry import available_segmenters, create_segmenter
 from smartscope.segment._threshold import ThresholdSegmenter
 
+
+def __getattr__(name: str):
+    if name == "UNetSegmenter":
+        from smartscope.segment._dl import UNetSegmenter
+
+        return UNetSegmenter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "PSegmenter",
     "Segmentation",
     "ThresholdSegmenter",
+    "UNetSegmenter",
     "as_batch",
     "available_segmenters",
     "create_segmenter",

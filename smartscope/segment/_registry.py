@@ -14,7 +14,12 @@ ENTRY_POINT_GROUP = "smartscope.segmenters"
 def _builtins() -> dict[str, Any]:
     from smartscope.segment._threshold import ThresholdSegmenter
 
-    return {"threshold": ThresholdSegmenter}
+    def unet(**params: Any) -> PSegmenter:
+        from smartscope.segment._dl import UNetSegmenter  # imports torch
+
+        return UNetSegmenter(**params)
+
+    return {"threshold": ThresholdSegmenter, "unet": unet}
 
 
 def available_segmenters() -> list[str]:

@@ -1,0 +1,268 @@
+"""`UNetSegmenter`: the deep-learning segmenter and its inference engine.
+
+The same object serves the live loop (`PSegmenter.segment` on micro-batches
+from the inference worker), ``smartscope segment`` and the benchmark.
+
+Engine
+------
+* Device ``auto``: CUDA when available, else CPU.
+* CPU: frozen TorchScript graph (BatchNorm folded), channels-last, bf16
+  autocast where the CPU has AMX / AVX-512 BF16 (``precision="auto"``),
+  ``threads`` intra-op threads, optional input ``scale`` (e.g. 0.5 for large
+  nuclei: 4× less work).
+* CUDA: fp16 autocast, channels-last, a pinned host buffer copied with
+  ``non_blocking=True``, optional ``torch.compile``, warm-up on creation.
+* Frames larger than ``tile`` are processed in overlapping tiles (``halo``
+  pixels of context each side, only tile centres kept), so memory stays flat
+  and the network sees the scale it was trained at.
+* Normalisation: per image, 1st–99.8th percentile (bit depth, offset and
+  drift do not matter).
+* Post-processing: interior seeds grown over the foreground, whole-array
+  scipy operations only (see `probabilities_to_labels`).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from smartscope.segment._postprocess import normalize, probabilities_to_labels
+from smartscope.segment._protocol import Segmentation, as_batch
+
+
+class UNetSegmenter(BaseModel):
+    """The built-in (or a user-trained) U-Net as a `PSegmenter`.
+
+    Parameters
+    ----------
+    model : "builtin" | path
+        The shipped model or a model file written by ``smartscope train``.
+    device : "auto" | "cpu" | "cuda"
+        Where the network runs (``auto``: CUDA if available).
+    precision : "auto" | "fp32" | "bf16" | "fp16"
+        ``auto``: fp16 on CUDA, bf16 on CPUs with AMX/AVX-512-BF16, else fp32.
+    threads : int | None
+        CPU intra-op threads (default: torch's setting).
+    scale : float
+        Resize input by this factor before the network (labels are returned
+        at the original size). <1 is faster and suits large objects.
+    tile : int
+        Largest tile side fed to the network; bigger frames are tiled.
+    halo : int
+        Context pixels added around each tile (discarded after inference).
+    compile : bool
+        ``torch.compile`` the network (CUDA; slow first call).
+    fg_threshold, seed_threshold : float
+        Foreground and interior-seed probability thresholds.
+    min_area_px : int
+        Smaller objects are dropped (in original pixels).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    model: str = "builtin"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    threads: int | None = Field(None, ge=1)
+    scale: float = Field(1.0, gt=0.05, le=4.0)
+    tile: int = Field(1024, ge=64)
+    halo: int = Field(32, ge=0)
+    compile: bool = False
+    fg_threshold: float = Field(0.5, gt=0, lt=1)
+    seed_threshold: float = Field(0.5, gt=0, lt=1)
+    min_area_px: int = Field(4, ge=0)
+
+    _engine: Any = PrivateAttr(None)
+    _lock: Any = PrivateAttr(default_factory=threading.Lock)
+
+    def model_post_init(self, __context: Any) -> None:
+        self._engine = _Engine(self)
+
+    @property
+    def model_id(self) -> str:
+        """``<model name>-<sha256 prefix>`` plus non-default inference settings."""
+        extra = ""
+        if self.scale != 1.0:
+            extra += f"@x{self.scale:g}"
+        return self._engine.model_file.model_id + extra
+
+    @property
+    def device_name(self) -> str:
+        """``cpu`` or ``cuda:N`` (resolved from ``device``)."""
+        return str(self._engine.device)
+
+    @property
+    def dtype_name(self) -> str:
+        """The autocast precision actually used: fp32, bf16 or fp16."""
+        return self._engine.precision
+
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """``(3, Y, X)`` background/interior/boundary probabilities of one image."""
+        with self._lock:
+            return self._engine.probabilities(np.asarray(image))
+
+    def segment(self, images: np.ndarray) -> Segmentation:
+        """Segment a ``(B, Y, X)`` batch (or one ``(Y, X)`` image)."""
+        batch = as_batch(images)
+        with self._lock:
+            probs = self._engine.batch_probabilities(batch)
+        labels = np.zeros(batch.shape, np.uint16)
+        scores = []
+        for i, p in enumerate(probs):
+            labels[i], s = probabilities_to_labels(
+                p,
+                fg_threshold=self.fg_threshold,
+                seed_threshold=self.seed_threshold,
+                min_area_px=self.min_area_px,
+            )
+            scores.append(s)
+        return Segmentation(labels, scores)
+
+
+class _Engine:
+    """Loaded network, device placement and the tiled forward pass."""
+
+    def __init__(self, cfg: UNetSegmenter) -> None:
+        import torch
+
+        from smartscope.segment._model import ModelFileError, load_model_file
+        from smartscope.segment._net import SmartUNet
+
+        self.cfg = cfg
+        self.model_file = load_model_file(cfg.model)
+        arch = self.model_file.meta.get("arch", {})
+        try:
+            net = SmartUNet(tuple(arch["widths"]), int(arch["depth"]))
+            net.load_state_dict(self.model_file.state_dict)
+        except (KeyError, RuntimeError, TypeError) as exc:
+            msg = str(exc).strip().splitlines()[0]
+            raise ModelFileError(
+                f"{self.model_file.path} does not match the SmartUNet architecture: "
+                f"{msg}"
+            ) from None
+        self.multiple = net.multiple
+        if cfg.device == "auto":
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        elif cfg.device == "cuda":
+            if not torch.cuda.is_available():
+                raise ModelFileError(
+                    "device 'cuda' requested but CUDA is not available"
+                )
+            self.device = torch.device("cuda")
+        else:
+            self.device = torch.device("cpu")
+        cuda = self.device.type == "cuda"
+        precision = cfg.precision
+        if precision == "auto":
+            from smartscope.segment._train import _cpu_bf16_ok
+
+            precision = "fp16" if cuda else ("bf16" if _cpu_bf16_ok() else "fp32")
+        if precision == "fp16" and not cuda:
+            precision = "bf16"
+        self.precision = precision
+        self.autocast_dtype = {
+            "fp32": None,
+            "bf16": torch.bfloat16,
+            "fp16": torch.float16,
+        }[precision]
+        if cfg.threads and not cuda:
+            torch.set_num_threads(cfg.threads)
+        net = net.eval().to(self.device, memory_format=torch.channels_last)
+        if cuda:
+            self.net = torch.compile(net) if cfg.compile else net
+        else:
+            with torch.inference_mode():
+                self.net = torch.jit.freeze(torch.jit.script(net))
+        self._pinned: Any = None
+        self.torch = torch
+        # warm-up: TorchScript's profiling executor optimises on the first
+        # calls, CUDA initialises kernels (and torch.compile compiles)
+        for _ in range(2):
+            self._forward(np.zeros((1, 1, 256, 256), np.float32))
+
+    # -- forward -------------------------------------------------------------
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        """``(B, 1, Y, X)`` normalised float32 (multiples of 16) → ``(B, 3, Y, X)``."""
+        torch = self.torch
+        if self.device.type == "cuda":
+            if self._pinned is None or self._pinned.shape != x.shape:
+                self._pinned = torch.empty(x.shape, dtype=torch.float32).pin_memory()
+            self._pinned.numpy()[...] = x
+            xt = self._pinned.to(self.device, non_blocking=True)
+        else:
+            xt = torch.from_numpy(x)
+        xt = xt.contiguous(memory_format=torch.channels_last)
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                self.device.type,
+                dtype=self.autocast_dtype or torch.float32,
+                enabled=self.autocast_dtype is not None,
+            ),
+        ):
+            probs = torch.softmax(self.net(xt).float(), dim=1)
+        return probs.cpu().numpy()
+
+    def _padded_forward(self, images: np.ndarray) -> np.ndarray:
+        """Forward ``(B, Y, X)`` normalised images of any size (padded to fit)."""
+        _b, h, w = images.shape
+        m = self.multiple
+        ph, pw = (-h) % m, (-w) % m
+        x = images
+        if ph or pw:
+            x = np.pad(images, ((0, 0), (0, ph), (0, pw)), mode="reflect")
+        return self._forward(np.ascontiguousarray(x[:, None], np.float32))[:, :, :h, :w]
+
+    def _tiled(self, image: np.ndarray) -> np.ndarray:
+        """Probabilities of one large normalised image, tile by tile with halo."""
+        h, w = image.shape
+        tile, halo = self.cfg.tile, self.cfg.halo
+        out = np.empty((3, h, w), np.float32)
+        step = tile - 2 * halo
+        for y in range(0, h, step):
+            for x in range(0, w, step):
+                y0, x0 = max(0, y - halo), max(0, x - halo)
+                y1, x1 = min(h, y + step + halo), min(w, x + step + halo)
+                probs = self._padded_forward(image[None, y0:y1, x0:x1])[0]
+                ye, xe = min(h, y + step), min(w, x + step)
+                out[:, y:ye, x:xe] = probs[:, y - y0 : ye - y0, x - x0 : xe - x0]
+        return out
+
+    def _prepare(self, image: np.ndarray) -> np.ndarray:
+        norm = normalize(image)
+        if self.cfg.scale != 1.0:
+            norm = self._resize(norm[None], self.cfg.scale)[0]
+        return norm
+
+    def _resize(
+        self, arr: np.ndarray, scale: float | None = None, size=None
+    ) -> np.ndarray:
+        torch = self.torch
+        t = torch.from_numpy(np.ascontiguousarray(arr, np.float32))[None]
+        if size is None:
+            size = tuple(max(1, round(s * scale)) for s in arr.shape[-2:])
+        t = torch.nn.functional.interpolate(
+            t, size=size, mode="bilinear", align_corners=False
+        )
+        return t[0].numpy()
+
+    def _finish(self, probs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        if probs.shape[-2:] != shape:
+            probs = self._resize(probs, size=shape)
+        return probs
+
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        return self.batch_probabilities(image[None])[0]
+
+    def batch_probabilities(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Per-image ``(3, Y, X)`` probabilities (one pass unless tiled)."""
+        shape = batch.shape[1:]
+        prepared = np.stack([self._prepare(img) for img in batch])
+        if max(prepared.shape[1:]) <= self.cfg.tile:
+            probs = list(self._padded_forward(prepared))
+        else:
+            probs = [self._tiled(p) for p in prepared]
+        return [self._finish(p, shape) for p in probs]

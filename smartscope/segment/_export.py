@@ -1,0 +1,200 @@
+"""Finishing a trained model: TorchScript export, metrics, sha256 card."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from smartscope.segment._model import load_model_file, sha256_of
+
+
+def export_torchscript(model_pt: str | Path, out: str | Path) -> Path:
+    """Save the network of `model_pt` as TorchScript.
+
+    Input: normalised ``(B, 1, Y, X)`` float32, Y and X multiples of 16;
+    output: ``(B, 3, Y, X)`` background/interior/boundary logits.
+    """
+    import torch
+
+    from smartscope.segment._net import SmartUNet
+
+    mf = load_model_file(model_pt)
+    arch = mf.meta["arch"]
+    net = SmartUNet(tuple(arch["widths"]), int(arch["depth"]))
+    net.load_state_dict(mf.state_dict)
+    scripted = torch.jit.script(net.eval())
+    out = Path(out)
+    scripted.save(str(out))
+    return out
+
+
+def measure(model_pt: str | Path, n_val: int = 48) -> dict[str, Any]:
+    """Accuracy of `model_pt` and the baseline on the synthetic validation set."""
+    from smartscope.segment import ThresholdSegmenter
+    from smartscope.segment._dl import UNetSegmenter
+    from smartscope.segment._evaluate import evaluate
+    from smartscope.segment._synth import validation_set
+
+    val = validation_set(n_val)
+    images = [v[0] for v in val]
+    truths = [v[1] for v in val]
+    return {
+        "synthetic_val": {
+            "images": len(val),
+            "model": evaluate(
+                UNetSegmenter(model=str(model_pt), device="cpu"), images, truths
+            ),
+            "threshold_baseline": evaluate(ThresholdSegmenter(), images, truths),
+        }
+    }
+
+
+def write_card(
+    model_pt: str | Path,
+    name: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    torchscript: bool = True,
+) -> Path:
+    """Write ``<model>.ts`` and ``<model>.json`` (the card) beside `model_pt`.
+
+    The card holds the sha256 of both files, architecture, training recipe
+    and metrics; `load_model_file` checks the ``.pt`` hash against it.
+    """
+    model_pt = Path(model_pt)
+    model_pt.with_suffix(".json").unlink(missing_ok=True)  # a stale card's hash
+    mf = load_model_file(model_pt)
+    files = {model_pt.name: {"sha256": mf.sha256, "bytes": model_pt.stat().st_size}}
+    if torchscript:
+        ts = export_torchscript(model_pt, model_pt.with_suffix(".ts"))
+        files[ts.name] = {"sha256": sha256_of(ts), "bytes": ts.stat().st_size}
+    card = {
+        "name": name or mf.meta.get("name") or model_pt.stem,
+        "architecture": {
+            **mf.meta["arch"],
+            "output": "3-class logits: background, interior, boundary",
+            "input": "(B, 1, Y, X) float32, normalised per image "
+            "(1st→0, 99.8th percentile→1); Y, X multiples of 16",
+            "parameters": int(
+                sum(
+                    v.numel()
+                    for v in mf.state_dict.values()
+                    if v.dtype.is_floating_point
+                )
+            ),
+        },
+        "training": mf.meta.get("training", {}),
+        "metrics": metrics if metrics is not None else measure(model_pt),
+        "files": files,
+        "platform": {
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
+    }
+    path = model_pt.with_suffix(".json")
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    return path
+
+
+_WHY = """\
+A 3-class U-Net (background / interior / boundary) was chosen over a
+distance-map or star-convex head because its instances come from two cheap
+whole-array steps (label the interior, grow it over the boundary band), which
+keeps post-processing at a few ms per 512² frame, and because boundary
+classification is local, so it holds for nuclei far larger than the receptive
+field needs to see. Star-convex polygons need per-object NMS (a Python loop in
+the hot path) and fail on non-convex nuclei; distance maps need a seeded
+watershed that costs 10-20 ms per 512² on this CPU.
+
+The network is shaped for CPU latency (profiled on 2 cores at 512²): strided
+convolutions instead of max pooling (max pooling at full resolution cost 11 ms),
+additive instead of concatenated skips (concatenation cost 9 ms per forward),
+8 channels at full resolution, pixel-shuffle upsampling, channels-last, frozen
+TorchScript (BatchNorm folded) and bf16 autocast on CPUs with AMX.
+"""
+
+
+def write_card_markdown(card: dict[str, Any], path: str | Path) -> Path:
+    """Human-readable model card (``MODEL_CARD.md``) from the card data."""
+    arch = card["architecture"]
+    tr = card.get("training", {})
+    val = card.get("metrics", {}).get("synthetic_val", {})
+    rows = []
+    for name in ("model", "threshold_baseline"):
+        m = val.get(name)
+        if m:
+            rows.append(
+                f"| {name} | {m['f1@0.5']:.3f} | {m['precision@0.5']:.3f} | "
+                f"{m['recall@0.5']:.3f} | {m['mean_ap']:.3f} |"
+            )
+    files = "\n".join(
+        f"| `{name}` | {info['bytes']:,} | `{info['sha256']}` |"
+        for name, info in card["files"].items()
+    )
+    text = f"""# Model card: `{card["name"]}`
+
+The built-in instance segmenter of smartscope for 2D fluorescence images
+(nuclei, cells, beads). It ships inside the package; nothing is downloaded.
+
+## Architecture
+`SmartUNet`, widths {arch["widths"]}, depth {arch["depth"]} convolutions per
+level, {arch["parameters"]:,} parameters.
+Input: {arch["input"]}. Output: {arch["output"]}.
+Instances: interior components (p > 0.5) grown over the foreground
+(interior + boundary > 0.5) by up to 4 px; seedless foreground becomes its own
+object; objects under 4 px are dropped.
+
+### Why this design
+{_WHY}
+## Training recipe
+`smartscope train --out OUT --steps {tr.get("steps")} \\
+  --batch-size {tr.get("batch_size")} --crop {tr.get("crop")} --lr {tr.get("lr")} \\
+  --seed {tr.get("seed")} --pool {tr.get("pool_size")}`
+(AdamW, weight decay {tr.get("weight_decay")}, linear warm-up then cosine decay,
+cross-entropy with class weights background 1, interior 1, boundary 2.5 plus
+0.5 x soft Dice on the foreground, bf16 autocast on CPU where supported,
+gradient clipping 5). Training took {tr.get("seconds")} s on
+{card.get("platform", {}).get("machine", "?")} with 2 CPU threads; final
+smoothed loss {tr.get("final_loss") and round(tr["final_loss"], 4)}.
+
+## Data
+Synthetic only, generated in process from the seed (`smartscope/segment/_synth.py`):
+star-convex elliptical nuclei of 3-40 px radius, alone, touching and in
+clusters, chromatin texture, nucleoli / chromocenters, condensed bright
+nuclei, a 12-fold spread of brightness within a field, out-of-focus haze and
+unlabelled out-of-focus neighbours, uneven illumination, PSF and defocus blur;
+DemoCamera-like Gaussian beads; empty fields. A pool of
+{tr.get("pool_size")} scenes is refreshed by one scene per step, and every
+crop gets a fresh camera: Poisson (8-3000 photons at peak) and Gaussian read
+noise, offsets, 8/12/16-bit or float, dim 8-bit files, saturation; flips and
+90° rotations. Normalisation: 1st and 99.8th percentiles → 0 and 1.
+
+## Metrics
+Fixed synthetic validation set ({val.get("images")} images of 256², 4 nuclei : 1
+beads, seeds never used in training). F1, precision and recall at IoU 0.5
+pooled over objects; mean AP is the Data Science Bowl 2018 score
+(TP / (TP + FP + FN) averaged over IoU 0.5-0.9, per image).
+
+| segmenter | F1@0.5 | precision | recall | mean AP |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Speed and accuracy on real DemoCamera frames: `smartscope bench segment --json`.
+
+## Limitations
+Trained on synthetic images only; it has not seen a real nucleus image.
+Objects above about 60 px radius: use `scale` < 1. Bright-field, H&E and
+other transmitted-light images are out of scope.
+
+## Files
+| file | bytes | sha256 |
+|---|---|---|
+{files}
+
+`{card["name"]}.ts` is the TorchScript export of the same network
+(`torch.jit.load`, no smartscope needed; normalise the input as above).
+"""
+    path = Path(path)
+    path.write_text(text)
+    return path

@@ -1,0 +1,75 @@
+"""Reading images and writing label images for ``smartscope segment``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from smartscope._errors import SmartscopeError
+from smartscope.segment._protocol import PSegmenter
+
+_TIFF = (".tif", ".tiff")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image or stack as ``(..., Y, X)``; RGB(A) is averaged to grey.
+
+    TIFF (any leading T/Z/C axes, 8/16-bit, float) through tifffile; PNG and
+    JPEG through scikit-image.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SmartscopeError(f"image not found: {path}")
+    if path.is_dir():
+        raise SmartscopeError(f"expected an image file, got a folder: {path}")
+    try:
+        if path.suffix.lower() in _TIFF:
+            import tifffile
+
+            arr = np.asarray(tifffile.imread(path))
+        else:
+            from skimage import io
+
+            arr = np.asarray(io.imread(path))
+    except Exception as exc:  # any reader failure is a bad-input error
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise SmartscopeError(
+            f"cannot read {path.name}: {first or type(exc).__name__}"
+        ) from None
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    if arr.dtype.kind not in "uif":
+        raise SmartscopeError(f"{path.name}: unsupported pixel type {arr.dtype}")
+    if arr.ndim >= 3 and arr.shape[-1] in (3, 4) and min(arr.shape[-3:-1]) > 4:
+        arr = arr[..., :3].astype(np.float32).mean(-1)  # RGB(A) → grey
+    if arr.ndim < 2 or min(arr.shape[-2:]) < 2:
+        raise SmartscopeError(f"{path.name}: not an image (shape {arr.shape})")
+    return arr
+
+
+def segment_array(
+    segmenter: PSegmenter, image: np.ndarray, batch_size: int = 4
+) -> np.ndarray:
+    """uint16 labels of the same shape: every ``(Y, X)`` plane on its own."""
+    planes = image.reshape(-1, *image.shape[-2:])
+    out = np.zeros(planes.shape, np.uint16)
+    for i in range(0, len(planes), batch_size):
+        out[i : i + batch_size] = segmenter.segment(planes[i : i + batch_size]).labels
+    return out.reshape(image.shape)
+
+
+def write_labels(path: str | Path, labels: np.ndarray) -> Path:
+    """Write uint16 labels as a (zlib-compressed) TIFF; creates parent folders."""
+    import tifffile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, labels.astype(np.uint16), compression="zlib")
+    return path
+
+
+def default_output(image_path: str | Path) -> Path:
+    """``IMAGE_labels.tif`` beside the image."""
+    p = Path(image_path)
+    return p.with_name(p.name.split(".")[0] + "_labels.tif")

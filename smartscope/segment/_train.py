@@ -1,0 +1,322 @@
+"""Training the built-in network on synthetic data and/or user TIFF pairs.
+
+Deterministic for a seed on a given machine: the scene pool, the camera
+draws, the crops and the initial weights all come from seeded generators,
+and the step order is fixed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from smartscope._errors import SmartscopeError
+from smartscope.segment._postprocess import boundary_classes, normalize
+from smartscope.segment._synth import apply_camera, render_scene
+
+CLASS_WEIGHTS = (1.0, 1.0, 2.5)  # background, interior, boundary
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in the checkpoint)."""
+
+    steps: int = 6000
+    batch_size: int = 8
+    crop: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    pool_size: int = 800
+    refresh_per_step: int = 1
+    synthetic_fraction: float = 1.0
+    widths: tuple[int, ...] = (8, 16, 32, 64, 128)
+    depth: int = 2
+    bf16: bool = True
+    threads: int | None = None
+    checkpoint_every: int = 250
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainProgress:
+    """What a progress callback receives after every step."""
+
+    step: int
+    steps: int
+    loss: float
+    lr: float
+    elapsed_s: float
+
+
+def read_pairs(folder: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Image/label TIFF pairs from `folder`.
+
+    Either ``images/NAME.tif`` with ``labels/NAME.tif``, or ``NAME.tif`` with
+    ``NAME_labels.tif`` (or ``NAME_masks.tif``) side by side. Stacks are split
+    into their 2D planes.
+    """
+    import tifffile
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise SmartscopeError(f"training data folder not found: {root}")
+    pairs: list[tuple[Path, Path]] = []
+    if (root / "images").is_dir() and (root / "labels").is_dir():
+        for img in sorted((root / "images").glob("*.tif*")):
+            lab = root / "labels" / img.name
+            if lab.exists():
+                pairs.append((img, lab))
+    else:
+        for img in sorted(root.glob("*.tif*")):
+            stem = img.name.split(".")[0]
+            if stem.endswith(("_labels", "_masks")):
+                continue
+            for suffix in ("_labels", "_masks"):
+                lab = img.with_name(stem + suffix + img.name[len(stem) :])
+                if lab.exists():
+                    pairs.append((img, lab))
+                    break
+    if not pairs:
+        raise SmartscopeError(
+            f"no image/label TIFF pairs in {root} (expected images/NAME.tif + "
+            "labels/NAME.tif, or NAME.tif + NAME_labels.tif)"
+        )
+    out = []
+    for img_path, lab_path in pairs:
+        img = np.asarray(tifffile.imread(img_path))
+        lab = np.asarray(tifffile.imread(lab_path))
+        if img.shape != lab.shape:
+            raise SmartscopeError(
+                f"{img_path.name}: image shape {img.shape} != labels shape {lab.shape}"
+            )
+        img2 = img.reshape(-1, *img.shape[-2:])
+        lab2 = lab.reshape(-1, *lab.shape[-2:])
+        out.extend(zip(img2, lab2.astype(np.int64), strict=False))
+    return out
+
+
+class _Data:
+    """Batches of (normalised image, 3-class target) crops."""
+
+    def __init__(
+        self, cfg: TrainConfig, user: list[tuple[np.ndarray, np.ndarray]] | None
+    ) -> None:
+        self.cfg = cfg
+        self.rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 1]))
+        self.user = user or []
+        n_pool = cfg.pool_size if cfg.synthetic_fraction > 0 or not self.user else 0
+        self.pool = [self._scene() for _ in range(n_pool)]
+
+    def _scene(self):
+        return render_scene(self.rng, (self.cfg.crop, self.cfg.crop))
+
+    def refresh(self) -> None:
+        for _ in range(self.cfg.refresh_per_step if self.pool else 0):
+            self.pool[int(self.rng.integers(len(self.pool)))] = self._scene()
+
+    def _augment(self, img: np.ndarray, lab: np.ndarray):
+        k = int(self.rng.integers(4))
+        img, lab = np.rot90(img, k), np.rot90(lab, k)
+        if self.rng.random() < 0.5:
+            img, lab = img[:, ::-1], lab[:, ::-1]
+        return img, lab
+
+    def _user_crop(self, img: np.ndarray, lab: np.ndarray):
+        c = self.cfg.crop
+        pad_y, pad_x = max(0, c - img.shape[0]), max(0, c - img.shape[1])
+        if pad_y or pad_x:
+            img = np.pad(img, ((0, pad_y), (0, pad_x)), mode="reflect")
+            lab = np.pad(lab, ((0, pad_y), (0, pad_x)))
+        y = int(self.rng.integers(img.shape[0] - c + 1))
+        x = int(self.rng.integers(img.shape[1] - c + 1))
+        return img[y : y + c, x : x + c], lab[y : y + c, x : x + c]
+
+    def batch(self) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for _ in range(self.cfg.batch_size):
+            use_user = bool(self.user) and (
+                not self.pool or self.rng.random() >= self.cfg.synthetic_fraction
+            )
+            if use_user:
+                img, lab = self.user[int(self.rng.integers(len(self.user)))]
+                img, lab = self._user_crop(img, lab)
+                img = img.astype(np.float32)
+            else:
+                scene = self.pool[int(self.rng.integers(len(self.pool)))]
+                img = apply_camera(self.rng, scene.image)
+                lab = scene.labels
+            img, lab = self._augment(img, lab)
+            xs.append(normalize(np.ascontiguousarray(img)))
+            ys.append(boundary_classes(np.ascontiguousarray(lab)))
+        return np.stack(xs)[:, None], np.stack(ys).astype(np.int64)
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    user_data: str | Path | None = None,
+    init: str | Path | None = None,
+    progress: Callable[[TrainProgress], None] | None = None,
+    resume: bool = True,
+) -> Path:
+    """Train and write ``model.pt`` (plus ``checkpoint.pt``) into `out_dir`.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        Steps, batch, learning rate, seed, data mix, network size.
+    out_dir : path
+        Receives ``checkpoint.pt`` every ``cfg.checkpoint_every`` steps (a
+        rerun with the same folder continues from it) and ``model.pt`` at the
+        end.
+    user_data : path, optional
+        A folder of image/label TIFF pairs (see `read_pairs`).
+    init : path or "builtin", optional
+        Start from these weights (fine-tuning) instead of a random init.
+    """
+    import torch
+
+    from smartscope.segment._model import load_model_file, save_model_file
+    from smartscope.segment._net import SmartUNet
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    user = read_pairs(user_data) if user_data else None
+    if user is not None and user_data and cfg.synthetic_fraction >= 1.0:
+        cfg.synthetic_fraction = 0.25
+    net = SmartUNet(tuple(cfg.widths), cfg.depth)
+    if init is not None:
+        loaded = load_model_file(init)
+        net = SmartUNet(
+            tuple(loaded.meta["arch"]["widths"]), loaded.meta["arch"]["depth"]
+        )
+        net.load_state_dict(loaded.state_dict)
+        cfg.widths, cfg.depth = tuple(net.widths), net.depth
+    net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = min(200, cfg.steps // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return cfg.lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, cfg.steps - warmup)
+        return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    data = _Data(cfg, user)
+    start = 0
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        data.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        start = state["step"]
+    weights = torch.tensor(CLASS_WEIGHTS)
+    use_bf16 = bool(cfg.bf16) and _cpu_bf16_ok()
+    net.train()
+    t0 = time.perf_counter()
+    ema = None
+    for step in range(start, cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        x, y = data.batch()
+        xt = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+        yt = torch.from_numpy(y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            logits = net(xt)
+        logits = logits.float()
+        loss = torch.nn.functional.cross_entropy(logits, yt, weight=weights)
+        # soft Dice on the foreground keeps small objects from being ignored
+        prob_fg = 1 - torch.softmax(logits, 1)[:, 0]
+        tgt_fg = (yt > 0).float()
+        inter = (prob_fg * tgt_fg).sum((1, 2))
+        dice = 1 - (2 * inter + 1) / (prob_fg.sum((1, 2)) + tgt_fg.sum((1, 2)) + 1)
+        loss = loss + 0.5 * dice.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        opt.step()
+        data.refresh()
+        value = float(loss.detach())
+        ema = value if ema is None else 0.98 * ema + 0.02 * value
+        if progress is not None:
+            progress(
+                TrainProgress(
+                    step + 1, cfg.steps, ema, lr_at(step), time.perf_counter() - t0
+                )
+            )
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save(
+                {
+                    "model": net.state_dict(),
+                    "optim": opt.state_dict(),
+                    "rng": data.rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state(),
+                    "step": step + 1,
+                    "config": asdict(cfg),
+                },
+                tmp,
+            )
+            tmp.replace(ckpt)
+    _recalibrate_batchnorm(net, data, use_bf16)
+    net.eval()
+    meta = {
+        "arch": {"name": "SmartUNet", "widths": list(net.widths), "depth": net.depth},
+        "training": {
+            **asdict(cfg),
+            "widths": list(cfg.widths),
+            "user_data": str(user_data) if user_data else None,
+            "init": str(init) if init else None,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "final_loss": ema,
+        },
+    }
+    path = out / "model.pt"
+    save_model_file(path, net.state_dict(), meta)
+    return path
+
+
+def _recalibrate_batchnorm(
+    net: Any, data: _Data, use_bf16: bool, batches: int = 40
+) -> None:
+    """Set BatchNorm running statistics to their average over fresh batches.
+
+    The momentum average of the last steps is noisy, and the eval-mode
+    network depends on it.
+    """
+    import torch
+
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    net.train()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+        for _ in range(batches):
+            x, _ = data.batch()
+            net(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
+    for bn in bns:
+        bn.momentum = 0.1
+
+
+def _cpu_bf16_ok() -> bool:
+    """bf16 autocast pays off on CPUs with AMX or AVX-512 BF16."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    try:
+        return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
+    except AttributeError:
+        return False

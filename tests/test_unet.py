@@ -1,0 +1,336 @@
+"""The built-in deep-learning segmenter: shipped weights, engine, CLI, training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+from test_cli import smartscope
+
+from smartscope.segment import ThresholdSegmenter, UNetSegmenter, create_segmenter
+from smartscope.segment._metrics import iou_matrix, scores
+from smartscope.segment._model import (
+    BUILTIN,
+    BUILTIN_CARD,
+    BUILTIN_TS,
+    ModelFileError,
+    load_model_file,
+    save_model_file,
+    sha256_of,
+)
+from smartscope.segment._synth import synth_sample, validation_set
+
+FLOOR_F1 = 0.75  # the shipped model clears it; an untrained network does not
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return UNetSegmenter(model="builtin", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def small_val():
+    return validation_set(10)
+
+
+def _f1(segmenter, data) -> float:
+    preds = [segmenter.segment(img[None]).labels[0] for img, _, _ in data]
+    return scores(zip([t for _, t, _ in data], preds))["f1@0.5"]
+
+
+def test_builtin_ships_with_card_hash_and_torchscript():
+    import torch
+
+    card = json.loads(BUILTIN_CARD.read_text())
+    assert card["files"]["builtin.pt"]["sha256"] == sha256_of(BUILTIN)
+    assert card["files"]["builtin.ts"]["sha256"] == sha256_of(BUILTIN_TS)
+    assert BUILTIN.stat().st_size < 5e6
+    assert card["metrics"]["synthetic_val"]["model"]["f1@0.5"] >= 0.90
+    # the TorchScript export computes what the package's network computes
+    ts = torch.jit.load(str(BUILTIN_TS))
+    x = torch.rand(1, 1, 64, 96)
+    seg = UNetSegmenter(model="builtin", device="cpu", precision="fp32")
+    ref = seg._engine.net(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(ts(x), ref, atol=1e-3)
+
+
+def test_builtin_beats_floor_that_untrained_net_fails(builtin, small_val, tmp_path):
+    import torch
+
+    from smartscope.segment._net import SmartUNet
+
+    assert _f1(builtin, small_val) >= FLOOR_F1
+    torch.manual_seed(0)
+    net = SmartUNet()
+    meta = {"arch": {"name": "SmartUNet", "widths": list(net.widths), "depth": 2}}
+    path = tmp_path / "untrained.pt"
+    save_model_file(path, net.state_dict(), meta)
+    untrained = UNetSegmenter(model=str(path), device="cpu")
+    assert _f1(untrained, small_val) < FLOOR_F1 / 2
+
+
+def test_builtin_clearly_beats_threshold_baseline(builtin, small_val):
+    assert _f1(builtin, small_val) > _f1(ThresholdSegmenter(), small_val) + 0.1
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.int32])
+def test_shapes_and_dtypes(builtin, dtype):
+    img, _ = synth_sample(3, (150, 173), kind="nuclei", depth="12")
+    batch = np.stack([img, img]).astype(dtype)
+    out = builtin.segment(batch)
+    assert out.labels.shape == (2, 150, 173)
+    assert out.labels.dtype == np.uint16
+    assert out.labels[0].max() > 0
+    assert len(out.scores) == 2 and len(out.scores[0]) == out.labels[0].max()
+    np.testing.assert_array_equal(out.labels[0], out.labels[1])
+    assert builtin.segment(img).labels.shape == (1, 150, 173)  # a single 2D image
+
+
+def test_empty_and_flat_frames_give_no_objects(builtin):
+    flat = np.full((1, 128, 128), 100, np.uint16)
+    assert builtin.segment(flat).labels.max() == 0
+    noise = np.random.default_rng(1).poisson(20, (1, 256, 256)).astype(np.uint16)
+    assert builtin.segment(noise).labels.max() <= 1
+
+
+def test_wrong_shapes_are_clear_errors(builtin):
+    with pytest.raises(ValueError, match="expected a"):
+        builtin.segment(np.zeros((2, 2, 32, 32)))
+    with pytest.raises(ValueError, match="expected a"):
+        builtin.segment(np.zeros(32))
+
+
+def test_identical_input_gives_identical_labels():
+    img, _ = synth_sample(11, (256, 256), kind="nuclei")
+    a = UNetSegmenter(device="cpu").segment(img).labels
+    b = UNetSegmenter(device="cpu").segment(img).labels
+    np.testing.assert_array_equal(a, b)
+
+
+def test_tiling_matches_whole_frame(builtin):
+    img, _truth = synth_sample(12, (300, 340), kind="nuclei")
+    whole = builtin.segment(img).labels[0]
+    tiled = UNetSegmenter(device="cpu", tile=128, halo=32).segment(img).labels[0]
+    iou = iou_matrix(whole, tiled)
+    matched = (iou > 0.5).sum()
+    assert matched >= 0.9 * max(whole.max(), 1)
+
+
+def test_registry_builds_unet_with_params():
+    seg = create_segmenter("unet", {"scale": 0.5, "device": "cpu"})
+    assert seg.model_id.endswith("@x0.5")
+    with pytest.raises(ValueError, match="scale"):
+        create_segmenter("unet", {"scale": -1})
+
+
+# ----------------------------------------------------------------- model files
+def test_corrupt_and_foreign_model_files_are_clear_errors(tmp_path):
+    import torch
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(BUILTIN.read_bytes()[:5000])
+    with pytest.raises(ModelFileError, match="cannot read model file"):
+        load_model_file(truncated)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model at all")
+    with pytest.raises(ModelFileError, match="cannot read model file"):
+        load_model_file(junk)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(ModelFileError, match="not a smartscope model"):
+        load_model_file(foreign)
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model_file(tmp_path / "missing.pt")
+
+
+def test_changed_file_fails_its_card_hash(tmp_path):
+    model = tmp_path / "m.pt"
+    shutil.copy(BUILTIN, model)
+    card = {"files": {"m.pt": {"sha256": sha256_of(BUILTIN)}}}
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    assert load_model_file(model).sha256 == sha256_of(BUILTIN)
+    data = bytearray(model.read_bytes())
+    data[-100] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="does not match its card"):
+        load_model_file(model)
+
+
+def test_wrong_architecture_is_a_clear_error(tmp_path):
+    import torch
+
+    from smartscope.segment._net import SmartUNet
+
+    net = SmartUNet((8, 16, 32))
+    path = tmp_path / "odd.pt"
+    save_model_file(
+        path, net.state_dict(), {"arch": {"widths": [8, 16, 32, 64, 128], "depth": 2}}
+    )
+    with pytest.raises(ModelFileError, match="does not match"):
+        UNetSegmenter(model=str(path), device="cpu")
+    del torch
+
+
+# ------------------------------------------------------------------------ CLI
+def test_segment_cli_round_trips_tiff(tmp_path):
+    img, truth = synth_sample(21, (256, 320), kind="nuclei", depth="16")
+    src = tmp_path / "nuclei.tif"
+    tifffile.imwrite(src, img)
+    res = smartscope("segment", str(src))
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "nuclei_labels.tif"
+    labels = tifffile.imread(out)
+    assert labels.shape == img.shape and labels.dtype == np.uint16
+    assert scores([(truth, labels)])["f1@0.5"] >= 0.8
+    assert "objects" in res.stderr
+
+
+def test_segment_cli_stack_and_output_option(tmp_path):
+    a, _ = synth_sample(22, (128, 128), kind="nuclei", depth="8")
+    b, _ = synth_sample(23, (128, 128), kind="beads", depth="8")
+    stack = np.stack([np.stack([a, b]), np.stack([b, a])])  # (T=2, Z=2, Y, X)
+    src = tmp_path / "stack.tif"
+    tifffile.imwrite(src, stack)
+    out = tmp_path / "sub" / "labels.tif"
+    res = smartscope("segment", str(src), "-o", str(out), "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    labels = tifffile.imread(out)
+    assert labels.shape == stack.shape and labels.dtype == np.uint16
+    np.testing.assert_array_equal(labels[0, 0], labels[1, 1])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["missing.tif"], "image not found"),
+        (["IMG", "--model", "nope.pt"], "model file not found"),
+        (["IMG", "--device", "tpu"], "--device must be"),
+        (["BAD"], "cannot read"),
+    ],
+)
+def test_segment_cli_bad_input_is_one_line(tmp_path, args, message):
+    img = tmp_path / "img.tif"
+    tifffile.imwrite(img, np.zeros((64, 64), np.uint8))
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"II*\x00garbage")
+    args = [str(img) if a == "IMG" else str(bad) if a == "BAD" else a for a in args]
+    res = smartscope("segment", *args)
+    assert res.returncode == 2
+    assert res.stderr.startswith("error:") and message in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_train_cli_is_deterministic_and_usable(tmp_path):
+    args = [
+        "--steps",
+        "3",
+        "--pool",
+        "3",
+        "--crop",
+        "64",
+        "--batch-size",
+        "2",
+        "--no-eval",
+    ]
+    for name in ("a", "b"):
+        res = smartscope("train", "--out", str(tmp_path / name), *args, timeout=300)
+        assert res.returncode == 0, res.stderr
+        assert "step 3/3" in res.stderr
+    a, b = (
+        load_model_file(tmp_path / "a" / "model.pt"),
+        load_model_file(tmp_path / "b" / "model.pt"),
+    )
+    for key, value in a.state_dict.items():
+        assert np.array_equal(value.numpy(), b.state_dict[key].numpy()), key
+    for suffix in (".ts", ".json"):
+        assert (tmp_path / "a" / ("model" + suffix)).exists()
+    img, _ = synth_sample(5, (64, 64))
+    tifffile.imwrite(tmp_path / "x.tif", img)
+    res = smartscope(
+        "segment", str(tmp_path / "x.tif"), "--model", str(tmp_path / "a" / "model.pt")
+    )
+    assert res.returncode == 0, res.stderr
+
+
+def test_train_cli_fine_tunes_on_user_tiff_pairs(tmp_path):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "labels").mkdir()
+    for i in range(2):
+        img, lab = synth_sample(100 + i, (96, 96), kind="nuclei")
+        tifffile.imwrite(data / "images" / f"f{i}.tif", img)
+        tifffile.imwrite(data / "labels" / f"f{i}.tif", lab)
+    out = tmp_path / "tuned"
+    res = smartscope(
+        "train",
+        "--out",
+        str(out),
+        "--data",
+        str(data),
+        "--init",
+        "builtin",
+        "--steps",
+        "2",
+        "--pool",
+        "2",
+        "--crop",
+        "64",
+        "--batch-size",
+        "2",
+        "--no-eval",
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    card = json.loads((out / "model.json").read_text())
+    assert card["training"]["init"] == "builtin"
+    assert card["training"]["user_data"] == str(data)
+    res = smartscope(
+        "train", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "nowhere")
+    )
+    assert res.returncode == 2 and "not found" in res.stderr
+
+
+def test_bench_segment_reports_latency_and_accuracy():
+    from smartscope.bench import bench_segment
+
+    result = bench_segment(sizes=(128,), repeats=3, n_val=5, bead_fields=1)
+    assert result["device"] == "cpu"
+    for name in ("builtin", "threshold"):
+        assert result["latency_ms"][name]["128"]["p50"] > 0
+        for dataset in ("synthetic_val", "democam_beads"):
+            acc = result["accuracy"][dataset][name]
+            assert 0 <= acc["f1@0.5"] <= 1 and 0 <= acc["mean_ap"] <= 1
+    assert result["accuracy"]["democam_beads"]["builtin"]["f1@0.5"] >= 0.9
+    json.dumps(result)
+
+
+def test_live_loop_runs_with_the_builtin_model(tmp_path):
+    """The demo experiment with `segmenter: unet` finds and visits the beads."""
+    import gc
+
+    import yaml
+    from conftest import DEMO, _require_demo_adapters
+
+    from smartscope.experiment import Experiment
+    from smartscope.runner import Runner
+    from smartscope.storage import read_jsonl
+
+    _require_demo_adapters()
+    spec = yaml.safe_load(DEMO.read_text())
+    spec["config"] = str((DEMO.parent / spec["config"]).resolve())
+    spec["segmenter"] = {"name": "unet", "device": "cpu"}
+    path = tmp_path / "unet.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    exp = Experiment.from_file(path)
+    with Runner(exp, out_dir=tmp_path / "run") as runner:
+        summary = runner.run()
+    gc.collect()
+    assert summary.status == "completed"
+    decisions = read_jsonl(tmp_path / "run" / "decisions.jsonl")
+    assert {d["model_id"].split("-")[0] for d in decisions} == {"builtin"}
+    # about a dozen beads per tile, each visited centered as a 3-plane Z-stack
+    assert summary.events_scheduled >= 60
+    assert summary.frames_acquired == summary.base_events + summary.events_scheduled
