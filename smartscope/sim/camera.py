@@ -1,0 +1,292 @@
+"""`LiveCellCamera`: a Micro-Manager camera (unicore Python device) of a `LiveSpecimen`.
+
+Declare it in a config file loaded by `pymmcore_plus.experimental.unicore.UniMMCore`
+(see ``hardware_configs/livecells.cfg``)::
+
+    #py pyDevice,Camera,smartscope.sim.camera,LiveCellCamera
+    #py Property,Camera,Seed,0
+    #py Property,Core,Camera,Camera
+
+Each frame is rendered by the camera's `LiveSpecimen` at the current XY-stage and
+focus position of the core the camera is loaded into, and the specimen's clock
+follows acquisition time: every snap advances it by the real time elapsed since the
+previous snap times ``Acceleration``.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pymmcore_plus import CMMCorePlus, Keyword
+from pymmcore_plus.experimental.unicore import SimpleCameraDevice, pymm_property
+
+from smartscope.sim.specimen import LiveSpecimen
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = ["LiveCellCamera", "live_cell_camera"]
+
+#: every LiveCellCamera ever created (weakly), for `live_cell_camera`
+_CAMERAS: weakref.WeakSet[LiveCellCamera] = weakref.WeakSet()
+
+
+class LiveCellCamera(SimpleCameraDevice):
+    """A 512 × 512, 16-bit camera looking at a simulated field of live cells.
+
+    Frames are rendered by `specimen` (a `LiveSpecimen`) at the XY-stage position and
+    focus position of the core this device is loaded into, with the core's pixel
+    size (1 µm/px if none is defined). Exposure and ``RelativeIntensity`` set both
+    the signal and the light dose the cells in view receive.
+
+    Properties
+    ----------
+    Seed : int
+        Seed of the specimen. Changing it starts a new specimen at time 0.
+    CellDensity : float
+        Cells per mm² at time 0. Changing it starts a new specimen at time 0.
+    PreDivisionMinutes : float
+        Length of the visible pre-division window (simulated minutes).
+    Acceleration : float
+        Simulated seconds per real second. 0 freezes the specimen: frames then
+        depend only on the seed, the stage and the frames taken before.
+    RelativeIntensity : float
+        Excitation intensity relative to nominal (scales signal and dose).
+    SimulatedTime_s : float
+        The specimen's clock (read-only).
+    Exposure : float
+        Exposure time in ms; a snap takes at least this long.
+
+    Notes
+    -----
+    Unicore gives Python devices no API to read other devices: a device's ``core``
+    is a proxy exposing only ``events`` (signals a device may emit), and the stage
+    position signals are not emitted reliably by the demo stages. The camera
+    therefore finds the `UniMMCore` it is loaded into (the core whose ``events`` is
+    the very signal group that unicore handed the device) once, keeps a weak
+    reference, and asks it for ``getXYPosition()``, ``getPosition()`` and
+    ``getPixelSizeUm()`` at every snap. `live_cell_camera` attaches it directly.
+    """
+
+    SENSOR_SHAPE: tuple[int, int] = (512, 512)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._exposure_ms = 10.0
+        self._seed = 0
+        self._cell_density = 150.0
+        self._pre_division_minutes = 15.0
+        self._acceleration = 60.0
+        self._intensity = 1.0
+        self._specimen: LiveSpecimen | None = None
+        self._specimen_lock = threading.Lock()
+        self._last_snap: float | None = None  # perf_counter() of the last snap
+        self._banked_s = 0.0  # simulated time owed from before an Acceleration change
+        self._core_ref: weakref.ref[CMMCorePlus] | None = None
+        self.set_property_limits(Keyword.Exposure, (0.0, 10_000.0))
+        _CAMERAS.add(self)
+
+    # ---------------------------------------------------------------- specimen
+    @property
+    def specimen(self) -> LiveSpecimen:
+        """The simulated specimen this camera images (created on first use)."""
+        with self._specimen_lock:
+            if self._specimen is None:
+                self._specimen = LiveSpecimen(
+                    self._seed,
+                    cell_density_per_mm2=self._cell_density,
+                    pre_division_minutes=self._pre_division_minutes,
+                    acceleration=self._acceleration,
+                )
+                self._last_snap = None
+                self._banked_s = 0.0
+            return self._specimen
+
+    def _reset_specimen(self) -> None:
+        with self._specimen_lock:
+            self._specimen = None
+
+    # -------------------------------------------------------------- properties
+    @pymm_property(limits=(0, 2**31 - 1), name="Seed", property_type=int)
+    def seed(self) -> int:
+        """Seed of the specimen."""
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        if int(value) != self._seed:
+            self._seed = int(value)
+            self._reset_specimen()
+
+    @pymm_property(limits=(0.0, 5000.0), name="CellDensity", property_type=float)
+    def cell_density(self) -> float:
+        """Cells per mm² at time 0."""
+        return self._cell_density
+
+    @cell_density.setter
+    def cell_density(self, value: float) -> None:
+        if float(value) != self._cell_density:
+            self._cell_density = float(value)
+            self._reset_specimen()
+
+    @pymm_property(limits=(0.0, 240.0), name="PreDivisionMinutes", property_type=float)
+    def pre_division_minutes(self) -> float:
+        """Length of the pre-division window (simulated minutes)."""
+        return self._pre_division_minutes
+
+    @pre_division_minutes.setter
+    def pre_division_minutes(self, value: float) -> None:
+        self._pre_division_minutes = float(value)
+        if self._specimen is not None:
+            self._specimen.pre_division_minutes = float(value)
+
+    @pymm_property(limits=(0.0, 100_000.0), name="Acceleration", property_type=float)
+    def acceleration(self) -> float:
+        """Simulated seconds per real second."""
+        return self._acceleration
+
+    @acceleration.setter
+    def acceleration(self, value: float) -> None:
+        if self._last_snap is not None:  # time since the last snap ran at the old rate
+            now = time.perf_counter()
+            self._banked_s += (now - self._last_snap) * self._acceleration
+            self._last_snap = now
+        self._acceleration = float(value)
+        if self._specimen is not None:
+            self._specimen.acceleration = float(value)
+
+    @pymm_property(limits=(0.0, 100.0), name="RelativeIntensity", property_type=float)
+    def relative_intensity(self) -> float:
+        """Excitation intensity relative to nominal."""
+        return self._intensity
+
+    @relative_intensity.setter
+    def relative_intensity(self, value: float) -> None:
+        self._intensity = float(value)
+
+    @pymm_property(name="SimulatedTime_s", property_type=float)
+    def simulated_time_s(self) -> float:
+        """The specimen's clock, in simulated seconds."""
+        return self.specimen.time_s
+
+    # ------------------------------------------------------------ camera API
+    def get_exposure(self) -> float:
+        return self._exposure_ms
+
+    def set_exposure(self, exposure: float) -> None:
+        self._exposure_ms = max(0.0, float(exposure))
+
+    def sensor_shape(self) -> tuple[int, int]:
+        return self.SENSOR_SHAPE
+
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint16)
+
+    def snap(self, buffer: np.ndarray) -> Mapping:
+        """Render the specimen at the current stage position into `buffer`."""
+        start = time.perf_counter()
+        specimen = self.specimen
+        if self._last_snap is not None:
+            elapsed_s = self._banked_s + (start - self._last_snap) * self._acceleration
+            if elapsed_s > 0:
+                specimen.advance(elapsed_s)
+        self._banked_s = 0.0
+        self._last_snap = start
+
+        x_um, y_um, z_um, pixel_size_um = self._stage_state()
+        buffer[:] = specimen.render(
+            x_um,
+            y_um,
+            z_um,
+            shape=buffer.shape[:2],
+            pixel_size_um=pixel_size_um,
+            exposure_ms=self._exposure_ms,
+            intensity=self._intensity,
+        )
+        # a real exposure takes its time (and an acquisition loop should feel it)
+        remaining = self._exposure_ms / 1000 - (time.perf_counter() - start)
+        if remaining > 0:
+            time.sleep(remaining)
+        return {
+            "SimulatedTime_s": f"{specimen.time_s:.3f}",
+            "SpecimenStageX_um": f"{x_um:.3f}",
+            "SpecimenStageY_um": f"{y_um:.3f}",
+            "SpecimenZ_um": f"{z_um:.3f}",
+        }
+
+    # ------------------------------------------------------------- the core
+    def attach_core(self, core: CMMCorePlus) -> None:
+        """Read stage positions from `core` (normally found automatically)."""
+        self._core_ref = weakref.ref(core)
+
+    def owning_core(self) -> CMMCorePlus | None:
+        """The core this device is loaded into, or ``None`` if not loaded."""
+        core = self._core_ref() if self._core_ref is not None else None
+        if core is not None and _holds(core, self):
+            return core
+        try:
+            signals = self.core.events.propertyChanged.instance
+        except AttributeError:  # not loaded into a core
+            return None
+        for obj in gc.get_objects():
+            if isinstance(obj, CMMCorePlus) and obj.events is signals:
+                self._core_ref = weakref.ref(obj)
+                return obj
+        return None  # pragma: no cover - a loaded device always has a core
+
+    def _stage_state(self) -> tuple[float, float, float, float]:
+        """``(x_um, y_um, z_um, pixel_size_um)`` read from the owning core."""
+        core = self.owning_core()
+        if core is None:
+            return 0.0, 0.0, 0.0, 1.0
+        x_um = y_um = z_um = 0.0
+        if core.getXYStageDevice():
+            x_um, y_um = (float(v) for v in core.getXYPosition())
+        if core.getFocusDevice():
+            z_um = float(core.getPosition())
+        pixel_size_um = float(core.getPixelSizeUm())
+        if not math.isfinite(pixel_size_um) or pixel_size_um <= 0:
+            pixel_size_um = 1.0
+        return x_um, y_um, z_um, pixel_size_um
+
+
+def _holds(core: Any, device: LiveCellCamera) -> bool:
+    """Whether `device` is loaded into `core` (they share one signal group)."""
+    try:
+        return core.events is device.core.events.propertyChanged.instance
+    except AttributeError:
+        return False
+
+
+def live_cell_camera(core: CMMCorePlus, label: str | None = None) -> LiveCellCamera:
+    """The `LiveCellCamera` device loaded into `core`.
+
+    Parameters
+    ----------
+    core : UniMMCore
+        The core (e.g. after ``loadSystemConfiguration("livecells.cfg")``).
+    label : str | None
+        Device label; ``None`` means the core's current camera.
+
+    Returns
+    -------
+    LiveCellCamera
+        The device instance; its ``specimen`` gives the ground truth.
+
+    Raises
+    ------
+    LookupError
+        If no `LiveCellCamera` with that label is loaded into `core`.
+    """
+    label = label or core.getCameraDevice()
+    for camera in list(_CAMERAS):
+        if camera.get_label() == label and _holds(core, camera):
+            camera.attach_core(core)
+            return camera
+    raise LookupError(f"no LiveCellCamera labelled {label!r} is loaded in this core")
