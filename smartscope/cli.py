@@ -288,8 +288,7 @@ def segment(
         write_labels,
     )
 
-    if device not in ("auto", "cpu", "cuda"):
-        _bad_input(f"--device must be auto, cpu or cuda, not {device!r}")
+    _check_device(device)
     if not 0.05 < scale <= 4:
         _bad_input(f"--scale must be in (0.05, 4], not {scale}")
     with _user_errors():
@@ -420,6 +419,11 @@ class _TrainProgress:
             self._bar.stop()
 
 
+def _check_device(device: str) -> None:
+    if device not in ("auto", "cpu", "cuda"):
+        _bad_input(f"--device must be auto, cpu or cuda, not {device!r}")
+
+
 def _bad_input(message: str) -> None:
     err_console.print(f"error: {message}", markup=False, highlight=False)
     raise typer.Exit(EXIT_BAD_INPUT)
@@ -469,8 +473,7 @@ def bench_segment_cmd(
     """
     from smartscope.bench import bench_segment
 
-    if device not in ("auto", "cpu", "cuda"):
-        _bad_input(f"--device must be auto, cpu or cuda, not {device!r}")
+    _check_device(device)
     with _user_errors():
         result = bench_segment(
             model=model,
