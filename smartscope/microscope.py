@@ -48,6 +48,15 @@ def resolve_config(
     raise ConfigError(f"hardware config not found: {config}")
 
 
+def _needs_unicore(path: Path) -> bool:
+    """Whether a config file declares Python (unicore) devices."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return False
+    return any(line.startswith("#py ") for line in text.splitlines())
+
+
 class Microscope:
     """A Micro-Manager core with its loaded config and pixel↔stage transforms.
 
@@ -100,8 +109,15 @@ class Microscope:
         return self._core
 
     def load_config(self, config: str | Path | None = None) -> Path:
-        """Load a Micro-Manager config file (see `resolve_config`)."""
+        """Load a Micro-Manager config file (see `resolve_config`).
+
+        A config with Python device lines (``#py pyDevice,...``, e.g.
+        ``livecells.cfg``) needs pymmcore-plus's `UniMMCore`; a core this
+        microscope owns is swapped for one when needed.
+        """
         path = resolve_config(config)
+        if _needs_unicore(path):
+            self._ensure_unicore()
         try:
             self.core.loadSystemConfiguration(str(path))
         except Exception as e:
@@ -112,6 +128,19 @@ class Microscope:
             raise ConfigError(f"hardware config {path} defines no camera")
         self.config_path = path
         return path
+
+    def _ensure_unicore(self) -> None:
+        from pymmcore_plus.experimental.unicore import UniMMCore
+
+        if isinstance(self.core, UniMMCore):
+            return
+        if not self._owns_core:
+            raise ConfigError(
+                "this config has Python devices (#py lines): pass a UniMMCore as "
+                "`core`, or let the Microscope create its own core"
+            )
+        self._release_core()
+        self._core = UniMMCore()
 
     # ---------------------------------------------------------------- geometry
     @property
@@ -241,8 +270,11 @@ class Microscope:
         if self.is_running():
             self.cancel()
             self.wait(30)
+        self._release_core()
+
+    def _release_core(self) -> None:
         core, self._core = self._core, None
-        if self._owns_core:
+        if self._owns_core and core is not None:
             try:
                 core.unloadAllDevices()
             except Exception:  # pragma: no cover - best effort at shutdown

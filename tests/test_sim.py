@@ -344,3 +344,17 @@ def test_mda_over_positions_sees_each_field(livecore) -> None:
     for img, event in frames:
         labels = spec.truth_labels(event.x_pos, event.y_pos, shape=img.shape)
         assert img[labels > 0].mean() > img[labels == 0].mean() + 200
+
+
+def test_microscope_loads_the_livecells_config():
+    """`Microscope` switches to a UniMMCore for configs with Python devices."""
+    from pymmcore_plus.experimental.unicore import UniMMCore
+
+    from smartscope.microscope import Microscope
+
+    with Microscope("livecells.cfg") as scope:
+        assert isinstance(scope.core, UniMMCore)
+        assert scope.image_shape == (512, 512)
+        frame = scope.core.snap()
+        assert frame.dtype == np.uint16 and frame.max() > frame.min()
+    gc.collect()
