@@ -7,7 +7,8 @@ Engine
 ------
 * Device ``auto``: CUDA when available, else CPU.
 * CPU: frozen TorchScript graph (BatchNorm folded), channels-last, bf16
-  autocast where the CPU has AMX / AVX-512 BF16 (``precision="auto"``),
+  weights and activations where the CPU has AMX / AVX-512 BF16
+  (``precision="auto"``),
   ``threads`` intra-op threads, optional input ``scale`` (e.g. 0.5 for large
   nuclei: 4× less work).
 * CUDA: fp16 autocast, channels-last, a pinned host buffer copied with
@@ -23,7 +24,9 @@ Engine
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -71,9 +74,9 @@ class UNetSegmenter(BaseModel):
     tile: int = Field(1024, ge=64)
     halo: int = Field(32, ge=0)
     compile: bool = False
-    fg_threshold: float = Field(0.5, gt=0, lt=1)
-    seed_threshold: float = Field(0.5, gt=0, lt=1)
-    min_area_px: int = Field(4, ge=0)
+    fg_threshold: float = Field(0.6, gt=0, lt=1)
+    seed_threshold: float = Field(0.6, gt=0, lt=1)
+    min_area_px: int = Field(8, ge=0)
 
     _engine: Any = PrivateAttr(None)
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
@@ -96,7 +99,7 @@ class UNetSegmenter(BaseModel):
 
     @property
     def dtype_name(self) -> str:
-        """The autocast precision actually used: fp32, bf16 or fp16."""
+        """The precision actually used: fp32, bf16 or fp16."""
         return self._engine.precision
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:
@@ -171,10 +174,17 @@ class _Engine:
         if cfg.threads and not cuda:
             torch.set_num_threads(cfg.threads)
         net = net.eval().to(self.device, memory_format=torch.channels_last)
+        self.input_dtype = torch.float32
         if cuda:
             self.net = torch.compile(net) if cfg.compile else net
         else:
-            with torch.inference_mode():
+            if precision == "bf16":
+                # bf16 weights in the frozen graph: about 1.5x faster than
+                # autocast, which re-casts every weight on every call
+                net = net.to(torch.bfloat16)
+                self.input_dtype = torch.bfloat16
+                self.autocast_dtype = None
+            with torch.inference_mode(), quiet_torchscript():
                 self.net = torch.jit.freeze(torch.jit.script(net))
         self._pinned: Any = None
         self.torch = torch
@@ -193,7 +203,7 @@ class _Engine:
             self._pinned.numpy()[...] = x
             xt = self._pinned.to(self.device, non_blocking=True)
         else:
-            xt = torch.from_numpy(x)
+            xt = torch.from_numpy(x).to(self.input_dtype)
         xt = xt.contiguous(memory_format=torch.channels_last)
         with (
             torch.inference_mode(),
@@ -266,3 +276,20 @@ class _Engine:
         else:
             probs = [self._tiled(p) for p in prepared]
         return [self._finish(p, shape) for p in probs]
+
+
+@contextlib.contextmanager
+def quiet_torchscript() -> Iterator[None]:
+    """Silence torch 2.13's deprecation warnings for TorchScript calls.
+
+    The frozen TorchScript graph is still the fastest CPU path measured here
+    (about 1.5x faster than eager at 512² in bf16), and a TorchScript export is
+    part of the shipped model; moving to ``torch.export`` is future work.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning
+        )
+        yield

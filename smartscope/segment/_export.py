@@ -24,9 +24,12 @@ def export_torchscript(model_pt: str | Path, out: str | Path) -> Path:
     arch = mf.meta["arch"]
     net = SmartUNet(tuple(arch["widths"]), int(arch["depth"]))
     net.load_state_dict(mf.state_dict)
-    scripted = torch.jit.script(net.eval())
+    from smartscope.segment._dl import quiet_torchscript
+
     out = Path(out)
-    scripted.save(str(out))
+    with quiet_torchscript():
+        scripted = torch.jit.script(net.eval())
+        scripted.save(str(out))
     return out
 
 
@@ -141,9 +144,10 @@ The built-in instance segmenter of smartscope for 2D fluorescence images
 `SmartUNet`, widths {arch["widths"]}, depth {arch["depth"]} convolutions per
 level, {arch["parameters"]:,} parameters.
 Input: {arch["input"]}. Output: {arch["output"]}.
-Instances: interior components (p > 0.5) grown over the foreground
-(interior + boundary > 0.5) by up to 4 px; seedless foreground becomes its own
-object; objects under 4 px are dropped.
+Instances: interior components (p > 0.6) grown over the foreground
+(interior + boundary > 0.6) by up to 4 px; seedless foreground becomes its own
+object; objects under 8 px are dropped (thresholds chosen on a tuning set of
+other seeds than the validation set).
 
 ### Why this design
 {_WHY}

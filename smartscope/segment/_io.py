@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,13 @@ def read_image(path: str | Path) -> np.ndarray:
         if path.suffix.lower() in _TIFF:
             import tifffile
 
-            arr = np.asarray(tifffile.imread(path))
+            # tifffile logs (rather than raises) some damage; we report it once
+            log = logging.getLogger("tifffile")
+            level, log.level = log.level, logging.CRITICAL
+            try:
+                arr = np.asarray(tifffile.imread(path))
+            finally:
+                log.setLevel(level)
         else:
             from skimage import io
 
@@ -37,6 +44,8 @@ def read_image(path: str | Path) -> np.ndarray:
         raise SmartscopeError(
             f"cannot read {path.name}: {first or type(exc).__name__}"
         ) from None
+    if arr.size == 0:
+        raise SmartscopeError(f"cannot read {path.name}: no image data")
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
     if arr.dtype.kind not in "uif":
