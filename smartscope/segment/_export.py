@@ -104,7 +104,7 @@ _WHY = """\
 A 3-class U-Net (background / interior / boundary) was chosen over a
 distance-map or star-convex head because its instances come from two cheap
 whole-array steps (label the interior, grow it over the boundary band), which
-keeps post-processing at a few ms per 512² frame, and because boundary
+keeps post-processing at about 10 ms per 512² frame, and because boundary
 classification is local, so it holds for nuclei far larger than the receptive
 field needs to see. Star-convex polygons need per-object NMS (a Python loop in
 the hot path) and fail on non-convex nuclei; distance maps need a seeded
@@ -114,7 +114,7 @@ The network is shaped for CPU latency (profiled on 2 cores at 512²): strided
 convolutions instead of max pooling (max pooling at full resolution cost 11 ms),
 additive instead of concatenated skips (concatenation cost 9 ms per forward),
 8 channels at full resolution, pixel-shuffle upsampling, channels-last, frozen
-TorchScript (BatchNorm folded) and bf16 autocast on CPUs with AMX.
+TorchScript (BatchNorm folded) and bf16 weights on CPUs with AMX.
 """
 
 
@@ -158,7 +158,8 @@ other seeds than the validation set).
 (AdamW, weight decay {tr.get("weight_decay")}, linear warm-up then cosine decay,
 cross-entropy with class weights background 1, interior 1, boundary 2.5 plus
 0.5 x soft Dice on the foreground, bf16 autocast on CPU where supported,
-gradient clipping 5). Training took {tr.get("seconds")} s on
+gradient clipping 5; at the end the BatchNorm statistics are recomputed
+over 40 fresh batches). Training took {tr.get("seconds")} s on
 {card.get("platform", {}).get("machine", "?")} with 2 CPU threads; final
 smoothed loss {tr.get("final_loss") and round(tr["final_loss"], 4)}.
 
