@@ -56,14 +56,41 @@ def boundary_classes(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _dilate_cross(labels: np.ndarray) -> np.ndarray:
-    """Grey dilation with the 4-neighbour cross (5x faster than scipy's filter)."""
-    out = labels.copy()
-    np.maximum(out[1:], labels[:-1], out=out[1:])
-    np.maximum(out[:-1], labels[1:], out=out[:-1])
-    np.maximum(out[:, 1:], labels[:, :-1], out=out[:, 1:])
-    np.maximum(out[:, :-1], labels[:, 1:], out=out[:, :-1])
-    return out
+def _grow(seeds: np.ndarray, fg: np.ndarray, steps: int) -> np.ndarray:
+    """Grow `seeds` over `fg` by up to `steps` 4-connected pixel rings.
+
+    Only the foreground pixels without a seed (the thin boundary band, a few
+    percent of the frame) are visited: each step gathers their four
+    neighbours' labels through flat indices of a padded copy, so a step costs
+    O(band) instead of O(frame). Foreground that no seed reaches becomes
+    objects of its own (tiny objects that are all boundary).
+    """
+    h, w = seeds.shape
+    stride = w + 2
+    padded = np.zeros((h + 2, stride), np.int32)
+    padded[1:-1, 1:-1] = seeds
+    flat = padded.ravel()
+    band = np.flatnonzero(fg & (seeds == 0))
+    band = band + (band // w) * 2 + stride + 1  # (y, x) -> padded flat index
+    for _ in range(steps):
+        if band.size == 0:
+            break
+        neighbours = np.maximum(
+            np.maximum(flat[band - 1], flat[band + 1]),
+            np.maximum(flat[band - stride], flat[band + stride]),
+        )
+        got = neighbours > 0
+        if not got.any():
+            break
+        flat[band[got]] = neighbours[got]  # all gathered before any write
+        band = band[~got]
+    grown = padded[1:-1, 1:-1]
+    if band.size:
+        rest = np.zeros(padded.shape, bool)
+        rest.ravel()[band] = True
+        extra, _ = ndi.label(rest[1:-1, 1:-1])
+        grown = np.where(extra > 0, extra + grown.max(), grown)
+    return grown
 
 
 def probabilities_to_labels(
@@ -81,7 +108,7 @@ def probabilities_to_labels(
     above `fg_threshold`) by up to `grow_steps` pixels; foreground left
     without a seed (tiny objects that are all boundary) becomes objects of its
     own. Objects under `min_area_px` are dropped.
-    Everything is whole-array scipy work, no per-object Python loop.
+    Whole-array numpy/scipy work only, no per-object Python loop.
 
     Returns
     -------
@@ -98,22 +125,7 @@ def probabilities_to_labels(
         small[0] = False
         if small.any():
             seeds[small[seeds]] = 0
-    # grow seeds over the foreground, one pixel ring per step (the boundary
-    # class is a thin band, so a few steps reach it all; growth only passes
-    # through foreground pixels)
-    grown = seeds
-    if n_seeds:
-        for _ in range(grow_steps):
-            todo = fg & (grown == 0)
-            if not todo.any():
-                break
-            grown = np.where(todo, _dilate_cross(grown), grown)
-    # foreground left without a seed: its own objects
-    rest = fg & (grown == 0)
-    if rest.any():
-        extra, _n_extra = ndi.label(rest)
-        grown = np.where(extra > 0, extra + grown.max(), grown)
-    labels = grown
+    labels = _grow(seeds, fg, grow_steps)
     n = int(labels.max())
     if n == 0:
         return np.zeros(fg.shape, np.uint16), np.zeros(0, np.float32)
