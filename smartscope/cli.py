@@ -338,6 +338,9 @@ def train(
         float,
         typer.Option(min=0.0, max=1.0, help="Share of synthetic crops (with --data)."),
     ] = 0.25,
+    max_radius: Annotated[
+        float, typer.Option(min=4.0, help="Largest mean nucleus radius (px).")
+    ] = 36.0,
     threads: Annotated[Optional[int], typer.Option(min=1)] = None,  # noqa: UP045
     no_eval: Annotated[
         bool, typer.Option("--no-eval", help="Skip the validation metrics.")
@@ -361,6 +364,7 @@ def train(
         seed=seed,
         pool_size=pool,
         synthetic_fraction=synthetic_fraction if data else 1.0,
+        max_radius=max_radius,
         threads=threads,
     )
     with _user_errors(), _TrainProgress(steps) as progress:

@@ -107,9 +107,11 @@ def _place_centers(
     return xy.reshape(-1, 2), rr
 
 
-def _render_nuclei(rng: np.random.Generator, shape) -> tuple[np.ndarray, np.ndarray]:
+def _render_nuclei(
+    rng: np.random.Generator, shape, max_radius: float = 36.0
+) -> tuple[np.ndarray, np.ndarray]:
     h, w = shape
-    r_mean = float(np.exp(rng.uniform(np.log(3.0), np.log(36.0))))
+    r_mean = float(np.exp(rng.uniform(np.log(3.0), np.log(max_radius))))
     coverage = rng.uniform(0.03, 0.55)
     n = int(coverage * h * w / (np.pi * r_mean**2))
     n = int(np.clip(n, 1, 1500))
@@ -269,14 +271,19 @@ def render_scene(
     rng: np.random.Generator,
     shape: tuple[int, int] = (256, 256),
     kind: SceneKind | None = None,
+    max_radius: float = 36.0,
 ) -> Scene:
-    """Draw one clean specimen (before the camera) with its instance labels."""
+    """Draw one clean specimen (before the camera) with its instance labels.
+
+    `max_radius` bounds the mean nucleus radius of a scene (px; drawn
+    log-uniformly from 3).
+    """
     if kind is None:
         kinds = list(KIND_WEIGHTS)
         p = np.asarray(list(KIND_WEIGHTS.values()))
         kind = kinds[int(rng.choice(len(kinds), p=p / p.sum()))]
     if kind == "nuclei":
-        image, labels = _render_nuclei(rng, shape)
+        image, labels = _render_nuclei(rng, shape, max_radius)
     elif kind == "beads":
         image, labels = _render_beads(rng, shape)
     elif kind == "empty":

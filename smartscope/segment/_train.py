@@ -36,6 +36,7 @@ class TrainConfig:
     pool_size: int = 800
     refresh_per_step: int = 1
     synthetic_fraction: float = 1.0
+    max_radius: float = 36.0
     widths: tuple[int, ...] = (8, 16, 32, 64, 128)
     depth: int = 2
     bf16: bool = True
@@ -115,7 +116,9 @@ class _Data:
         self.pool = [self._scene() for _ in range(n_pool)]
 
     def _scene(self):
-        return render_scene(self.rng, (self.cfg.crop, self.cfg.crop))
+        return render_scene(
+            self.rng, (self.cfg.crop, self.cfg.crop), max_radius=self.cfg.max_radius
+        )
 
     def refresh(self) -> None:
         for _ in range(self.cfg.refresh_per_step if self.pool else 0):
@@ -202,6 +205,7 @@ def train(
         )
         net.load_state_dict(loaded.state_dict)
         cfg.widths, cfg.depth = tuple(net.widths), net.depth
+        cfg.extra["init_training"] = loaded.meta.get("training")
     net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = min(200, cfg.steps // 10)
