@@ -321,7 +321,8 @@ def bench_segment(
     Latency: full ``segment`` calls (normalise, network, post-processing) on
     one synthetic nuclei frame per size, p50/p99 over `repeats` (a third of
     that at sizes above 1024). Accuracy: F1 at IoU 0.5 and DSB-2018 mean AP
-    on the fixed synthetic validation set (`validation_set`) and on real
+    on the fixed synthetic validation set (`validation_set`), on nuclei of
+    40-70 px radius (`large_nuclei_set`, a size stress test) and on real
     DemoCamera bead frames at 0, 2 and 4 µm defocus.
     """
     import torch
@@ -329,7 +330,11 @@ def bench_segment(
     from smartscope.segment import ThresholdSegmenter
     from smartscope.segment._dl import UNetSegmenter
     from smartscope.segment._evaluate import democam_bead_set, evaluate
-    from smartscope.segment._synth import synth_sample, validation_set
+    from smartscope.segment._synth import (
+        large_nuclei_set,
+        synth_sample,
+        validation_set,
+    )
 
     dl = UNetSegmenter(model=model, device=device, threads=threads, scale=scale)
     baseline = ThresholdSegmenter()
@@ -345,11 +350,17 @@ def bench_segment(
             latency[name][str(size)] = _latency_ms(seg, image, n)
 
     val = validation_set(n_val)
-    accuracy: dict[str, dict[str, Any]] = {"synthetic_val": {}, "democam_beads": {}}
+    large = large_nuclei_set(max(1, n_val // 8))
+    accuracy: dict[str, dict[str, Any]] = {
+        "synthetic_val": {},
+        "synthetic_large_nuclei": {},
+        "democam_beads": {},
+    }
     for name, seg in segmenters.items():
-        accuracy["synthetic_val"][name] = evaluate(
-            seg, [v[0] for v in val], [v[1] for v in val]
-        )
+        for key, data in (("synthetic_val", val), ("synthetic_large_nuclei", large)):
+            accuracy[key][name] = evaluate(
+                seg, [v[0] for v in data], [v[1] for v in data]
+            )
     beads = democam_bead_set(n_fields=bead_fields, config=config)
     for name, seg in segmenters.items():
         accuracy["democam_beads"][name] = evaluate(
@@ -379,6 +390,10 @@ def bench_segment(
         },
         "latency_ms": latency,
         "accuracy": accuracy,
-        "validation": {"synthetic_images": len(val), "bead_frames": len(beads)},
+        "validation": {
+            "synthetic_images": len(val),
+            "large_nuclei_images": len(large),
+            "bead_frames": len(beads),
+        },
         "goals_met": goals,
     }

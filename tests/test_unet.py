@@ -306,7 +306,7 @@ def test_bench_segment_reports_latency_and_accuracy():
     assert result["device"] == "cpu"
     for name in ("builtin", "threshold"):
         assert result["latency_ms"][name]["128"]["p50"] > 0
-        for dataset in ("synthetic_val", "democam_beads"):
+        for dataset in ("synthetic_val", "synthetic_large_nuclei", "democam_beads"):
             acc = result["accuracy"][dataset][name]
             assert 0 <= acc["f1@0.5"] <= 1 and 0 <= acc["mean_ap"] <= 1
     assert result["accuracy"]["democam_beads"]["builtin"]["f1@0.5"] >= 0.9

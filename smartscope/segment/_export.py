@@ -118,6 +118,29 @@ TorchScript (BatchNorm folded) and bf16 weights on CPUs with AMX.
 """
 
 
+def _command(tr: dict[str, Any], init: str | None) -> str:
+    opts = (
+        f"--steps {tr.get('steps')} --batch-size {tr.get('batch_size')} "
+        f"--crop {tr.get('crop')} --lr {tr.get('lr')} --seed {tr.get('seed')} "
+        f"--pool {tr.get('pool_size')} --max-radius {tr.get('max_radius', 36.0)}"
+    )
+    return f"`smartscope train --out OUT {opts}" + (f" --init {init}`" if init else "`")
+
+
+def _stages(tr: dict[str, Any]) -> str:
+    """The training command(s), oldest first (a fine-tune records its start)."""
+    chain = []
+    while tr:
+        chain.append(tr)
+        tr = (tr.get("extra") or {}).get("init_training") or {}
+    lines = []
+    for i, stage in enumerate(reversed(chain), start=1):
+        init = "STAGE1/model.pt" if i > 1 else None
+        seconds = stage.get("seconds")
+        lines.append(f"{i}. {_command(stage, init)} ({seconds} s)")
+    return "\n".join(lines)
+
+
 def write_card_markdown(card: dict[str, Any], path: str | Path) -> Path:
     """Human-readable model card (``MODEL_CARD.md``) from the card data."""
     arch = card["architecture"]
@@ -152,23 +175,22 @@ other seeds than the validation set).
 ### Why this design
 {_WHY}
 ## Training recipe
-`smartscope train --out OUT --steps {tr.get("steps")} \\
-  --batch-size {tr.get("batch_size")} --crop {tr.get("crop")} --lr {tr.get("lr")} \\
-  --seed {tr.get("seed")} --pool {tr.get("pool_size")}`
+{_stages(tr)}
 (AdamW, weight decay {tr.get("weight_decay")}, linear warm-up then cosine decay,
 cross-entropy with class weights background 1, interior 1, boundary 2.5 plus
 0.5 x soft Dice on the foreground, bf16 autocast on CPU where supported,
 gradient clipping 5; at the end the BatchNorm statistics are recomputed
-over 40 fresh batches). Training took {tr.get("seconds")} s on
-{card.get("platform", {}).get("machine", "?")} with 2 CPU threads; final
-smoothed loss {tr.get("final_loss") and round(tr["final_loss"], 4)}.
+over 40 fresh batches). Each stage ran on
+{card.get("platform", {}).get("machine", "?")} with 2 CPU threads (seconds
+above); final smoothed loss {tr.get("final_loss") and round(tr["final_loss"], 4)}.
 
 ## Data
 Synthetic only, generated in process from the seed (`smartscope/segment/_synth.py`):
-star-convex elliptical nuclei of 3-40 px radius, alone, touching and in
-clusters, chromatin texture, nucleoli / chromocenters, condensed bright
-nuclei, a 12-fold spread of brightness within a field, out-of-focus haze and
-unlabelled out-of-focus neighbours, uneven illumination, PSF and defocus blur;
+star-convex elliptical nuclei (scene mean radius from 3 px to `--max-radius`),
+alone, touching and in clusters, chromatin texture, nucleoli / chromocenters,
+condensed bright nuclei, a 12-fold spread of brightness within a field,
+out-of-focus haze and unlabelled out-of-focus neighbours, uneven
+illumination, PSF and defocus blur;
 DemoCamera-like Gaussian beads; empty fields. A pool of
 {tr.get("pool_size")} scenes is refreshed by one scene per step, and every
 crop gets a fresh camera: Poisson (8-3000 photons at peak) and Gaussian read
@@ -189,7 +211,9 @@ Speed and accuracy on real DemoCamera frames: `smartscope bench segment --json`.
 
 ## Limitations
 Trained on synthetic images only; it has not seen a real nucleus image.
-Objects above about 60 px radius: use `scale` < 1. Bright-field, H&E and
+`synthetic_large_nuclei` in `smartscope bench segment` tracks nuclei of
+40-70 px radius, the weakest range; for still larger objects use `scale` < 1.
+Bright-field, H&E and
 other transmitted-light images are out of scope.
 
 ## Files
