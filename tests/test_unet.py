@@ -12,6 +12,7 @@ from test_cli import smartscope
 
 from smartscope.segment import ThresholdSegmenter, UNetSegmenter, create_segmenter
 from smartscope.segment._dl import quiet_torchscript
+from smartscope.segment._evaluate import evaluate
 from smartscope.segment._metrics import iou_matrix, scores
 from smartscope.segment._model import (
     BUILTIN,
@@ -38,8 +39,7 @@ def small_val():
 
 
 def _f1(segmenter, data) -> float:
-    preds = [segmenter.segment(img[None]).labels[0] for img, _, _ in data]
-    return scores(zip([t for _, t, _ in data], preds))["f1@0.5"]
+    return evaluate(segmenter, [d[0] for d in data], [d[1] for d in data])["f1@0.5"]
 
 
 def test_builtin_ships_with_card_hash_and_torchscript():

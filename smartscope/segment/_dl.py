@@ -160,9 +160,7 @@ class _Engine:
         cuda = self.device.type == "cuda"
         precision = cfg.precision
         if precision == "auto":
-            from smartscope.segment._train import _cpu_bf16_ok
-
-            precision = "fp16" if cuda else ("bf16" if _cpu_bf16_ok() else "fp32")
+            precision = "fp16" if cuda else ("bf16" if cpu_has_bf16() else "fp32")
         if precision == "fp16" and not cuda:
             precision = "bf16"
         self.precision = precision
@@ -293,3 +291,14 @@ def quiet_torchscript() -> Iterator[None]:
             "ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning
         )
         yield
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has AMX or AVX-512 BF16, where bf16 pays off."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    try:
+        return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
+    except AttributeError:
+        return False

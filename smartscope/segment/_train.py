@@ -186,6 +186,7 @@ def train(
     """
     import torch
 
+    from smartscope.segment._dl import cpu_has_bf16
     from smartscope.segment._model import load_model_file, save_model_file
     from smartscope.segment._net import SmartUNet
 
@@ -227,7 +228,7 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
     weights = torch.tensor(CLASS_WEIGHTS)
-    use_bf16 = bool(cfg.bf16) and _cpu_bf16_ok()
+    use_bf16 = bool(cfg.bf16) and cpu_has_bf16()
     net.train()
     t0 = time.perf_counter()
     ema = None
@@ -313,14 +314,3 @@ def _recalibrate_batchnorm(
             net(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
     for bn in bns:
         bn.momentum = 0.1
-
-
-def _cpu_bf16_ok() -> bool:
-    """bf16 autocast pays off on CPUs with AMX or AVX-512 BF16."""
-    import torch
-
-    cpu = getattr(torch, "cpu", None)
-    try:
-        return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
-    except AttributeError:
-        return False
