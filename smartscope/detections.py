@@ -25,6 +25,7 @@ OBJECT_COLUMNS = (
     "bbox_x1",
     "touches_border",
     "score",
+    "aspect",
 )
 
 
@@ -39,7 +40,8 @@ class Detections:
     objects : dict[str, np.ndarray]
         One array per name in `OBJECT_COLUMNS`, one entry per object, in label
         order. Centroids are intensity-weighted, in pixels ``(x_px, y_px)`` and in
-        stage µm; bbox is ``[y0, x0, y1, x1)``.
+        stage µm; bbox is ``[y0, x0, y1, x1)``; ``aspect`` is the minor/major axis
+        ratio of the object's shape (1 = round).
     frame_index : int
         Index of the frame in the run (see the ``frames.jsonl`` index).
     model_id : str
@@ -142,6 +144,7 @@ class Detections:
             np.bincount(obj, weights=ys, minlength=n) / area,
         )
         mean_intensity = np.bincount(obj, weights=values, minlength=n) / area
+        aspect = _aspect(obj, xs, ys, area, n)
 
         order = np.argsort(obj, kind="stable")
         starts = np.searchsorted(obj[order], np.arange(n))
@@ -180,5 +183,22 @@ class Detections:
             "bbox_x1": bbox[:, 3],
             "touches_border": touches,
             "score": score,
+            "aspect": aspect,
         }
         return cls(lab, objects, frame_index, model_id)
+
+
+def _aspect(
+    obj: np.ndarray, xs: np.ndarray, ys: np.ndarray, area: np.ndarray, n: int
+) -> np.ndarray:
+    """Minor/major axis ratio of each object's pixel set (1 = round)."""
+    mx = np.bincount(obj, weights=xs, minlength=n) / area
+    my = np.bincount(obj, weights=ys, minlength=n) / area
+    dx, dy = xs - mx[obj], ys - my[obj]
+    # + 1/12: the second moment of a unit pixel, so one-pixel objects are round
+    cxx = np.bincount(obj, weights=dx * dx, minlength=n) / area + 1 / 12
+    cyy = np.bincount(obj, weights=dy * dy, minlength=n) / area + 1 / 12
+    cxy = np.bincount(obj, weights=dx * dy, minlength=n) / area
+    half_trace = (cxx + cyy) / 2
+    root = np.sqrt(((cxx - cyy) / 2) ** 2 + cxy**2)
+    return np.sqrt(np.maximum(half_trace - root, 0) / (half_trace + root))

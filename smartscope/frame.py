@@ -24,7 +24,9 @@ class Frame:
     Times are seconds since the run started (``time.perf_counter`` based):
     `t_acquired` when ``frameReady`` fired, `t_analysed` when its detections were
     ready, `t_decided` when every policy had answered, `t_queued` when the
-    resulting events were in the Scheduler's queue.
+    resulting events were in the Scheduler's queue. `t_clock` is the acquisition
+    time on the Scheduler's clock (the time base of ``min_start_time``), which
+    policies use to time the events they add.
     """
 
     frame_index: int
@@ -42,6 +44,7 @@ class Frame:
     t_decided: float | None = None
     t_queued: float | None = None
     dropped: bool = False
+    t_clock: float | None = None
 
     @property
     def stage_xy_um(self) -> tuple[float, float]:

@@ -127,7 +127,13 @@ class Microscope:
         if not self.core.getCameraDevice():
             raise ConfigError(f"hardware config {path} defines no camera")
         self.config_path = path
+        self._sensor_shape = self.image_shape  # a freshly loaded camera: full frame
         return path
+
+    @property
+    def sensor_shape(self) -> tuple[int, int]:
+        """``(height, width)`` of the full camera frame (whatever ROI is set)."""
+        return getattr(self, "_sensor_shape", None) or self.image_shape
 
     def _ensure_unicore(self) -> None:
         from pymmcore_plus.experimental.unicore import UniMMCore
@@ -174,8 +180,12 @@ class Microscope:
         )
 
     def image_center_px(self) -> np.ndarray:
-        """``(x, y)`` of the image center in pixel-index coordinates."""
-        height, width = self.image_shape
+        """``(x, y)`` of the full frame's center in pixel-index coordinates.
+
+        Pixels of an image taken with a camera ROI are offset by the ROI's
+        ``(offset_x, offset_y)`` before they are mapped.
+        """
+        height, width = self.sensor_shape
         return np.array([(width - 1) / 2.0, (height - 1) / 2.0])
 
     def _offsets_um(self, d_px: np.ndarray) -> np.ndarray:

@@ -71,7 +71,54 @@ class Stop:
         return {"type": self.type, "reason": self.reason}
 
 
-Action = Union[AddEvents, SkipPosition, Stop]  # noqa: UP007 (a runtime alias)
+@dataclass(frozen=True)
+class SetInterval:
+    """Image time-lapse `position` every `interval_s` seconds from now on.
+
+    Only for a time-lapse base plan; the plan's total duration is kept, so the
+    number of remaining visits changes with the interval.
+    """
+
+    position: str
+    interval_s: float
+    reason: str = ""
+    type: Literal["set_interval"] = field(default="set_interval", init=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "position": self.position,
+            "interval_s": self.interval_s,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class MovePosition:
+    """Image time-lapse `position` at new stage coordinates from its next visit.
+
+    `z_um` None keeps the position's Z.
+    """
+
+    position: str
+    x_um: float
+    y_um: float
+    z_um: float | None = None
+    reason: str = ""
+    type: Literal["move_position"] = field(default="move_position", init=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "position": self.position,
+            "x_um": round(self.x_um, 3),
+            "y_um": round(self.y_um, 3),
+            "z_um": None if self.z_um is None else round(self.z_um, 3),
+            "reason": self.reason,
+        }
+
+
+Action = Union[AddEvents, SkipPosition, Stop, SetInterval, MovePosition]  # noqa: UP007
 
 
 @dataclass

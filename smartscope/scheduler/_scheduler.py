@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-import heapq
 import itertools
+import math
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
+import numpy as np
 from psygnal import Signal, SignalGroup
-from useq import MDAEvent, MDASequence
+from useq import CameraROI, MDAEvent, MDASequence
 
 from smartscope.frame import event_tag
 from smartscope.scheduler._actions import (
     Action,
     ActionOutcome,
     AddEvents,
+    MovePosition,
+    SetInterval,
     SkipPosition,
     Stop,
     event_summary,
@@ -25,6 +30,8 @@ from smartscope.scheduler._actions import (
 __all__ = ["Scheduler", "SchedulerEvents", "base_position_key"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+TravelOrder = Literal["plan", "nearest"]
 
 
 def _safe(name: str) -> str:
@@ -53,20 +60,136 @@ class SchedulerEvents(SignalGroup):
     finished = Signal(str)  # reason: "completed" | "stopped: ..."
 
 
-class Scheduler(Iterator[MDAEvent]):
-    """Priority queue of `MDAEvent`s over a base plan, fed by policy `Action`s.
+# ------------------------------------------------------------------ base plans
+@dataclass
+class _Visit:
+    """The events of one visit of a base position (e.g. its channels × Z)."""
 
-    The runner iterates it (``core.run_mda(scheduler)``). Each ``next()`` returns,
-    in order of preference: the highest-priority event added by an action (FIFO
-    within a priority, so a policy's travel order is kept); otherwise the next
-    base-plan event, unless an added event arrives while waiting for its
-    ``min_start_time``. Iteration ends only when the base plan is exhausted, no
-    frame is still being analysed, and no pending-work check reports work — or
-    when the run is stopped.
+    key: str
+    due: float  # seconds since the start of the run (-inf: no time)
+    events: list[MDAEvent]
+    deadline_s: float  # lateness above this counts as a missed timepoint
+    order: int  # plan order, breaks ties
+    timeline: _Timeline | None = None
+
+
+@dataclass
+class _Timeline:
+    """One position of a time-lapse plan: its visit template and its clock."""
+
+    key: str
+    order: int
+    template: list[MDAEvent]
+    times: list[float]  # the plan's nominal visit times
+    end_s: float  # the plan's last visit time: an overridden interval keeps it
+    next_visit: int = 0
+    interval_s: float | None = None  # set by SetInterval
+    next_due: float = 0.0
+    last_due: float | None = None
+    xy: tuple[float, float] | None = None
+    z: float | None = None
+    moved: bool = False
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        first = self.template[0]
+        if first.x_pos is not None and first.y_pos is not None:
+            self.xy = (float(first.x_pos), float(first.y_pos))
+        self.next_due = self.times[0] if self.times else math.inf
+        self.done = not self.times
+
+    @property
+    def nominal_interval(self) -> float:
+        if self.interval_s is not None:
+            return self.interval_s
+        k = self.next_visit
+        if 0 < k < len(self.times):
+            return self.times[k] - self.times[k - 1]
+        return self.times[1] - self.times[0] if len(self.times) > 1 else 0.0
+
+    def remaining_visits(self) -> int:
+        if self.done:
+            return 0
+        if self.interval_s is None:
+            return len(self.times) - self.next_visit
+        if self.interval_s <= 0:
+            return 1
+        return int((self.end_s - self.next_due) // self.interval_s) + 1
+
+    def advance(self) -> None:
+        """Move to the next visit after the current one was taken."""
+        self.last_due = self.next_due
+        self.next_visit += 1
+        if self.interval_s is not None:
+            self.next_due = self.last_due + self.interval_s
+            self.done = self.next_due > self.end_s + 1e-9
+        elif self.next_visit < len(self.times):
+            self.next_due = self.times[self.next_visit]
+        else:
+            self.done = True
+
+    def set_interval(self, interval_s: float, now: float) -> None:
+        self.interval_s = interval_s
+        start = self.last_due if self.last_due is not None else now
+        self.next_due = max(start + interval_s, min(now, self.next_due))
+        self.done = self.next_due > self.end_s + 1e-9
+
+
+def _timelapse_layout(plan: Any) -> MDASequence | None:
+    """The plan without its time axis, when it is a position-major time-lapse."""
+    if not isinstance(plan, MDASequence) or plan.time_plan is None:
+        return None
+    order = [str(a) for a in plan.axis_order]
+    t = order.index("t") if "t" in order else -1
+    if t < 0 or any(order.index(a) < t for a in "pg" if a in order):
+        return None  # positions outside time: each position's own time-lapse
+    if any(a in order and order.index(a) < t for a in "cz") and (
+        plan.sizes.get("c", 0) > 1 or plan.sizes.get("z", 0) > 1
+    ):
+        return None
+    if any(getattr(p, "sequence", None) is not None for p in plan.stage_positions):
+        return None
+    return plan.model_copy(update={"time_plan": None})
+
+
+# -------------------------------------------------------------------- scheduler
+class Scheduler(Iterator[MDAEvent]):
+    """Deadline and priority queue of `MDAEvent`s over a base plan, fed by `Action`s.
+
+    The runner iterates it (``core.run_mda(scheduler)``). Every event has a due
+    time (its ``min_start_time``, seconds since the start of the run) and a
+    priority (base plan 0, added events their action's priority). Each
+    ``next()`` serves, among the events that are due, the highest-priority one
+    (FIFO within a priority, so a policy's travel order is kept); when nothing is
+    due it waits for the earliest due time, or for an action to add something.
+    So a burst of fast imaging at one position goes ahead of slow imaging
+    elsewhere, and slow imaging goes on between the burst's frames. A base visit
+    that has waited `max_delay_s` past its due time goes before any added
+    event, so a burst never starves the rest of the plan.
+
+    A time-lapse plan (``t`` the outer axis) is scheduled per position: each
+    position keeps its own clock, so `SetInterval` changes its rate and
+    `MovePosition` its coordinates (the plan's total duration is kept). A visit
+    (the channels and Z planes of one timepoint at one position) is served as a
+    block. When several visits are due, `travel_order` ``"nearest"`` serves the
+    one closest to the stage first; ``"plan"`` keeps the plan's order.
+
+    A base visit's lateness is the time from its due time to its service; more
+    than `deadline_fraction` of the position's interval counts as a missed
+    deadline. `stats` reports lateness, stage travel and light dose.
+
+    `dose_budget_ms` caps the light dose (Σ exposure ms at relative intensity 1)
+    delivered at each base position, counting the base plan and every event
+    added for a frame of that position: an action that would exceed it is
+    refused with the reason, and base visits that no longer fit are dropped.
+
+    Iteration ends only when the base plan is exhausted, no frame is still being
+    analysed, no added event is queued, and no pending-work check reports work
+    — or when the run is stopped.
 
     Every served event carries ``metadata["smartscope"]``: ``event_id``,
     ``kind`` ("base" or the adding policy's kind), ``position`` key, ``visit``
-    index and visit ``shape`` (for storage), and for added events the
+    index and visit ``shape`` (for storage), ``due_s``, and for added events the
     ``decision_id`` and ``trigger_frame`` that caused them.
 
     Parameters
@@ -74,10 +197,27 @@ class Scheduler(Iterator[MDAEvent]):
     plan : MDASequence | Iterable[MDAEvent]
         The base plan.
     clock : callable, optional
-        Seconds since the start of the run, in the runner's time base; used to
-        let added events pre-empt a base event that is not due yet.
+        Seconds since the start of the run, in the runner's time base (the
+        pymmcore-plus event timer). Default: seconds since the first ``next()``.
     poll_interval_s : float
         How often a waiting ``next()`` re-checks pending work.
+    travel_order : {"plan", "nearest"}
+        Order of base visits that are due at the same time.
+    max_delay_s : float
+        Longest wait of a due base visit behind added events.
+    deadline_fraction : float
+        Lateness, as a fraction of the position's interval, that misses the
+        timepoint's deadline.
+    dose_budget_ms : float, optional
+        Light-dose budget per base position (ms of exposure at intensity 1).
+    default_exposure_ms : float
+        Exposure of events that do not set one (the camera's exposure).
+    sensor_size : (int, int), optional
+        Camera ``(width, height)``: after an event with a camera ROI, the next
+        event without one is given the full frame back.
+    idle_timeout_s : float
+        With the base plan done and nothing queued or being analysed, how long
+        a policy's pending-work check may hold the run open with nothing added.
     """
 
     def __init__(
@@ -86,16 +226,40 @@ class Scheduler(Iterator[MDAEvent]):
         *,
         clock: Callable[[], float] | None = None,
         poll_interval_s: float = 0.02,
+        travel_order: TravelOrder = "plan",
+        max_delay_s: float = 1.0,
+        deadline_fraction: float = 0.5,
+        dose_budget_ms: float | None = None,
+        default_exposure_ms: float = 10.0,
+        sensor_size: tuple[int, int] | None = None,
+        idle_timeout_s: float = 30.0,
     ) -> None:
+        if travel_order not in ("plan", "nearest"):
+            raise ValueError(
+                f"travel_order must be 'plan' or 'nearest': {travel_order}"
+            )
         self.events = SchedulerEvents()
         self._plan = plan
-        self._base: Iterator[MDAEvent] = iter(plan)
-        self._base_done = False
-        self._peeked: MDAEvent | None = None
         self._clock = clock
+        self._t_start: float | None = None
         self._poll = poll_interval_s
+        self.travel_order: TravelOrder = travel_order
+        self.max_delay_s = float(max_delay_s)
+        self.deadline_fraction = float(deadline_fraction)
+        self.dose_budget_ms = dose_budget_ms
+        self.default_exposure_ms = float(default_exposure_ms)
+        self._full_roi = (
+            CameraROI(
+                offset_x=0, offset_y=0, width=sensor_size[0], height=sensor_size[1]
+            )
+            if sensor_size
+            else None
+        )
+        self._roi_active = False
+        self.idle_timeout_s = float(idle_timeout_s)
+        self._idle_since: float | None = None
         self._cond = threading.Condition()
-        self._queue: list[tuple[int, int, MDAEvent]] = []
+        self._added: list[tuple[int, int, float, MDAEvent, str]] = []
         self._counter = itertools.count()
         self._event_ids = itertools.count()
         self._in_flight = 0
@@ -104,11 +268,44 @@ class Scheduler(Iterator[MDAEvent]):
         self._stop_reason: str | None = None
         self._finish_reason: str | None = None
         self._layout = _base_layout(plan)
+        self._visit: list[MDAEvent] = []  # rest of the visit being served
+        # base plan: per-position timelines, or a lazily read iterator
+        template = _timelapse_layout(plan)
+        self._timelines: dict[str, _Timeline] | None = None
+        self._base: Iterator[MDAEvent] = iter(())
+        self._base_done = False
+        self._peeked: _Visit | None = None
+        if template is not None:
+            self._timelines = self._build_timelines(plan, template)  # type: ignore[arg-type]
+        if not self._timelines:  # not a time-lapse over positions: read lazily
+            self._timelines = None
+            self._base = iter(plan)
+        # accounting
+        self._here: tuple[float, float] | None = None
+        self.travel_um = 0.0
+        self.dose_used_ms: dict[str, float] = {}
+        self._dose_reserved: dict[str, float] = {}
+        self.dose_refusals = 0
+        self.lateness_s: dict[str, list[float]] = {"base": [], "added": []}
+        self.n_missed_deadlines = 0
         self.n_served = 0
         self.n_base_served = 0
         self.n_added = 0
         self.n_skipped = 0
         self.current_position: str | None = None
+
+    @staticmethod
+    def _build_timelines(
+        plan: MDASequence, template: MDASequence
+    ) -> dict[str, _Timeline]:
+        times = [float(t) for t in plan.time_plan]  # type: ignore[union-attr]
+        per_key: dict[str, list[MDAEvent]] = {}
+        for event in template:
+            per_key.setdefault(base_position_key(event), []).append(event)
+        return {
+            key: _Timeline(key, n, events, times, times[-1] if times else 0.0)
+            for n, (key, events) in enumerate(per_key.items())
+        }
 
     # --------------------------------------------------------------- analysis
     def analysis_started(self) -> None:
@@ -135,12 +332,28 @@ class Scheduler(Iterator[MDAEvent]):
     @property
     def queued(self) -> int:
         """Events added by actions and not yet served."""
-        return len(self._queue)
+        return len(self._added)
 
     @property
     def finish_reason(self) -> str | None:
         """Why iteration ended ("completed", "stopped: ..."), None while running."""
         return self._finish_reason
+
+    @property
+    def is_timelapse(self) -> bool:
+        """Whether the base plan is scheduled per position (a time-lapse)."""
+        return self._timelines is not None
+
+    def now(self) -> float:
+        """Seconds since the start of the run (the scheduler's clock)."""
+        if self._clock is not None:
+            try:
+                return float(self._clock())
+            except Exception:  # the runner's timer is not started yet
+                return 0.0
+        if self._t_start is None:
+            self._t_start = time.perf_counter()
+        return time.perf_counter() - self._t_start
 
     def stop(self, reason: str = "stopped") -> None:
         """End iteration at the next ``next()``; wakes a waiting runner."""
@@ -149,10 +362,48 @@ class Scheduler(Iterator[MDAEvent]):
                 self._stop_reason = reason
             self._cond.notify_all()
 
-    def upcoming(self, limit: int = 20) -> list[MDAEvent]:
-        """Added events in the order they will be served (base plan excluded)."""
+    def upcoming(
+        self, limit: int = 20, *, include_base: bool = False
+    ) -> list[MDAEvent]:
+        """Queued added events in serving order; with base visits' first events.
+
+        Added events come first (priority, then due time); with `include_base`,
+        the next visit of each time-lapse position follows, by due time.
+        """
         with self._cond:
-            return [e for _, _, e in sorted(self._queue)[:limit]]
+            out = [e for *_, e, _ in sorted(self._added, key=lambda q: q[:3])]
+            if include_base and self._timelines is not None:
+                nxt = sorted(
+                    (t.next_due, t.order, t)
+                    for t in self._timelines.values()
+                    if not t.done and t.key not in self._skipped
+                )
+                out += [self._visit_events(t, stamp=False)[0] for *_, t in nxt]
+            return out[:limit]
+
+    def position_interval(self, position: str) -> float | None:
+        """Current interval (s) of a time-lapse position, None if unknown."""
+        tl = (self._timelines or {}).get(position)
+        return None if tl is None else tl.nominal_interval
+
+    def position_xy(self, position: str) -> tuple[float, float] | None:
+        """Current stage coordinates of a time-lapse position."""
+        tl = (self._timelines or {}).get(position)
+        return None if tl is None else tl.xy
+
+    def stats(self) -> dict[str, Any]:
+        """Lateness, missed deadlines, stage travel and light dose, JSON-ready."""
+        with self._cond:
+            late = {k: _percentiles(v) for k, v in self.lateness_s.items()}
+            return {
+                "lateness_s": late,
+                "missed_deadlines": self.n_missed_deadlines,
+                "travel_um": round(self.travel_um, 3),
+                "dose_ms": {k: round(v, 3) for k, v in self.dose_used_ms.items()},
+                "total_dose_ms": round(sum(self.dose_used_ms.values()), 3),
+                "dose_budget_ms": self.dose_budget_ms,
+                "dose_refusals": self.dose_refusals,
+            }
 
     # ---------------------------------------------------------------- actions
     def apply(
@@ -161,16 +412,27 @@ class Scheduler(Iterator[MDAEvent]):
         *,
         decision_id: int | None = None,
         trigger_frame: int | None = None,
+        trigger_position: str | None = None,
         kind: str = "added",
     ) -> ActionOutcome:
-        """Apply one action; return whether it was applied or refused, and why."""
+        """Apply one action; return whether it was applied or refused, and why.
+
+        `trigger_position` is the position of the frame that caused the action:
+        added events count against its light-dose budget.
+        """
         with self._cond:
             if self._stop_reason is not None:
                 return ActionOutcome(action, False, "run is stopping")
             if isinstance(action, AddEvents):
-                outcome = self._add(action, decision_id, trigger_frame, kind)
+                outcome = self._add(
+                    action, decision_id, trigger_frame, trigger_position, kind
+                )
             elif isinstance(action, SkipPosition):
                 outcome = self._skip(action)
+            elif isinstance(action, SetInterval):
+                outcome = self._set_interval(action)
+            elif isinstance(action, MovePosition):
+                outcome = self._move(action)
             elif isinstance(action, Stop):
                 self._stop_reason = f"stopped by policy: {action.reason}".rstrip(": ")
                 outcome = ActionOutcome(action, True)
@@ -186,26 +448,57 @@ class Scheduler(Iterator[MDAEvent]):
         action: AddEvents,
         decision_id: int | None,
         trigger_frame: int | None,
+        trigger_position: str | None,
         kind: str,
     ) -> ActionOutcome:
-        added: list[MDAEvent] = []
+        accepted: list[tuple[MDAEvent, str | None, str]] = []
         refused = 0
         for event in action.events:
             key = _safe(event.pos_name) if event.pos_name else None
             if key is not None and key in self._skipped:
                 refused += 1
                 continue
+            tag = event_tag(event)
+            budget_key = str(tag.get("dose_position") or trigger_position or key or "")
+            accepted.append((event, key, budget_key))
+        if not accepted:
+            return ActionOutcome(action, False, "every event is at a skipped position")
+        if self.dose_budget_ms is not None:
+            cost: dict[str, float] = {}
+            for event, _, bkey in accepted:
+                cost[bkey] = cost.get(bkey, 0.0) + self._cost(event)
+            for bkey, need in cost.items():
+                spent = self.dose_used_ms.get(bkey, 0.0) + self._dose_reserved.get(
+                    bkey, 0.0
+                )
+                if spent + need > self.dose_budget_ms + 1e-9:
+                    self.dose_refusals += 1
+                    return ActionOutcome(
+                        action,
+                        False,
+                        f"light-dose budget of {bkey or 'the position'}: "
+                        f"{spent:.0f} of {self.dose_budget_ms:.0f} ms used or "
+                        f"committed, this action needs {need:.0f} ms more",
+                    )
+        added: list[MDAEvent] = []
+        for event, key, bkey in accepted:
             tag = dict(event_tag(event))
             tag.setdefault("kind", kind)
-            tag.update(decision_id=decision_id, trigger_frame=trigger_frame)
+            tag.update(
+                decision_id=decision_id,
+                trigger_frame=trigger_frame,
+                dose_position=bkey or None,
+            )
             stamped = self._stamp(event, tag, key)
-            heapq.heappush(
-                self._queue, (-action.priority, next(self._counter), stamped)
+            due = float(event.min_start_time) if event.min_start_time else -math.inf
+            self._added.append(
+                (-action.priority, next(self._counter), due, stamped, bkey)
+            )
+            self._dose_reserved[bkey] = self._dose_reserved.get(bkey, 0.0) + self._cost(
+                event
             )
             added.append(stamped)
         self.n_added += len(added)
-        if not added:
-            return ActionOutcome(action, False, "every event is at a skipped position")
         reason = f"{refused} events at skipped positions refused" if refused else ""
         return ActionOutcome(
             action,
@@ -219,13 +512,59 @@ class Scheduler(Iterator[MDAEvent]):
         if action.position in self._skipped:
             return ActionOutcome(action, False, "position already skipped")
         self._skipped.add(action.position)
-        before = len(self._queue)
-        self._queue = [q for q in self._queue if _tag_pos(q[2]) != action.position]
-        heapq.heapify(self._queue)
-        dropped = before - len(self._queue)
-        # base events of this position are dropped as the plan is read (counted then)
+        keep = []
+        for item in self._added:
+            if _tag_pos(item[3]) == action.position:
+                self._release(item)
+            else:
+                keep.append(item)
+        dropped = len(self._added) - len(keep)
+        self._added = keep
+        tl = (self._timelines or {}).get(action.position)
+        if tl is not None and not tl.done:
+            dropped += tl.remaining_visits() * len(tl.template)
+            tl.done = True
+        # a lazily read plan's events of this position are counted as they are read
         self.n_skipped += dropped
         return ActionOutcome(action, True, n_dropped=dropped)
+
+    def _set_interval(self, action: SetInterval) -> ActionOutcome:
+        tl = self._timeline_for(action)
+        if isinstance(tl, ActionOutcome):
+            return tl
+        if not (action.interval_s >= 0 and math.isfinite(action.interval_s)):
+            return ActionOutcome(action, False, f"invalid interval {action.interval_s}")
+        before = tl.nominal_interval
+        tl.set_interval(float(action.interval_s), self.now())
+        return ActionOutcome(
+            action, True, f"interval {before:.3g} s -> {action.interval_s:.3g} s"
+        )
+
+    def _move(self, action: MovePosition) -> ActionOutcome:
+        tl = self._timeline_for(action)
+        if isinstance(tl, ActionOutcome):
+            return tl
+        if not (math.isfinite(action.x_um) and math.isfinite(action.y_um)):
+            return ActionOutcome(action, False, "non-finite coordinates")
+        tl.xy = (float(action.x_um), float(action.y_um))
+        if action.z_um is not None:
+            tl.z = float(action.z_um)
+        tl.moved = True
+        return ActionOutcome(action, True)
+
+    def _timeline_for(
+        self, action: SetInterval | MovePosition
+    ) -> _Timeline | ActionOutcome:
+        if self._timelines is None:
+            return ActionOutcome(
+                action, False, "the base plan is not a time-lapse over positions"
+            )
+        tl = self._timelines.get(action.position)
+        if tl is None:
+            return ActionOutcome(action, False, f"unknown position {action.position!r}")
+        if tl.done or action.position in self._skipped:
+            return ActionOutcome(action, False, "position has no visits left")
+        return tl
 
     # -------------------------------------------------------------- iteration
     def __iter__(self) -> Scheduler:
@@ -236,25 +575,179 @@ class Scheduler(Iterator[MDAEvent]):
             while True:
                 if self._stop_reason is not None:
                     self._finish(self._stop_reason)
-                if self._queue:
-                    _, _, event = heapq.heappop(self._queue)
-                    return self._serve(event)
-                base = self._peek_base()
-                if base is not None and _tag_pos(base) in self._skipped:
-                    self._drop_peeked()  # skipped while waiting to be due
+                if self._visit or self._added:
+                    self._idle_since = None
+                if self._visit:  # a started visit is served as a block
+                    return self._serve(self._visit.pop(0), base=True)
+                now = self.now()
+                horizon = now + self._poll
+                added = self._best_added(horizon)
+                visit = self._next_visit(horizon)
+                if visit is not None and visit.due <= horizon:
+                    base_late = now - visit.due
+                    if added is None or added[0] > 0 or base_late > self.max_delay_s:
+                        return self._start_visit(visit, now)
+                if added is not None:
+                    self._added.remove(added)
+                    self._release(added)
+                    event = added[3]
+                    if added[2] > -math.inf:
+                        self.lateness_s["added"].append(max(0.0, now - added[2]))
+                    return self._serve(event, base=False)
+                wake = min(
+                    [q[2] for q in self._added]
+                    + ([visit.due] if visit is not None else [])
+                    + [math.inf]
+                )
+                if wake < math.inf:
+                    self._cond.wait(min(max(wake - now - self._poll, 0.001), 0.25))
                     continue
-                if base is not None:
-                    due_in = self._due_in(base)
-                    if due_in > self._poll:
-                        # not due yet: let added events pre-empt it meanwhile
-                        self._cond.wait(min(due_in - self._poll, 0.25))
-                        continue
-                    self._peeked = None
-                    self.n_base_served += 1
-                    return self._serve(base)
-                if self._in_flight == 0 and not any(c() for c in self._pending_checks):
-                    self._finish("completed")
+                if self._in_flight == 0:
+                    if not any(c() for c in self._pending_checks):
+                        self._finish("completed")
+                    if self._idle_since is None:
+                        self._idle_since = now
+                    elif now - self._idle_since > self.idle_timeout_s:
+                        self._finish(
+                            f"completed (a policy still reported pending work, but "
+                            f"nothing was added for {self.idle_timeout_s:g} s)"
+                        )
+                else:
+                    self._idle_since = None
                 self._cond.wait(self._poll)
+
+    def _best_added(self, horizon: float) -> tuple | None:
+        """The due added event to serve first: highest priority, then FIFO.
+
+        With ``travel_order="nearest"``, among the due events of the highest
+        priority the one nearest the stage goes first (a position's own events
+        keep their order).
+        """
+        due = [item for item in self._added if item[2] <= horizon]
+        if not due:
+            return None
+        best = min(due, key=lambda item: item[:2])
+        if self.travel_order != "nearest" or self._here is None:
+            return best
+        # the first queued event of each position (a position's frames keep
+        # their order), then the nearest of those
+        firsts: dict[Any, tuple] = {}
+        for item in due:
+            if item[0] == best[0]:
+                key = _tag_pos(item[3])
+                if key not in firsts or item[1] < firsts[key][1]:
+                    firsts[key] = item
+        return min(firsts.values(), key=lambda item: (self._distance(item[3]), item[1]))
+
+    def _distance(self, event: MDAEvent) -> float:
+        if self._here is None or event.x_pos is None or event.y_pos is None:
+            return 0.0
+        return math.hypot(event.x_pos - self._here[0], event.y_pos - self._here[1])
+
+    def _next_visit(self, horizon: float) -> _Visit | None:
+        """The base visit to serve next (not necessarily due yet)."""
+        if self._timelines is None:
+            return self._peek_lazy()
+        live = [
+            t
+            for t in self._timelines.values()
+            if not t.done and t.key not in self._skipped
+        ]
+        if not live:
+            return None
+        due = [t for t in live if t.next_due <= horizon]
+        if not due:
+            tl = min(live, key=lambda t: (t.next_due, t.order))
+        elif self.travel_order == "nearest" and self._here is not None:
+            here = np.asarray(self._here)
+            tl = min(
+                due,
+                key=lambda t: (
+                    float(np.hypot(*(np.asarray(t.xy) - here))) if t.xy else 0.0,
+                    t.order,
+                ),
+            )
+        else:
+            tl = min(due, key=lambda t: (t.next_due, t.order))
+        return _Visit(
+            tl.key,
+            tl.next_due,
+            [],
+            self.deadline_fraction * tl.nominal_interval,
+            tl.order,
+            tl,
+        )
+
+    def _start_visit(self, visit: _Visit, now: float) -> MDAEvent:
+        key = visit.key
+        if visit.timeline is not None:
+            events = self._visit_events(visit.timeline)
+        else:
+            events = visit.events
+        cost = sum(self._cost(e) for e in events)
+        if (
+            self.dose_budget_ms is not None
+            and self.dose_used_ms.get(key, 0.0)
+            + self._dose_reserved.get(key, 0.0)
+            + cost
+            > self.dose_budget_ms + 1e-9
+        ):
+            # the budget is spent: this position's remaining visits are dropped
+            n = len(events)
+            if visit.timeline is not None:
+                n = visit.timeline.remaining_visits() * len(events)
+                visit.timeline.done = True
+            else:
+                self._peeked = None
+                self._skipped.add(key)
+            self.n_skipped += n
+            self.dose_refusals += 1
+            self.events.eventsSkipped.emit(
+                key,
+                n,
+                f"light-dose budget of {key} spent "
+                f"({self.dose_used_ms.get(key, 0.0):.0f} of "
+                f"{self.dose_budget_ms:.0f} ms)",
+            )
+            return self.__next__()
+        if visit.timeline is not None:
+            visit.timeline.advance()
+        else:
+            self._peeked = None
+        if visit.due > -math.inf:
+            late = max(0.0, now - visit.due)
+            self.lateness_s["base"].append(late)
+            if visit.deadline_s >= 0 and late > max(visit.deadline_s, self._poll):
+                self.n_missed_deadlines += 1
+        self.n_base_served += 1
+        self._visit = events[1:]
+        return self._serve(events[0], base=True)
+
+    def _visit_events(self, tl: _Timeline, *, stamp: bool = True) -> list[MDAEvent]:
+        nc, nz, order = self._layout
+        out = []
+        for event in tl.template:
+            update: dict[str, Any] = {
+                "index": {"t": tl.next_visit, **event.index},
+                "min_start_time": tl.next_due,
+            }
+            if tl.moved and tl.xy is not None:
+                update.update(x_pos=tl.xy[0], y_pos=tl.xy[1])
+                if tl.z is not None:
+                    update["z_pos"] = tl.z
+            ev = event.model_copy(update=update)
+            if stamp:
+                tag = {
+                    "kind": "base",
+                    "visit": tl.next_visit,
+                    "shape": {"c": nc, "z": nz, "order": order},
+                    "c": int(event.index.get("c", 0)),
+                    "z": int(event.index.get("z", 0)),
+                    "due_s": round(tl.next_due, 6),
+                }
+                ev = self._stamp(ev, tag, tl.key)
+            out.append(ev)
+        return out
 
     def _finish(self, reason: str) -> None:
         if self._finish_reason is None:
@@ -262,21 +755,40 @@ class Scheduler(Iterator[MDAEvent]):
             self.events.finished.emit(reason)
         raise StopIteration
 
-    def _serve(self, event: MDAEvent) -> MDAEvent:
+    def _serve(self, event: MDAEvent, *, base: bool) -> MDAEvent:
+        if event.roi is not None:
+            self._roi_active = True
+        elif self._roi_active and self._full_roi is not None:
+            event = event.model_copy(update={"roi": self._full_roi})
+            self._roi_active = False
+        if event.x_pos is not None and event.y_pos is not None:
+            xy = (float(event.x_pos), float(event.y_pos))
+            if self._here is not None:
+                self.travel_um += math.hypot(
+                    xy[0] - self._here[0], xy[1] - self._here[1]
+                )
+            self._here = xy
+        tag = event_tag(event)
+        pos = tag.get("position")
+        bkey = str(tag.get("dose_position") or pos or "")
+        self.dose_used_ms[bkey] = self.dose_used_ms.get(bkey, 0.0) + self._cost(event)
         self.n_served += 1
-        self.current_position = _tag_pos(event)
+        self.current_position = pos
         self.events.eventServed.emit(event)
         return event
 
-    def _due_in(self, event: MDAEvent) -> float:
-        if not event.min_start_time or self._clock is None:
-            return 0.0
-        try:
-            return float(event.min_start_time) - float(self._clock())
-        except Exception:  # clock not ready (run not started)
-            return 0.0
+    def _cost(self, event: MDAEvent) -> float:
+        exposure = event.exposure if event.exposure is not None else None
+        return float(exposure if exposure is not None else self.default_exposure_ms)
 
-    def _peek_base(self) -> MDAEvent | None:
+    def _release(self, item: tuple) -> None:
+        bkey = item[4]
+        self._dose_reserved[bkey] = max(
+            0.0, self._dose_reserved.get(bkey, 0.0) - self._cost(item[3])
+        )
+
+    # ------------------------------------------------------------- lazy plans
+    def _peek_lazy(self) -> _Visit | None:
         while self._peeked is None and not self._base_done:
             try:
                 event = next(self._base)
@@ -296,12 +808,16 @@ class Scheduler(Iterator[MDAEvent]):
                 "c": int(index.get("c", 0)),
                 "z": int(index.get("z", 0)),
             }
-            self._peeked = self._stamp(event, tag, key)
+            due = float(event.min_start_time) if event.min_start_time else -math.inf
+            if due > -math.inf:
+                tag["due_s"] = round(due, 6)
+            stamped = self._stamp(event, tag, key)
+            self._peeked = _Visit(key, due, [stamped], -1.0, 0)
+        if self._peeked is not None and self._peeked.key in self._skipped:
+            self._count_skipped(self._peeked.key)  # skipped while waiting to be due
+            self._peeked = None
+            return self._peek_lazy()
         return self._peeked
-
-    def _drop_peeked(self) -> None:
-        self._count_skipped(_tag_pos(self._peeked))
-        self._peeked = None
 
     def _count_skipped(self, key: str | None) -> None:
         self.n_skipped += 1
@@ -331,6 +847,18 @@ def _base_layout(plan: Any) -> tuple[int, int, str]:
     nz = max(1, int(sizes.get("z", 0)))
     axes = "".join(str(a) for a in plan.axis_order if str(a) in "cz")
     return nc, nz, axes if len(axes) == 2 else "cz"
+
+
+def _percentiles(values: list[float]) -> dict[str, float | int | None]:
+    if not values:
+        return {"n": 0, "p50": None, "p99": None, "max": None}
+    p50, p99 = np.percentile(values, [50, 99])
+    return {
+        "n": len(values),
+        "p50": round(float(p50), 4),
+        "p99": round(float(p99), 4),
+        "max": round(float(max(values)), 4),
+    }
 
 
 def _tag_pos(event: MDAEvent) -> str | None:
