@@ -24,6 +24,8 @@ from smartscope.runner import Runner, RunSummary, package_versions
 from smartscope.storage import read_jsonl, read_position
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from useq import MDASequence
 
 __all__ = ["GOAL_RATIO", "base_sequence", "bench_loop", "count_stored_frames"]
@@ -127,8 +129,13 @@ def _run_smart(
     seq: MDASequence,
     out_dir: Path,
     segmenter: str,
+    attach: Callable[[Runner], Callable[[], RunSummary]] | None = None,
 ) -> tuple[float, RunSummary]:
-    """A smartscope run, every frame analysed, no policies; wall seconds, summary."""
+    """A smartscope run, every frame analysed, no policies; wall seconds, summary.
+
+    With `attach`, ``attach(runner)`` (e.g. the live window) is set up before
+    the clock starts and the run is its returned ``run()``.
+    """
     experiment = Experiment.model_validate(
         {
             "name": "bench-loop",
@@ -143,8 +150,9 @@ def _run_smart(
     with Runner(
         experiment, microscope=microscope, out_dir=out_dir, overwrite=True
     ) as runner:
+        run = runner.run if attach is None else attach(runner)
         t0 = time.perf_counter()
-        summary = runner.run()
+        summary = run()
         wall = time.perf_counter() - t0
     if summary.status != "completed":
         raise RuntimeError(f"smart benchmark run {summary.status}: {summary.reason}")
@@ -160,6 +168,7 @@ def bench_loop(
     segmenter: str = "threshold",
     workdir: Path | None = None,
     positions: int = 4,
+    attach: Callable[[Runner], Callable[[], RunSummary]] | None = None,
 ) -> dict[str, Any]:
     """Wall time of a smartscope run against plain pymmcore-plus, same sequence.
 
@@ -190,6 +199,10 @@ def bench_loop(
         Most stage positions of the sequence, visited in turn (the demo XY
         stage takes ~80 ms per move); 1 gives a time-lapse at one place, where
         frames come every ~25 ms and analysis throughput dominates.
+    attach : callable, optional
+        ``attach(runner) -> run`` (``smartscope.gui.attach_window``): adds a
+        third kind of run, smartscope with that attached (the live window,
+        offscreen), timed in the same rotation as the other two.
 
     Returns
     -------
@@ -198,7 +211,10 @@ def bench_loop(
         run calls), ``ratio`` (smart / plain) against ``goal_ratio``,
         ``smart_loop_s`` (median of the runs' own ``wall_time_s``, which leaves
         out set-up and segmenter warm-up), frames stored / analysed / dropped
-        and the latencies of the last smart run, versions and CPU count.
+        and the latencies of the last smart run, versions and CPU count. With
+        `attach`: ``gui_wall_s``, ``gui_loop_s``, ``gui_runs_s``, ``gui_ratio``
+        (window / headless, goal `GOAL_RATIO`), ``gui_meets_goal`` and the last
+        windowed run's frames acquired / dropped.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be ≥ 1, got {repeats}")
@@ -210,10 +226,12 @@ def bench_loop(
     )
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="smartscope-bench-") as tmp:
-            return _bench_loop(config, seq, warm_seq, repeats, segmenter, Path(tmp))
+            return _bench_loop(
+                config, seq, warm_seq, repeats, segmenter, Path(tmp), attach
+            )
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    return _bench_loop(config, seq, warm_seq, repeats, segmenter, workdir)
+    return _bench_loop(config, seq, warm_seq, repeats, segmenter, workdir, attach)
 
 
 def _bench_loop(
@@ -223,7 +241,11 @@ def _bench_loop(
     repeats: int,
     segmenter: str,
     workdir: Path,
+    attach: Callable[[Runner], Callable[[], RunSummary]] | None = None,
 ) -> dict[str, Any]:
+    gui: list[float] = []
+    gui_loop: list[float] = []
+    gui_last: RunSummary | None = None
     plain: list[float] = []
     smart: list[float] = []
     smart_loop: list[float] = []
@@ -234,10 +256,21 @@ def _bench_loop(
         # untimed: first imports, zarr/tensorstore set-up, segmenter caches
         _run_plain(microscope, warm_seq, workdir / "warmup-plain.ome.zarr")
         _run_smart(microscope, warm_seq, workdir / "warmup-smart", segmenter)
+        if attach is not None:
+            _run_smart(microscope, warm_seq, workdir / "warmup-gui", segmenter, attach)
         for i in range(repeats):
             order = ("plain", "smart") if i % 2 == 0 else ("smart", "plain")
+            if attach is not None:  # rotate the three kinds
+                kinds = ("plain", "smart", "gui")
+                order = kinds[i % 3 :] + kinds[: i % 3]
             for kind in order:
-                if kind == "plain":
+                if kind == "gui":
+                    wall, gui_last = _run_smart(
+                        microscope, seq, workdir / f"gui-{i}", segmenter, attach
+                    )
+                    gui.append(wall)
+                    gui_loop.append(gui_last.wall_time_s)
+                elif kind == "plain":
                     out = workdir / f"plain-{i}.ome.zarr"
                     plain.append(_run_plain(microscope, seq, out))
                 else:
@@ -258,7 +291,7 @@ def _bench_loop(
         key: last.latency_ms.get(key, {"p50": None, "p99": None})
         for key in ("frame_to_decision", "frame_to_detections")
     }
-    return {
+    result = {
         "benchmark": "loop",
         "device": "cpu",
         "segmenter": segmenter,
@@ -283,6 +316,19 @@ def _bench_loop(
         "versions": package_versions(),
         "cpu_count": os.cpu_count(),
     }
+    if gui_last is not None:
+        gui_s = statistics.median(gui)
+        gui_ratio = gui_s / smart_s if smart_s > 0 else float("inf")
+        result.update(
+            gui_wall_s=round(gui_s, 4),
+            gui_loop_s=round(statistics.median(gui_loop), 4),
+            gui_runs_s=[round(x, 4) for x in gui],
+            gui_ratio=round(gui_ratio, 4),
+            gui_meets_goal=bool(gui_ratio <= GOAL_RATIO),
+            gui_frames_acquired=gui_last.frames_acquired,
+            gui_frames_dropped=gui_last.frames_dropped,
+        )
+    return result
 
 
 # ----------------------------------------------------------------- segment

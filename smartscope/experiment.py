@@ -23,6 +23,7 @@ __all__ = [
     "Experiment",
     "OutputSettings",
     "PolicySpec",
+    "SchedulerSettings",
     "SegmenterSpec",
     "format_validation_error",
 ]
@@ -106,6 +107,36 @@ class AnalysisSettings(BaseModel):
     )
 
 
+class SchedulerSettings(BaseModel):
+    """How the Scheduler orders events under time pressure (see `Scheduler`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    travel_order: Literal["plan", "nearest"] = Field(
+        "plan",
+        description="Order of base visits due at the same time: the plan's, or the "
+        "nearest to the stage first.",
+    )
+    max_delay_s: float = Field(
+        1.0,
+        ge=0,
+        description="Longest wait of a due base visit behind added events (s).",
+    )
+    deadline_fraction: float = Field(
+        0.5,
+        ge=0,
+        description="Lateness, as a fraction of a position's interval, that "
+        "counts as a missed timepoint deadline.",
+    )
+    dose_budget_ms: float | None = Field(
+        None,
+        gt=0,
+        description="Light-dose budget per base position: exposure ms (at relative "
+        "intensity 1) of base frames plus every event its frames trigger. Actions "
+        "that would exceed it are refused, with the reason in decisions.jsonl.",
+    )
+
+
 class OutputSettings(BaseModel):
     """Where the run is written."""
 
@@ -144,6 +175,7 @@ class Experiment(BaseModel):
     segmenter: SegmenterSpec = SegmenterSpec()
     policies: list[PolicySpec] = Field(default_factory=list)
     analysis: AnalysisSettings = AnalysisSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
     output: OutputSettings = OutputSettings()
     seed: int = 0
     source: Path | None = Field(None, exclude=True)

@@ -18,6 +18,7 @@ import numpy as np
 from psygnal import Signal, SignalGroup
 
 from smartscope._errors import ExperimentError, first_line
+from smartscope.approval import ApprovalGate
 from smartscope.frame import Frame, event_tag
 from smartscope.microscope import Microscope
 from smartscope.scheduler import PolicyContext, Scheduler
@@ -64,7 +65,13 @@ def package_versions() -> dict[str, str | None]:
 
 @dataclass
 class RunSummary:
-    """Counts and timings of a finished run (also stored in ``run.json``)."""
+    """Counts and timings of a finished run (also stored in ``run.json``).
+
+    ``latency_ms`` holds p50/p99 of frame→detections, →decision and →queued;
+    ``schedule`` the Scheduler's `Scheduler.stats`: lateness (s) of base visits
+    and of added events, missed timepoint deadlines, stage travel (µm) and
+    light dose (exposure ms) per position.
+    """
 
     status: str
     reason: str
@@ -80,6 +87,7 @@ class RunSummary:
     base_events: int
     positions: int
     latency_ms: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    schedule: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -124,6 +132,11 @@ class Runner:
         Run directory overriding the experiment's ``output.directory``.
     overwrite : bool, optional
         Allow writing into a directory that already holds a run.
+    approval : bool | ApprovalGate, optional
+        Operator approval mode: policies' actions wait in this `ApprovalGate`
+        (``True``: a new one, no auto-approval) until approved or rejected;
+        the base plan goes on meanwhile and the run does not end while any is
+        pending. Available as `approval` (None when off).
 
     Examples
     --------
@@ -140,9 +153,15 @@ class Runner:
         config: str | Path | None = None,
         out_dir: str | Path | None = None,
         overwrite: bool | None = None,
+        approval: bool | ApprovalGate = False,
     ) -> None:
         self.experiment = experiment
         self.events = RunnerEvents()
+        self.approval: ApprovalGate | None = (
+            approval
+            if isinstance(approval, ApprovalGate)
+            else (ApprovalGate() if approval else None)
+        )
         directory = out_dir or experiment.output.directory
         self.directory = (
             Path(directory) if directory else default_run_dir(experiment.name)
@@ -208,7 +227,36 @@ class Runner:
             fov_um=self.microscope.fov_um,
             pixel_size_um=self.microscope.pixel_size_um,
             channel_group=self.experiment.channel_group,
+            clock=self.run_clock,
         )
+
+    def run_clock(self) -> float:
+        """Seconds of acquisition on the pymmcore-plus event timer, pauses excluded.
+
+        The time base of ``MDAEvent.min_start_time`` (the Scheduler's clock).
+        """
+        mda = self.microscope.core.mda
+        return mda.event_seconds_elapsed() - float(getattr(mda, "_paused_time", 0.0))
+
+    def _on_skipped(self, position: str, n: int, reason: str) -> None:
+        """Log what the Scheduler itself dropped (e.g. a spent light-dose budget)."""
+        if self.storage is not None and reason != "position skipped":
+            self.storage.log_decision(
+                {
+                    "decision_id": None,
+                    "policy": "scheduler",
+                    "trigger": None,
+                    "actions": [
+                        {
+                            "type": "skip_visits",
+                            "position": position,
+                            "status": "applied",
+                            "n_dropped": n,
+                            "outcome": reason,
+                        }
+                    ],
+                }
+            )
 
     def clock(self) -> float:
         """Seconds since the run started."""
@@ -226,10 +274,23 @@ class Runner:
             self.directory, pixel_size_um=self.microscope.pixel_size_um
         )
         (self.directory / "experiment.yaml").write_text(exp.to_yaml())
-        self.scheduler = Scheduler(self.plan, clock=core.mda.event_seconds_elapsed)
+        settings = exp.scheduler
+        self.scheduler = Scheduler(
+            self.plan,
+            clock=self.run_clock,
+            travel_order=settings.travel_order,
+            max_delay_s=settings.max_delay_s,
+            deadline_fraction=settings.deadline_fraction,
+            dose_budget_ms=settings.dose_budget_ms,
+            default_exposure_ms=float(core.getExposure()),
+            sensor_size=self.microscope.sensor_shape[::-1],
+        )
+        self.scheduler.events.eventsSkipped.connect(self._on_skipped)
         for policy in self.policies:
             self.scheduler.add_pending_check(policy.has_pending_work)
         self.scheduler.events.eventsScheduled.connect(self.events.eventsScheduled)
+        if self.approval is not None:
+            self.approval.bind(self.scheduler, storage=self.storage, clock=self.clock)
         self.stream = FrameStream(exp.analysis.queue_size)
         num_threads = exp.analysis.num_threads or (
             1 if (os.cpu_count() or 1) <= 2 else 2
@@ -245,6 +306,7 @@ class Runner:
             storage=self.storage,
             batch_size=exp.analysis.batch_size,
             num_threads=num_threads,
+            approval=self.approval,
         )
         self.worker.events.detectionsReady.connect(self.events.detectionsReady)
         self.worker.events.decisionMade.connect(self.events.decisionMade)
@@ -284,6 +346,7 @@ class Runner:
             exposure_ms=_opt_float(meta.get("exposure_ms", event.exposure)),
             t_acquired=t,
             event_id=int(tag.get("event_id", -1)),
+            t_clock=self.run_clock(),
         )
         self._frame_count += 1
         if self._analyze(frame):
@@ -335,6 +398,8 @@ class Runner:
         assert worker is not None and storage is not None and self.scheduler
         if worker.is_alive():
             worker.finish()
+        if self.approval is not None:  # what the operator never answered
+            self.approval.close()
         storage.close()
         error = self._mda_error or worker.error
         if storage.write_errors:
@@ -357,11 +422,13 @@ class Runner:
             frames_dropped=self.stream.n_dropped if self.stream else 0,
             detections=worker.n_detections,
             decisions=worker.n_decisions,
-            events_scheduled=worker.n_events_scheduled,
+            events_scheduled=worker.n_events_scheduled
+            + (self.approval.n_events_scheduled if self.approval else 0),
             events_skipped=sched.n_skipped,
             base_events=sched.n_base_served,
             positions=len(storage.images.positions),
             latency_ms=worker.latency_percentiles(),
+            schedule=sched.stats(),
             error=error,
         )
         storage.write_run_json(self._run_info(status))
@@ -401,6 +468,11 @@ class Runner:
             "versions": package_versions(),
             "command": sys.argv,
             "summary": self.summary.to_json() if self.summary else None,
+            "policy_reports": {
+                getattr(p, "name", type(p).__name__): p.report()
+                for p in self.policies
+                if callable(getattr(p, "report", None))
+            },
         }
 
     # -------------------------------------------------------------- cleanup

@@ -133,6 +133,10 @@ class InferenceWorker(threading.Thread):
         Largest micro-batch of frames segmented together.
     num_threads : int, optional
         Thread count for torch-based segmenters (set on this thread).
+    approval : ApprovalGate, optional
+        Operator approval mode: actions go to ``approval.propose`` (same
+        signature as ``Scheduler.apply``) and wait there for the operator,
+        instead of being applied.
     """
 
     def __init__(
@@ -148,6 +152,7 @@ class InferenceWorker(threading.Thread):
         storage: RunStorage | None = None,
         batch_size: int = 4,
         num_threads: int | None = None,
+        approval: Any | None = None,
     ) -> None:
         super().__init__(name="smartscope-inference", daemon=True)
         self.events = WorkerEvents()
@@ -156,6 +161,8 @@ class InferenceWorker(threading.Thread):
         self.policies = list(policies)
         self.scheduler = scheduler
         self.storage = storage
+        self.approval = approval
+        self._apply = scheduler.apply if approval is None else approval.propose
         self._to_stage = to_stage
         self._context = context
         self._clock = clock
@@ -226,10 +233,12 @@ class InferenceWorker(threading.Thread):
                 f"of shape {image.shape}"
             )
         stage_xy = frame.stage_xy_um
+        roi = frame.event.roi  # a camera ROI: pixels are offset on the sensor
+        offset = np.array([roi.offset_x, roi.offset_y]) if roi else np.zeros(2)
         det = Detections.from_labels(
             labels,
             image,
-            to_stage=lambda px: self._to_stage(px, stage_xy),
+            to_stage=lambda px: self._to_stage(px + offset, stage_xy),
             scores=scores,
             frame_index=frame.frame_index,
             model_id=self.segmenter.model_id,
@@ -252,10 +261,11 @@ class InferenceWorker(threading.Thread):
             self.n_decisions += 1
             outcomes = []
             for action in actions:
-                outcome = self.scheduler.apply(
+                outcome = self._apply(
                     action,
                     decision_id=decision_id,
                     trigger_frame=frame.frame_index,
+                    trigger_position=frame.position,
                     kind=getattr(policy, "name", "added"),
                 )
                 self.n_events_scheduled += len(outcome.events)

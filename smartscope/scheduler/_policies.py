@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -44,11 +44,27 @@ class PolicyContext:
         Pixel size at the sample.
     channel_group : str
         The config group holding channel presets.
+    clock : callable, optional
+        The Scheduler's clock (seconds; the time base of ``min_start_time`` and
+        of `Frame.t_clock`).
     """
 
     fov_um: tuple[float, float] = (512.0, 512.0)
     pixel_size_um: float = 1.0
     channel_group: str = "Channel"
+    clock: Callable[[], float] | None = None
+
+    @property
+    def sensor_px(self) -> tuple[int, int]:
+        """Camera ``(width, height)`` in pixels."""
+        return (
+            round(self.fov_um[0] / self.pixel_size_um),
+            round(self.fov_um[1] / self.pixel_size_um),
+        )
+
+    def now(self) -> float:
+        """The Scheduler's clock now (0.0 without one)."""
+        return float(self.clock()) if self.clock is not None else 0.0
 
 
 @runtime_checkable

@@ -35,6 +35,8 @@ __all__ = ["LiveCellCamera", "live_cell_camera"]
 
 #: every LiveCellCamera ever created (weakly), for `live_cell_camera`
 _CAMERAS: weakref.WeakSet[LiveCellCamera] = weakref.WeakSet()
+#: longest `LiveCellCamera.snap_log` kept (about 130 MB of dicts)
+_MAX_LOG = 200_000
 
 
 class LiveCellCamera(SimpleCameraDevice):
@@ -89,6 +91,10 @@ class LiveCellCamera(SimpleCameraDevice):
         self._last_snap: float | None = None  # perf_counter() of the last snap
         self._banked_s = 0.0  # simulated time owed from before an Acceleration change
         self._core_ref: weakref.ref[CMMCorePlus] | None = None
+        #: one entry per exposure: specimen time ``t_s``, center ``x_um, y_um``
+        #: and size ``width_um, height_um`` of the field imaged, ``z_um``,
+        #: ``exposure_ms``, ``intensity`` (what `smartscope.sim.evaluate` scores)
+        self.snap_log: list[dict[str, float]] = []
         self.set_property_limits(Keyword.Exposure, (0.0, 10_000.0))
         _CAMERAS.add(self)
 
@@ -111,6 +117,7 @@ class LiveCellCamera(SimpleCameraDevice):
     def _reset_specimen(self) -> None:
         with self._specimen_lock:
             self._specimen = None
+            self.snap_log = []
 
     # -------------------------------------------------------------- properties
     @pymm_property(limits=(0, 2**31 - 1), name="Seed", property_type=int)
@@ -200,15 +207,34 @@ class LiveCellCamera(SimpleCameraDevice):
         self._last_snap = start
 
         x_um, y_um, z_um, pixel_size_um = self._stage_state()
-        buffer[:] = specimen.render(
-            x_um,
-            y_um,
+        # with a ROI only that part of the sensor is read out, and only that part
+        # of the sample is illuminated (a field stop): render and dose just it
+        height, width = buffer.shape[:2]
+        x0, y0, w, h = self._roi or (0, 0, width, height)
+        cx = x_um + (x0 + (w - 1) / 2 - (width - 1) / 2) * pixel_size_um
+        cy = y_um + (y0 + (h - 1) / 2 - (height - 1) / 2) * pixel_size_um
+        buffer[y0 : y0 + h, x0 : x0 + w] = specimen.render(
+            cx,
+            cy,
             z_um,
-            shape=buffer.shape[:2],
+            shape=(h, w),
             pixel_size_um=pixel_size_um,
             exposure_ms=self._exposure_ms,
             intensity=self._intensity,
         )
+        if len(self.snap_log) < _MAX_LOG:
+            self.snap_log.append(
+                {
+                    "t_s": specimen.time_s,
+                    "x_um": cx,
+                    "y_um": cy,
+                    "z_um": z_um,
+                    "width_um": w * pixel_size_um,
+                    "height_um": h * pixel_size_um,
+                    "exposure_ms": self._exposure_ms,
+                    "intensity": self._intensity,
+                }
+            )
         # a real exposure takes its time (and an acquisition loop should feel it)
         remaining = self._exposure_ms / 1000 - (time.perf_counter() - start)
         if remaining > 0:

@@ -293,6 +293,7 @@ class LiveSpecimen:
         lam += self.background_per_ms
         lam *= self._illumination((h, w))
         lam *= exposure_ms * intensity * ps * ps
+        np.maximum(lam, 0.0, out=lam)  # dark chromatin texture can dip below 0
         gain = self.gain_adu_per_e
         sigma = np.multiply(lam, gain * gain)
         sigma += self.read_noise_e**2

@@ -1,0 +1,684 @@
+"""Live-cell policies: event-triggered bursts, adaptive intervals, cell following.
+
+They work on a time-lapse base plan (``t`` the outer axis of the experiment's
+sequence), whose positions the Scheduler keeps on their own clocks. Times are
+seconds of the run (the Scheduler's clock); positions are stage µm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from useq import CameraROI, MDAEvent, ZRangeAround
+
+from smartscope.scheduler._actions import Action, AddEvents, MovePosition, SetInterval
+from smartscope.scheduler._policies import (
+    _BUILTINS,
+    ObjectFilter,
+    PolicyContext,
+    _PolicyBase,
+)
+
+if TYPE_CHECKING:
+    from smartscope.detections import Detections
+    from smartscope.frame import Frame
+
+__all__ = [
+    "AdaptiveInterval",
+    "Bounds",
+    "EventBurst",
+    "TrackAndFollow",
+    "object_features",
+]
+
+#: Per-object features a criterion can test (see `object_features`).
+Feature = Literal[
+    "area_px",
+    "mean_intensity",
+    "aspect",
+    "score",
+    "relative_intensity",
+    "relative_area",
+    "intensity_change",
+    "area_change",
+]
+
+
+class Bounds(BaseModel):
+    """An inclusive range ``[min, max]``; a missing end is open."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min: float | None = None
+    max: float | None = None
+
+    def test(self, values: np.ndarray) -> np.ndarray:
+        ok = np.ones(values.shape, bool)
+        if self.min is not None:
+            ok &= values >= self.min
+        if self.max is not None:
+            ok &= values <= self.max
+        return ok
+
+
+Criterion = dict[Feature, Bounds]
+
+
+def object_features(
+    detections: Detections,
+    previous: Detections | None = None,
+    *,
+    match_um: float = 10,
+    reference: dict[str, float] | None = None,
+) -> dict[str, np.ndarray]:
+    """The features a criterion can test, one value per object.
+
+    Besides the detection columns (``area_px``, ``mean_intensity``, ``aspect``,
+    ``score``): ``relative_intensity`` and ``relative_area`` (to the median of
+    the frame's objects, so bleaching and drift cancel — or to the medians in
+    `reference`, e.g. those of a whole field when the frame is a small ROI),
+    and ``intensity_change`` and ``area_change`` (ratio to the nearest object of
+    `previous` within `match_um` stage µm; NaN without one).
+    """
+    o = detections.objects
+    n = len(detections)
+    feats = {k: np.asarray(o[k], float) for k in ("area_px", "mean_intensity", "score")}
+    feats["aspect"] = np.asarray(o.get("aspect", np.ones(n)), float)
+    for name, col in (
+        ("relative_intensity", "mean_intensity"),
+        ("relative_area", "area_px"),
+    ):
+        med = (reference or field_medians(detections))[col]
+        feats[name] = np.asarray(o[col], float) / (med if med > 0 else 1.0)
+    feats["intensity_change"] = np.full(n, np.nan)
+    feats["area_change"] = np.full(n, np.nan)
+    if previous is not None and n and len(previous):
+        j, d = _nearest(detections.centroids_um, previous.centroids_um)
+        ok = d <= match_um
+        po = previous.objects
+        feats["intensity_change"][ok] = feats["mean_intensity"][ok] / np.maximum(
+            po["mean_intensity"][j[ok]], 1e-9
+        )
+        feats["area_change"][ok] = feats["area_px"][ok] / np.maximum(
+            po["area_px"][j[ok]], 1e-9
+        )
+    return feats
+
+
+def field_medians(detections: Detections) -> dict[str, float]:
+    """Median object intensity and area of a frame (1.0 without objects)."""
+    o = detections.objects
+    if not len(detections):
+        return {"mean_intensity": 1.0, "area_px": 1.0}
+    return {k: float(np.median(o[k])) for k in ("mean_intensity", "area_px")}
+
+
+def _test(criterion: Criterion, feats: dict[str, np.ndarray], n: int) -> np.ndarray:
+    ok = np.ones(n, bool)
+    for name, bounds in criterion.items():
+        ok &= bounds.test(feats[name])
+    return ok
+
+
+def _nearest(points: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index in `ref` of the nearest point to each of `points`, and its distance."""
+    d = np.hypot(*(points[:, None, :] - ref[None, :, :]).transpose(2, 0, 1))
+    j = np.argmin(d, axis=1)
+    return j, d[np.arange(len(points)), j]
+
+
+# ------------------------------------------------------------------ event burst
+@dataclass
+class _Burst:
+    id: int
+    position: str  # base position whose frame triggered it (its dose budget)
+    xy: tuple[float, float]  # stage µm of the followed cell
+    z: float | None
+    started: float  # scheduler clock
+    due0: float  # due time of burst frame 0
+    reference: dict[str, float]  # the trigger field's median intensity and area
+    scheduled: int = -1  # last burst frame index scheduled
+    analysed: int = -1  # last burst frame index analysed
+    off: int = 0  # consecutive analysed frames without the signature
+    frames_on: int = 0
+    seen: int = 0  # burst frames analysed
+    confirmed: int = 0  # ... in which the cell still passed `trigger`
+    ended: str | None = None
+    ended_at: float = math.inf
+
+
+class EventBurst(_PolicyBase):
+    """When a cell shows an event's signature, image it fast, then go back.
+
+    On every base-plan frame, objects are tested against `trigger` (bounds on
+    `object_features`: by default the pre-division signature — a nucleus twice
+    as bright as the frame's median and round). Each new hit starts a *burst*:
+    frames every `interval_s` centered on that cell (stage moved to it; with
+    `field_um`, a camera ROI of that size, so only that part of the sample is
+    lit), optionally in another `channel` / `exposure_ms` or as a Z-stack
+    (`z_plan`). Burst frames are analysed too (set ``analysis.analyze: all``):
+    the cell is tracked from frame to frame, and the burst goes on while it
+    still passes `sustain` (the hysteresis: looser than `trigger`); once it has
+    failed `sustain` for `tail_frames` frames in a row (e.g. it has divided) or after
+    `max_duration_s`, the burst ends and the position is back to its slow base
+    rate. A burst is also a false alarm, and ends, when the cell passes
+    `trigger` in none of its first `confirm_frames` frames (one noisy frame
+    must not cost a long burst); after a false alarm or a burst that hit
+    `max_duration_s`, the place does not trigger again for `cooldown_s`.
+    Frames are scheduled two ahead, so one dropped analysis does not break a
+    burst.
+
+    Burst frames are stored as their own positions (``burst_NNNN``) and count
+    against the light-dose budget of the position that triggered them.
+    """
+
+    name: Literal["event_burst"] = "event_burst"
+    trigger: Criterion = Field(
+        default_factory=lambda: {
+            "relative_intensity": Bounds(min=1.8),
+            "aspect": Bounds(min=0.75),
+        },
+        description="Bounds on object features that start a burst.",
+    )
+    sustain: Criterion | None = Field(
+        default_factory=lambda: {"relative_intensity": Bounds(min=1.4)},
+        description="Bounds that keep a burst going (None: the `trigger` bounds).",
+    )
+    filter: ObjectFilter = Field(
+        default_factory=lambda: ObjectFilter(exclude_border=False),
+        description="Objects that may trigger (border objects too: the burst is "
+        "centered on the cell).",
+    )
+    interval_s: float = Field(1.0, gt=0, description="Interval of burst frames (s).")
+    max_duration_s: float = Field(60.0, gt=0)
+    tail_frames: int = Field(2, ge=0)
+    cooldown_s: float = Field(
+        60.0,
+        ge=0,
+        description="After a burst ends without seeing its signature go (a false "
+        "alarm or the longest burst), the same place does not trigger again for "
+        "this long (s).",
+    )
+    confirm_frames: int = Field(
+        3,
+        ge=0,
+        description="A burst whose cell passes `trigger` in none of its first "
+        "`confirm_frames` frames is a false alarm and ends (0: never).",
+    )
+    field_um: float | None = Field(
+        128.0, gt=0, description="Side of the ROI around the cell (None: full frame)."
+    )
+    channel: str | None = None
+    exposure_ms: float | None = Field(None, gt=0)
+    z_plan: ZRangeAround | None = None
+    match_radius_um: float = Field(12.0, gt=0)
+    max_active: int = Field(8, ge=1, description="Bursts running at once, at most.")
+    priority: int = 20
+
+    _bursts: dict[int, _Burst] = PrivateAttr(default_factory=dict)
+    _done: list[_Burst] = PrivateAttr(default_factory=list)
+    _ids: int = PrivateAttr(0)
+    _clock: Callable[[], float] | None = PrivateAttr(None)
+
+    @property
+    def active(self) -> list[_Burst]:
+        """Bursts still running."""
+        return list(self._bursts.values())
+
+    @property
+    def finished(self) -> list[_Burst]:
+        """Bursts that ended."""
+        return list(self._done)
+
+    def has_pending_work(self) -> bool:
+        self._end_stale()
+        return bool(self._bursts)
+
+    def report(self) -> dict:
+        """Every burst: where, when (run s), frames, and why it ended."""
+        bursts = sorted(self._done + list(self._bursts.values()), key=lambda b: b.id)
+        reasons: dict[str, int] = {}
+        for b in bursts:
+            reasons[b.ended or "running"] = reasons.get(b.ended or "running", 0) + 1
+        return {
+            "n_bursts": len(bursts),
+            "ended": reasons,
+            "bursts": [
+                {
+                    "id": b.id,
+                    "position": b.position,
+                    "x_um": round(b.xy[0], 2),
+                    "y_um": round(b.xy[1], 2),
+                    "started_s": round(b.started, 3),
+                    "frames": b.analysed + 1,
+                    "ended": b.ended,
+                }
+                for b in bursts
+            ],
+        }
+
+    def _end_stale(self, now: float | None = None) -> None:
+        """End bursts whose next frame never came.
+
+        Their frames were refused (light-dose budget), skipped or cancelled; such
+        a burst must not keep the run alive.
+        """
+        if now is None:
+            if self._clock is None:
+                return
+            now = self._clock()
+        grace = 2 * self.interval_s + 1.0
+        for burst in list(self._bursts.values()):
+            last_due = burst.due0 + burst.scheduled * self.interval_s
+            if burst.analysed < burst.scheduled and now > last_due + grace:
+                self._end(
+                    burst, "its frames were not acquired (refused or skipped)", now
+                )
+
+    def _end(self, burst: _Burst, reason: str, now: float | None) -> None:
+        burst.ended = reason
+        burst.ended_at = now if now is not None else burst.started
+        self._done.append(self._bursts.pop(burst.id))
+
+    def on_detections(
+        self, frame: Frame, detections: Detections, context: PolicyContext
+    ) -> list[Action]:
+        self._clock = context.clock
+        self._end_stale(frame.t_clock)
+        tag = frame.event.metadata.get("smartscope", {})
+        if "burst_id" in tag:
+            burst = self._bursts.get(int(tag["burst_id"]))
+            if burst is None:
+                return []
+            return self._continue(
+                burst, int(tag["burst_frame"]), frame, detections, context
+            )
+        if not self._is_survey(frame) or len(detections) == 0:
+            return []
+        return self._trigger(frame, detections, context)
+
+    def _trigger(
+        self, frame: Frame, det: Detections, context: PolicyContext
+    ) -> list[Action]:
+        feats = object_features(det)
+        hit = _test(self.trigger, feats, len(det)) & self.filter.mask(det)
+        if not hit.any():
+            return []
+        pts = det.centroids_um[hit]
+        order = np.argsort(-feats["relative_intensity"][hit])
+        t_now = frame.t_clock if frame.t_clock is not None else context.now()
+        actions: list[Action] = []
+        for i in order:
+            x, y = (float(v) for v in pts[i])
+            if len(self._bursts) >= self.max_active:
+                break
+            if self._known(x, y, t_now):
+                continue
+            self._ids += 1
+            burst = _Burst(
+                self._ids,
+                frame.position,
+                (x, y),
+                frame.stage_z_um,
+                started=t_now,
+                due0=t_now + self.interval_s,
+                reference=field_medians(det),
+            )
+            self._bursts[burst.id] = burst
+            actions += self._schedule(
+                burst,
+                context,
+                upto=1,
+                reason=f"signature at ({x:.1f}, {y:.1f}) µm in {frame.position}: "
+                f"burst {burst.id} starts",
+            )
+        return actions
+
+    def _known(self, x: float, y: float, now: float) -> bool:
+        """Whether this cell is imaged fast already, or cooling down."""
+        cooling = [
+            b
+            for b in self._done[-50:]
+            if b.ended != "signature gone" and now - b.ended_at < self.cooldown_s
+        ]
+        return any(
+            math.hypot(x - b.xy[0], y - b.xy[1]) < self.match_radius_um
+            for b in [*self._bursts.values(), *cooling]
+        )
+
+    def _continue(
+        self,
+        burst: _Burst,
+        k: int,
+        frame: Frame,
+        det: Detections,
+        context: PolicyContext,
+    ) -> list[Action]:
+        burst.analysed = max(burst.analysed, k)
+        if burst.ended is not None:
+            return []
+        still = confirmed = False
+        if len(det):
+            j, d = _nearest(np.array([burst.xy]), det.centroids_um)
+            if d[0] <= self.match_radius_um:
+                burst.xy = tuple(float(v) for v in det.centroids_um[j[0]])  # type: ignore[assignment]
+                feats = object_features(det, reference=burst.reference)
+                crit = self.sustain or self.trigger
+                still = bool(_test(crit, feats, len(det))[j[0]])
+                confirmed = bool(_test(self.trigger, feats, len(det))[j[0]])
+        burst.seen += 1
+        burst.confirmed += confirmed
+        if burst.seen == self.confirm_frames and not burst.confirmed:
+            self._end(burst, "not confirmed (false alarm)", frame.t_clock)
+            return []
+        if still:
+            burst.off = 0
+            burst.frames_on += 1
+        else:
+            burst.off += 1
+        t_now = frame.t_clock if frame.t_clock is not None else context.now()
+        reason = ""
+        if burst.off > self.tail_frames:
+            reason = "signature gone"
+        elif t_now - burst.started >= self.max_duration_s:
+            reason = f"longest burst ({self.max_duration_s:g} s) reached"
+        if reason:
+            self._end(burst, reason, t_now)
+            return []
+        return self._schedule(burst, context, upto=k + 2, reason=f"burst {burst.id}")
+
+    def _schedule(
+        self, burst: _Burst, context: PolicyContext, *, upto: int, reason: str
+    ) -> list[Action]:
+        events: list[MDAEvent] = []
+        offsets = list(self.z_plan.positions()) if self.z_plan else [0.0]
+        roi = None
+        if self.field_um is not None:
+            width, height = context.sensor_px
+            side = max(8, round(self.field_um / context.pixel_size_um))
+            w, h = min(side, width), min(side, height)
+            roi = CameraROI(
+                offset_x=(width - w) // 2, offset_y=(height - h) // 2, width=w, height=h
+            )
+        channel = (
+            {"config": self.channel, "group": context.channel_group}
+            if self.channel
+            else None
+        )
+        for k in range(burst.scheduled + 1, upto + 1):
+            for j, dz in enumerate(offsets):
+                events.append(
+                    MDAEvent(
+                        x_pos=burst.xy[0],
+                        y_pos=burst.xy[1],
+                        z_pos=None if burst.z is None else burst.z + dz,
+                        channel=channel,
+                        exposure=self.exposure_ms,
+                        roi=roi,
+                        pos_name=f"burst_{burst.id:04d}",
+                        index={"t": k, "c": 0, "z": j},
+                        min_start_time=burst.due0 + k * self.interval_s,
+                        metadata={
+                            "smartscope": {
+                                "burst_id": burst.id,
+                                "burst_frame": k,
+                                "visit": k,
+                                "z": j,
+                                "shape": {"c": 1, "z": len(offsets), "order": "cz"},
+                                "dose_position": burst.position,
+                            }
+                        },
+                    )
+                )
+        burst.scheduled = max(burst.scheduled, upto)
+        if not events:
+            return []
+        return [AddEvents(tuple(events), priority=self.priority, reason=reason)]
+
+    @model_validator(mode="after")
+    def _check(self) -> EventBurst:
+        if not self.trigger:
+            raise ValueError("`trigger` needs at least one feature bound")
+        return self
+
+
+# -------------------------------------------------------------- adaptive interval
+class AdaptiveInterval(_PolicyBase):
+    """Set each time-lapse position's interval from the activity measured there.
+
+    Activity, per base-plan frame of a position, is one of:
+
+    - ``"motion"``: median displacement of the objects since the position's
+      previous frame, in µm per second of run time (objects matched to their
+      nearest neighbour within `match_um`);
+    - ``"objects"``: number of objects passing `criterion` (e.g. cells in their
+      pre-division signature);
+    - ``"count_change"``: relative change of the object count since the previous
+      frame.
+
+    Activity at or below `low` gives `max_interval_s`, at or above `high`
+    `min_interval_s`, linear in between; the activity is smoothed over frames
+    (`smoothing`, the weight of the newest value). A new interval is only
+    requested when it differs from the current one by more than `min_change`.
+    """
+
+    name: Literal["adaptive_interval"] = "adaptive_interval"
+    measure: Literal["motion", "objects", "count_change"] = "motion"
+    low: float = Field(0.0, ge=0)
+    high: float = Field(1.0, gt=0)
+    min_interval_s: float = Field(1.0, gt=0)
+    max_interval_s: float = Field(10.0, gt=0)
+    criterion: Criterion = Field(
+        default_factory=lambda: {"relative_intensity": Bounds(min=1.4)}
+    )
+    filter: ObjectFilter = ObjectFilter(exclude_border=False)
+    match_um: float = Field(15.0, gt=0)
+    smoothing: float = Field(0.5, gt=0, le=1)
+    min_change: float = Field(0.1, ge=0)
+
+    _state: dict[str, dict] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> AdaptiveInterval:
+        if self.min_interval_s > self.max_interval_s:
+            raise ValueError("min_interval_s must not exceed max_interval_s")
+        if self.high <= self.low:
+            raise ValueError("`high` must be above `low`")
+        return self
+
+    def interval_for(self, activity: float) -> float:
+        """The interval (s) this activity calls for."""
+        f = min(max((activity - self.low) / (self.high - self.low), 0.0), 1.0)
+        return self.max_interval_s + f * (self.min_interval_s - self.max_interval_s)
+
+    def activity(self, position: str) -> float | None:
+        """Smoothed activity last measured at a position."""
+        st = self._state.get(position)
+        return None if st is None else st.get("activity")
+
+    def on_detections(
+        self, frame: Frame, detections: Detections, context: PolicyContext
+    ) -> list[Action]:
+        if not self._is_survey(frame):
+            return []
+        sel = self.filter.mask(detections) if len(detections) else np.zeros(0, bool)
+        pts = detections.centroids_um[sel] if len(detections) else np.zeros((0, 2))
+        t = frame.t_clock if frame.t_clock is not None else frame.t_acquired
+        st = self._state.setdefault(frame.position, {})
+        prev_pts, prev_t = st.get("pts"), st.get("t")
+        value: float | None
+        if self.measure == "objects":
+            feats = object_features(detections) if len(detections) else {}
+            value = (
+                float(_test(self.criterion, feats, len(detections))[sel].sum())
+                if len(detections)
+                else 0.0
+            )
+        elif prev_pts is None:
+            value = None
+        elif self.measure == "count_change":
+            value = abs(len(pts) - len(prev_pts)) / max(len(prev_pts), 1)
+        else:
+            value = 0.0
+            if len(pts) and len(prev_pts) and t > prev_t:
+                _, d = _nearest(pts, prev_pts)
+                d = d[d <= self.match_um]
+                value = float(np.median(d)) / (t - prev_t) if d.size else 0.0
+        st.update(pts=pts, t=t)
+        if value is None:
+            return []
+        old = st.get("activity")
+        act = (
+            value
+            if old is None
+            else self.smoothing * value + (1 - self.smoothing) * old
+        )
+        st["activity"] = act
+        want = self.interval_for(act)
+        current = st.get("interval")
+        if current is not None and abs(want - current) <= self.min_change * current:
+            return []
+        st["interval"] = want
+        return [
+            SetInterval(
+                frame.position,
+                round(want, 4),
+                reason=f"{self.measure} activity {act:.3g}",
+            )
+        ]
+
+
+# ---------------------------------------------------------------- track & follow
+class TrackAndFollow(_PolicyBase):
+    """Keep one chosen cell centered at each followed time-lapse position.
+
+    At a position's first frame the cell to follow is chosen (`select`: nearest
+    the center, brightest or largest object passing `filter`). At every later
+    base-plan frame it is found again — the object nearest to where it was
+    predicted to be (its last position plus its smoothed velocity), within
+    `max_jump_um` — and the position is moved so that the cell will be at the
+    image center at the next visit. When the cell is not found for `lost_after`
+    frames in a row, the track is lost: with ``on_lost: reacquire`` the object
+    nearest the image center is followed instead, with ``on_lost: stop`` the
+    position stays where it is. Through a division, the daughter nearest the
+    prediction is followed.
+    """
+
+    name: Literal["track_and_follow"] = "track_and_follow"
+    positions: list[str] | None = Field(
+        None, description="Base positions that follow a cell (None: all)."
+    )
+    select: Literal["center", "brightest", "largest"] = "center"
+    filter: ObjectFilter = ObjectFilter()
+    max_jump_um: float = Field(25.0, gt=0)
+    lost_after: int = Field(3, ge=1)
+    on_lost: Literal["reacquire", "stop"] = "reacquire"
+    predict: bool = True
+    min_move_um: float = Field(0.5, ge=0)
+
+    _tracks: dict[str, dict] = PrivateAttr(default_factory=dict)
+    _n_lost: int = PrivateAttr(0)
+
+    @property
+    def n_lost(self) -> int:
+        """Tracks lost so far (all positions)."""
+        return self._n_lost
+
+    def track(self, position: str) -> dict | None:
+        """State of the track at a position (cell ``xy``, ``misses``, ``lost``)."""
+        return self._tracks.get(position)
+
+    def on_detections(
+        self, frame: Frame, detections: Detections, context: PolicyContext
+    ) -> list[Action]:
+        if not self._is_survey(frame):
+            return []
+        if self.positions is not None and frame.position not in self.positions:
+            return []
+        tr = self._tracks.get(frame.position)
+        t = frame.t_clock if frame.t_clock is not None else frame.t_acquired
+        sel = self.filter.mask(detections) if len(detections) else np.zeros(0, bool)
+        pts = detections.centroids_um[sel] if len(detections) else np.zeros((0, 2))
+        center = np.asarray(frame.stage_xy_um)
+        if tr is None or tr.get("stopped"):
+            if tr is not None or not len(pts):
+                return []
+            i = self._choose(detections, sel, pts, center)
+            tr = self._tracks[frame.position] = {
+                "xy": pts[i],
+                "v": np.zeros(2),
+                "t": t,
+                "misses": 0,
+                "lost": 0,
+            }
+            why = "following the cell chosen by " + self.select
+            return self._move(frame, tr, 0.0, why)
+        dt = max(t - tr["t"], 0.0)
+        guess = tr["xy"] + (tr["v"] * dt if self.predict else 0)
+        found = None
+        if len(pts):
+            j, d = _nearest(guess[None], pts)
+            if d[0] <= self.max_jump_um:
+                found = pts[j[0]]
+        if found is None:
+            tr["misses"] += 1
+            if tr["misses"] < self.lost_after:
+                return []
+            tr["lost"] += 1
+            self._n_lost += 1
+            if self.on_lost == "stop" or not len(pts):
+                tr["stopped"] = True
+                return []
+            i = self._choose(detections, sel, pts, center, "center")
+            tr.update(xy=pts[i], v=np.zeros(2), t=t, misses=0)
+            why = "track lost: following the cell nearest the center"
+            return self._move(frame, tr, 0.0, why)
+        if dt > 0:
+            v = (found - tr["xy"]) / dt
+            tr["v"] = v if not tr["v"].any() else 0.5 * v + 0.5 * tr["v"]
+        tr.update(xy=found, t=t, misses=0)
+        return self._move(frame, tr, dt if self.predict else 0.0, "cell moved")
+
+    def _choose(
+        self,
+        det: Detections,
+        sel: np.ndarray,
+        pts: np.ndarray,
+        center: np.ndarray,
+        how: str | None = None,
+    ) -> int:
+        how = how or self.select
+        if how == "brightest":
+            return int(np.argmax(det.objects["mean_intensity"][sel]))
+        if how == "largest":
+            return int(np.argmax(det.objects["area_px"][sel]))
+        return int(np.argmin(np.hypot(*(pts - center).T)))
+
+    def _move(self, frame: Frame, tr: dict, lead_s: float, why: str) -> list[Action]:
+        """Center the next visit where the cell will be `lead_s` from now."""
+        target = tr["xy"] + tr["v"] * lead_s
+        here = np.asarray(frame.stage_xy_um)
+        if float(np.hypot(*(target - here))) < self.min_move_um:
+            return []
+        return [
+            MovePosition(
+                frame.position,
+                float(target[0]),
+                float(target[1]),
+                reason=f"{why}: cell at ({tr['xy'][0]:.1f}, {tr['xy'][1]:.1f}) µm",
+            )
+        ]
+
+
+_BUILTINS.update(
+    {
+        "event_burst": EventBurst,
+        "adaptive_interval": AdaptiveInterval,
+        "track_and_follow": TrackAndFollow,
+    }
+)
