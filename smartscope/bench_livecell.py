@@ -148,6 +148,10 @@ def live_experiment(
                 policy["interval_s"] = fast_interval_s
     else:
         spec["policies"] = []
+        spec["description"] = (
+            f"Fixed time-lapse of the live_mitosis fields every {interval:g} s, "
+            "no analysis (benchmark baseline)."
+        )
         spec["analysis"] = {"enabled": False}
         spec["scheduler"] = {"travel_order": "plan"}  # the same order every round
     return Experiment.model_validate(spec)

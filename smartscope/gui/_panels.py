@@ -56,7 +56,11 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 # ------------------------------------------------------------------ upcoming
 class UpcomingTable(QTableWidget):
-    """The Scheduler's queued (added) events, in the order they will run."""
+    """The Scheduler's upcoming events, in the order they will run.
+
+    Queued (added) events first, then each time-lapse position's next visit
+    (kind "base", no event id yet).
+    """
 
     COLUMNS = (
         "#",
@@ -80,11 +84,18 @@ class UpcomingTable(QTableWidget):
         self.horizontalHeader().setSectionResizeMode(
             QHeaderView.ResizeMode.ResizeToContents
         )
-        self._shown: list[int] = []
+        self._shown: list[tuple] = []
 
     def set_events(self, events: list[MDAEvent]) -> None:
         """Show `events` (redraws only when the list changed)."""
-        ids = [int(event_tag(e).get("event_id", -1)) for e in events]
+        ids = [
+            (
+                event_tag(e).get("event_id"),
+                event_tag(e).get("position"),
+                e.index.get("t"),
+            )
+            for e in events
+        ]
         if ids == self._shown:
             return
         self._shown = ids

@@ -520,7 +520,7 @@ class MainWindow(QMainWindow):
             return
         sched, worker, stream = runner.scheduler, runner.worker, runner.stream
         if sched is not None:
-            upcoming = sched.upcoming(200)
+            upcoming = sched.upcoming(200, include_base=True)
             self.upcoming_table.set_events(upcoming)
             self.stage_map.set_upcoming(
                 [

@@ -118,7 +118,15 @@ def field_medians(detections: Detections) -> dict[str, float]:
     return {k: float(np.median(o[k])) for k in ("mean_intensity", "area_px")}
 
 
-def _test(criterion: Criterion, feats: dict[str, np.ndarray], n: int) -> np.ndarray:
+def _test(
+    criterion: Criterion | list[Criterion], feats: dict[str, np.ndarray], n: int
+) -> np.ndarray:
+    """Objects inside every bounds of the criterion (of any, for a list)."""
+    if isinstance(criterion, list):
+        ok = np.zeros(n, bool)
+        for one in criterion:
+            ok |= _test(one, feats, n)
+        return ok
     ok = np.ones(n, bool)
     for name, bounds in criterion.items():
         ok &= bounds.test(feats[name])
@@ -155,38 +163,43 @@ class _Burst:
 class EventBurst(_PolicyBase):
     """When a cell shows an event's signature, image it fast, then go back.
 
-    On every base-plan frame, objects are tested against `trigger` (bounds on
-    `object_features`: by default the pre-division signature — a nucleus twice
-    as bright as the frame's median and round). Each new hit starts a *burst*:
-    frames every `interval_s` centered on that cell (stage moved to it; with
-    `field_um`, a camera ROI of that size, so only that part of the sample is
-    lit), optionally in another `channel` / `exposure_ms` or as a Z-stack
-    (`z_plan`). Burst frames are analysed too (set ``analysis.analyze: all``):
-    the cell is tracked from frame to frame, and the burst goes on while it
-    still passes `sustain` (the hysteresis: looser than `trigger`); once it has
-    failed `sustain` for `tail_frames` frames in a row (e.g. it has divided) or after
-    `max_duration_s`, the burst ends and the position is back to its slow base
-    rate. A burst is also a false alarm, and ends, when the cell passes
-    `trigger` in none of its first `confirm_frames` frames (one noisy frame
-    must not cost a long burst); after a false alarm or a burst that hit
-    `max_duration_s`, the place does not trigger again for `cooldown_s`.
-    Frames are scheduled two ahead, so one dropped analysis does not break a
-    burst.
+    On every base-plan frame, objects are tested against `trigger`: bounds on
+    `object_features`, or a list of such criteria of which any may match. By
+    default that is the pre-division signature: a nucleus 1.5 times as bright
+    as the frame's median and round, or 2.2 times as bright whatever its shape.
+    Each new hit starts a *burst*: frames every `interval_s` centered on that
+    cell (stage moved to it; with `field_um`, a camera ROI of that size, so only
+    that part of the sample is lit), optionally in another `channel` /
+    `exposure_ms` or as a Z-stack (`z_plan`). Burst frames are analysed too
+    (set ``analysis.analyze: all``): the cell is tracked from frame to frame,
+    and the burst goes on while it still passes `sustain` (the hysteresis:
+    looser than `trigger`); once it has failed `sustain` for `tail_frames`
+    frames in a row (e.g. it has divided) or after `max_duration_s`, the burst
+    ends and the position is back to its slow base rate. A burst is also a
+    false alarm, and ends, when the cell passes `trigger` in none of its first
+    `confirm_frames` frames (one noisy frame must not cost a long burst); after
+    a false alarm or a burst that hit `max_duration_s`, the place does not
+    trigger again for `cooldown_s`. Frames are scheduled two ahead, so one
+    dropped analysis does not break a burst.
 
     Burst frames are stored as their own positions (``burst_NNNN``) and count
     against the light-dose budget of the position that triggered them.
     """
 
     name: Literal["event_burst"] = "event_burst"
-    trigger: Criterion = Field(
-        default_factory=lambda: {
-            "relative_intensity": Bounds(min=1.8),
-            "aspect": Bounds(min=0.75),
-        },
-        description="Bounds on object features that start a burst.",
+    trigger: Criterion | list[Criterion] = Field(
+        default_factory=lambda: [
+            {"relative_intensity": Bounds(min=1.5), "aspect": Bounds(min=0.75)},
+            {"relative_intensity": Bounds(min=2.2)},
+        ],
+        description="Bounds on object features that start a burst (a list: any "
+        "one of them).",
     )
-    sustain: Criterion | None = Field(
-        default_factory=lambda: {"relative_intensity": Bounds(min=1.4)},
+    sustain: Criterion | list[Criterion] | None = Field(
+        default_factory=lambda: {
+            "relative_intensity": Bounds(min=1.3),
+            "aspect": Bounds(min=0.65),
+        },
         description="Bounds that keep a burst going (None: the `trigger` bounds).",
     )
     filter: ObjectFilter = Field(
@@ -442,7 +455,8 @@ class EventBurst(_PolicyBase):
 
     @model_validator(mode="after")
     def _check(self) -> EventBurst:
-        if not self.trigger:
+        triggers = self.trigger if isinstance(self.trigger, list) else [self.trigger]
+        if not triggers or not all(triggers):
             raise ValueError("`trigger` needs at least one feature bound")
         return self
 

@@ -736,7 +736,11 @@ class Scheduler(Iterator[MDAEvent]):
                 if tl.z is not None:
                     update["z_pos"] = tl.z
             ev = event.model_copy(update=update)
-            if stamp:
+            if not stamp:  # a preview (`upcoming`): where and when, no event id
+                preview = {"kind": "base", "position": tl.key, "visit": tl.next_visit}
+                preview["due_s"] = round(tl.next_due, 6)
+                ev = ev.model_copy(update={"metadata": {"smartscope": preview}})
+            else:
                 tag = {
                     "kind": "base",
                     "visit": tl.next_visit,

@@ -18,7 +18,7 @@ it once; build the latter when scoring several things against the same truth.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypedDict
 
 import numpy as np
@@ -640,7 +640,23 @@ def live_run_report(
         t_start_s=None if t0 is None else t0 + window_s,
         t_end_s=t1,
     )
-    capture.pop("divisions")
+    # a division counts where a base field was at the time (fields that follow a
+    # cell move): inside the latest base frame of some position before it
+    latest = _latest_fields(base, [fr for fr in frames if fr["kind"] == "base"])
+    kept = [
+        d
+        for d in capture.pop("divisions")
+        if any(
+            r[0] + m <= d["x_um"] <= r[2] - m and r[1] + m <= d["y_um"] <= r[3] - m
+            for r in latest(d["time_s"])
+        )
+    ]
+    n_caught = sum(d["caught"] for d in kept)
+    capture.update(
+        n_divisions=len(kept),
+        n_caught=n_caught,
+        fraction_caught=n_caught / len(kept) if kept else None,
+    )
     report: dict[str, Any] = {
         "simulated_s": None if t0 is None else t1 - t0,
         "fast_interval_s": fast_interval_s,
@@ -664,6 +680,31 @@ def live_run_report(
         summary.pop("offsets_um")
         report["follow"][position] = {"cell_id": cell, **summary}
     return report
+
+
+def _latest_fields(
+    snaps: Sequence[Mapping[str, Any]], frames: Sequence[Mapping[str, Any]]
+) -> Callable[[float], list[Rect]]:
+    """``f(t)``: the field of every position's latest frame at or before t."""
+    per: dict[str, tuple[np.ndarray, list[Rect]]] = {}
+    for sn, fr in zip(snaps, frames, strict=True):
+        t, rects = per.setdefault(fr["position"], (np.empty(0), []))
+        rect = (
+            sn["x_um"] - sn["width_um"] / 2,
+            sn["y_um"] - sn["height_um"] / 2,
+            sn["x_um"] + sn["width_um"] / 2,
+            sn["y_um"] + sn["height_um"] / 2,
+        )
+        per[fr["position"]] = (np.append(t, sn["t_s"]), [*rects, rect])
+
+    def fields(t_s: float) -> list[Rect]:
+        out = []
+        for times, rects in per.values():
+            k = max(int(np.searchsorted(times, t_s, side="right")) - 1, 0)
+            out.append(rects[k])
+        return out
+
+    return fields
 
 
 def _followed(
