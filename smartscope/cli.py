@@ -137,6 +137,28 @@ def validate(experiment: ExperimentArg, config: ConfigOpt = None) -> None:
 
 
 @app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory.", show_default=False)],
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--out", "-o", help="HTML file (default: RUN_DIR/report.html)."),
+    ] = None,
+) -> None:
+    """Write a self-contained HTML report of a run, and print its path.
+
+    Counts, scheduler stats, a per-well heat map (plates) or per-position
+    counts, a gallery of the targeted acquisitions with their label outlines,
+    latency and frame-interval histograms, light dose and the policies'
+    decisions. Works on completed, interrupted and failed runs.
+    """
+    from smartscope.report import write_report
+
+    with _user_errors():
+        path = write_report(run_dir, out)
+    console.print(str(path), markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
 def gui(
     experiment: Annotated[
         Optional[Path],  # noqa: UP045
