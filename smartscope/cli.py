@@ -1,4 +1,4 @@
-"""The ``smartscope`` command: run, demo, validate, segment, train, bench."""
+"""The ``smartscope`` command line (run, demo, validate, report, gui, bench, ...)."""
 
 from __future__ import annotations
 
