@@ -15,31 +15,29 @@ previous snap times ``Acceleration``.
 
 from __future__ import annotations
 
-import gc
-import math
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
-from pymmcore_plus import CMMCorePlus, Keyword
-from pymmcore_plus.experimental.unicore import SimpleCameraDevice, pymm_property
+from pymmcore_plus.experimental.unicore import pymm_property
 
+from smartscope.sim._device import SpecimenCamera, find_camera
 from smartscope.sim.specimen import LiveSpecimen
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from pymmcore_plus import CMMCorePlus
+
 __all__ = ["LiveCellCamera", "live_cell_camera"]
 
 #: every LiveCellCamera ever created (weakly), for `live_cell_camera`
 _CAMERAS: weakref.WeakSet[LiveCellCamera] = weakref.WeakSet()
-#: longest `LiveCellCamera.snap_log` kept (about 130 MB of dicts)
-_MAX_LOG = 200_000
 
 
-class LiveCellCamera(SimpleCameraDevice):
+class LiveCellCamera(SpecimenCamera):
     """A 512 × 512, 16-bit camera looking at a simulated field of live cells.
 
     Frames are rendered by `specimen` (a `LiveSpecimen`) at the XY-stage position and
@@ -67,35 +65,21 @@ class LiveCellCamera(SimpleCameraDevice):
 
     Notes
     -----
-    Unicore gives Python devices no API to read other devices: a device's ``core``
-    is a proxy exposing only ``events`` (signals a device may emit), and the stage
-    position signals are not emitted reliably by the demo stages. The camera
-    therefore finds the `UniMMCore` it is loaded into (the core whose ``events`` is
-    the very signal group that unicore handed the device) once, keeps a weak
-    reference, and asks it for ``getXYPosition()``, ``getPosition()`` and
-    ``getPixelSizeUm()`` at every snap. `live_cell_camera` attaches it directly.
+    The camera reads the stage from the core it is loaded into (see
+    `smartscope.sim._device.SpecimenCamera`); `live_cell_camera` attaches it
+    directly. With a camera ROI only that part of the sample is lit and dosed.
     """
-
-    SENSOR_SHAPE: tuple[int, int] = (512, 512)
 
     def __init__(self) -> None:
         super().__init__()
-        self._exposure_ms = 10.0
         self._seed = 0
         self._cell_density = 150.0
         self._pre_division_minutes = 15.0
         self._acceleration = 60.0
-        self._intensity = 1.0
         self._specimen: LiveSpecimen | None = None
         self._specimen_lock = threading.Lock()
         self._last_snap: float | None = None  # perf_counter() of the last snap
         self._banked_s = 0.0  # simulated time owed from before an Acceleration change
-        self._core_ref: weakref.ref[CMMCorePlus] | None = None
-        #: one entry per exposure: specimen time ``t_s``, center ``x_um, y_um``
-        #: and size ``width_um, height_um`` of the field imaged, ``z_um``,
-        #: ``exposure_ms``, ``intensity`` (what `smartscope.sim.evaluate` scores)
-        self.snap_log: list[dict[str, float]] = []
-        self.set_property_limits(Keyword.Exposure, (0.0, 10_000.0))
         _CAMERAS.add(self)
 
     # ---------------------------------------------------------------- specimen
@@ -182,19 +166,6 @@ class LiveCellCamera(SimpleCameraDevice):
         """The specimen's clock, in simulated seconds."""
         return self.specimen.time_s
 
-    # ------------------------------------------------------------ camera API
-    def get_exposure(self) -> float:
-        return self._exposure_ms
-
-    def set_exposure(self, exposure: float) -> None:
-        self._exposure_ms = max(0.0, float(exposure))
-
-    def sensor_shape(self) -> tuple[int, int]:
-        return self.SENSOR_SHAPE
-
-    def dtype(self) -> np.dtype:
-        return np.dtype(np.uint16)
-
     def snap(self, buffer: np.ndarray) -> Mapping:
         """Render the specimen at the current stage position into `buffer`."""
         start = time.perf_counter()
@@ -206,88 +177,15 @@ class LiveCellCamera(SimpleCameraDevice):
         self._banked_s = 0.0
         self._last_snap = start
 
-        x_um, y_um, z_um, pixel_size_um = self._stage_state()
-        # with a ROI only that part of the sensor is read out, and only that part
-        # of the sample is illuminated (a field stop): render and dose just it
-        height, width = buffer.shape[:2]
-        x0, y0, w, h = self._roi or (0, 0, width, height)
-        cx = x_um + (x0 + (w - 1) / 2 - (width - 1) / 2) * pixel_size_um
-        cy = y_um + (y0 + (h - 1) / 2 - (height - 1) / 2) * pixel_size_um
-        buffer[y0 : y0 + h, x0 : x0 + w] = specimen.render(
-            cx,
-            cy,
-            z_um,
-            shape=(h, w),
-            pixel_size_um=pixel_size_um,
-            exposure_ms=self._exposure_ms,
-            intensity=self._intensity,
+        x_um, y_um, z_um, _, _ = self._expose(
+            buffer, specimen.render, specimen.time_s, start
         )
-        if len(self.snap_log) < _MAX_LOG:
-            self.snap_log.append(
-                {
-                    "t_s": specimen.time_s,
-                    "x_um": cx,
-                    "y_um": cy,
-                    "z_um": z_um,
-                    "width_um": w * pixel_size_um,
-                    "height_um": h * pixel_size_um,
-                    "exposure_ms": self._exposure_ms,
-                    "intensity": self._intensity,
-                }
-            )
-        # a real exposure takes its time (and an acquisition loop should feel it)
-        remaining = self._exposure_ms / 1000 - (time.perf_counter() - start)
-        if remaining > 0:
-            time.sleep(remaining)
         return {
             "SimulatedTime_s": f"{specimen.time_s:.3f}",
             "SpecimenStageX_um": f"{x_um:.3f}",
             "SpecimenStageY_um": f"{y_um:.3f}",
             "SpecimenZ_um": f"{z_um:.3f}",
         }
-
-    # ------------------------------------------------------------- the core
-    def attach_core(self, core: CMMCorePlus) -> None:
-        """Read stage positions from `core` (normally found automatically)."""
-        self._core_ref = weakref.ref(core)
-
-    def owning_core(self) -> CMMCorePlus | None:
-        """The core this device is loaded into, or ``None`` if not loaded."""
-        core = self._core_ref() if self._core_ref is not None else None
-        if core is not None and _holds(core, self):
-            return core
-        try:
-            signals = self.core.events.propertyChanged.instance
-        except AttributeError:  # not loaded into a core
-            return None
-        for obj in gc.get_objects():
-            if isinstance(obj, CMMCorePlus) and obj.events is signals:
-                self._core_ref = weakref.ref(obj)
-                return obj
-        return None  # pragma: no cover - a loaded device always has a core
-
-    def _stage_state(self) -> tuple[float, float, float, float]:
-        """``(x_um, y_um, z_um, pixel_size_um)`` read from the owning core."""
-        core = self.owning_core()
-        if core is None:
-            return 0.0, 0.0, 0.0, 1.0
-        x_um = y_um = z_um = 0.0
-        if core.getXYStageDevice():
-            x_um, y_um = (float(v) for v in core.getXYPosition())
-        if core.getFocusDevice():
-            z_um = float(core.getPosition())
-        pixel_size_um = float(core.getPixelSizeUm())
-        if not math.isfinite(pixel_size_um) or pixel_size_um <= 0:
-            pixel_size_um = 1.0
-        return x_um, y_um, z_um, pixel_size_um
-
-
-def _holds(core: Any, device: LiveCellCamera) -> bool:
-    """Whether `device` is loaded into `core` (they share one signal group)."""
-    try:
-        return core.events is device.core.events.propertyChanged.instance
-    except AttributeError:
-        return False
 
 
 def live_cell_camera(core: CMMCorePlus, label: str | None = None) -> LiveCellCamera:
@@ -310,9 +208,4 @@ def live_cell_camera(core: CMMCorePlus, label: str | None = None) -> LiveCellCam
     LookupError
         If no `LiveCellCamera` with that label is loaded into `core`.
     """
-    label = label or core.getCameraDevice()
-    for camera in list(_CAMERAS):
-        if camera.get_label() == label and _holds(core, camera):
-            camera.attach_core(core)
-            return camera
-    raise LookupError(f"no LiveCellCamera labelled {label!r} is loaded in this core")
+    return find_camera(_CAMERAS, core, label, "LiveCellCamera")

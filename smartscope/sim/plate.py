@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import useq
 
-from smartscope.sim.specimen import _fft_margin, _gaussian_blur
+from smartscope.sim.specimen import _fft_margin, _gaussian_blur, camera_adu
 
 __all__ = ["PlateSpecimen"]
 
@@ -391,21 +391,13 @@ class PlateSpecimen:
                 field += part
             rng = self._noise_rng if rng is None else rng
             noise = rng.standard_normal((h, w), dtype=np.float32)
-        lam = field
-        lam += self.background_per_ms
-        lam *= self._illumination((h, w))
-        lam *= exposure_ms * intensity * ps * ps
-        np.maximum(lam, 0.0, out=lam)  # dark chromatin texture can dip below 0
-        gain = self.gain_adu_per_e
-        sigma = np.multiply(lam, gain * gain)
-        sigma += self.read_noise_e**2
-        np.sqrt(sigma, out=sigma)
-        noise *= sigma
-        adu = np.multiply(lam, gain, out=lam)
-        adu += noise
-        adu += self.offset_adu
-        np.clip(adu, 0, 65535, out=adu)
-        return np.rint(adu, out=adu).astype(np.uint16)
+        return camera_adu(
+            field,
+            noise,
+            self._illumination((h, w)),
+            self,
+            exposure_ms * intensity * ps * ps,
+        )
 
     def truth_labels(
         self,

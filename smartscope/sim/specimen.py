@@ -287,23 +287,13 @@ class LiveSpecimen:
                 self._apply_dose(in_view, exposure_ms * intensity)
             rng = self._noise_rng if rng is None else rng
             noise = rng.standard_normal((h, w), dtype=np.float32)
-        # expected photo-electrons, then shot noise (Gaussian approximation of
-        # Poisson, exact mean and variance) and read noise, in place
-        lam = field
-        lam += self.background_per_ms
-        lam *= self._illumination((h, w))
-        lam *= exposure_ms * intensity * ps * ps
-        np.maximum(lam, 0.0, out=lam)  # dark chromatin texture can dip below 0
-        gain = self.gain_adu_per_e
-        sigma = np.multiply(lam, gain * gain)
-        sigma += self.read_noise_e**2
-        np.sqrt(sigma, out=sigma)
-        noise *= sigma
-        adu = np.multiply(lam, gain, out=lam)
-        adu += noise
-        adu += self.offset_adu
-        np.clip(adu, 0, 65535, out=adu)
-        return np.rint(adu, out=adu).astype(np.uint16)
+        return camera_adu(
+            field,
+            noise,
+            self._illumination((h, w)),
+            self,
+            exposure_ms * intensity * ps * ps,
+        )
 
     def truth_labels(
         self,
@@ -741,6 +731,40 @@ class LiveSpecimen:
             illum = 1 - 0.075 * (rx + ry)
             self._illum_cache[shape] = illum
         return illum
+
+
+def camera_adu(
+    field: np.ndarray,
+    noise: np.ndarray,
+    illumination: np.ndarray,
+    camera: Any,
+    scale: float,
+) -> np.ndarray:
+    """Photo-electrons to camera counts: the simulated specimens' camera model.
+
+    `field` (photons / ms / µm² at intensity 1, modified in place) plus the
+    autofluorescence ``camera.background_per_ms``, times `illumination` and
+    `scale` (exposure ms × intensity × pixel area) are the expected
+    photo-electrons; shot noise (Gaussian approximation of Poisson, exact mean
+    and variance, from the standard normal `noise`) and read noise are added,
+    then gain and offset (``camera.gain_adu_per_e``, ``read_noise_e``,
+    ``offset_adu``). Returns ``uint16``.
+    """
+    lam = field
+    lam += camera.background_per_ms
+    lam *= illumination
+    lam *= scale
+    np.maximum(lam, 0.0, out=lam)  # dark chromatin texture can dip below 0
+    gain = camera.gain_adu_per_e
+    sigma = np.multiply(lam, gain * gain)
+    sigma += camera.read_noise_e**2
+    np.sqrt(sigma, out=sigma)
+    noise *= sigma
+    adu = np.multiply(lam, gain, out=lam)
+    adu += noise
+    adu += camera.offset_adu
+    np.clip(adu, 0, 65535, out=adu)
+    return np.rint(adu, out=adu).astype(np.uint16)
 
 
 def _tracks_by_cell(
