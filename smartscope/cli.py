@@ -33,7 +33,7 @@ bench_app = typer.Typer(help="Benchmarks (JSON with --json).", no_args_is_help=T
 app.add_typer(bench_app, name="bench")
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -93,6 +93,50 @@ def run(
     readable and run.json says "interrupted" (exit code 130).
     """
     _run_experiment_file(experiment, config=config, out=out, overwrite=overwrite)
+
+
+@app.command()
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory.", show_default=False)],
+    config: ConfigOpt = None,
+) -> None:
+    """Go on with a run that crashed, was killed or interrupted, in its directory.
+
+    Fields whose frames are all on disk (and analysed) are kept and not imaged
+    again; partly imaged ones are moved aside (images/<key>.partial-N.ome.zarr)
+    and imaged again; the logs are appended to and run.json records the resume.
+    A completed run is left alone. Exit codes as for `run`.
+    """
+    from smartscope.resume import finish_resume, inspect_run, prepare_resume
+
+    with _user_errors():
+        state = inspect_run(run_dir)
+    if state.completed:
+        console.print(
+            f"{run_dir}: the run completed; nothing to resume",
+            markup=False,
+            highlight=False,
+        )
+        return
+    console.print(
+        f"resuming {run_dir} ({state.status}): {len(state.finished)} fields "
+        f"finished, {len(state.skipped)} skipped, {len(state.partial)} partial "
+        f"(moved aside, imaged again), {len(state.pending)} to image",
+        markup=False,
+        highlight=False,
+    )
+    with _user_errors():
+        runner = prepare_resume(state, config=config)
+    try:
+        summary = finish_resume(runner, _run_with_display(runner))
+    finally:
+        runner.close()  # releases the core before exit (avoids an abort)
+    _print_summary(summary)
+    if summary.status == "interrupted":
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if summary.status == "failed":
+        err_console.print(f"error: run failed: {summary.error}")
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from smartscope.experiment import Experiment
 
 __all__ = [
+    "ResumePoint",
     "RunSummary",
     "Runner",
     "RunnerEvents",
@@ -94,6 +95,22 @@ class RunSummary:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a `Runner` goes on with an interrupted run in its directory.
+
+    Built by `smartscope.resume`: the runner keeps what is on disk, appends to
+    the logs, does not image `done_positions` again (and gives added positions
+    that would reuse one of those names a fresh name), numbers frames and
+    decisions after the logged ones, and merges `info` into ``run.json``.
+    """
+
+    done_positions: frozenset[str] = frozenset()
+    first_frame_index: int = 0
+    first_decision_id: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
 class RunnerEvents(SignalGroup):
     """Signals of a `Runner`.
 
@@ -137,6 +154,9 @@ class Runner:
         (``True``: a new one, no auto-approval) until approved or rejected;
         the base plan goes on meanwhile and the run does not end while any is
         pending. Available as `approval` (None when off).
+    resume_point : ResumePoint, optional
+        Go on with the interrupted run already in the directory (see
+        `smartscope.resume.resume_run`) instead of starting a new one.
 
     Examples
     --------
@@ -154,8 +174,10 @@ class Runner:
         out_dir: str | Path | None = None,
         overwrite: bool | None = None,
         approval: bool | ApprovalGate = False,
+        resume_point: ResumePoint | None = None,
     ) -> None:
         self.experiment = experiment
+        self.resume_point = resume_point
         self.events = RunnerEvents()
         self.approval: ApprovalGate | None = (
             approval
@@ -167,7 +189,9 @@ class Runner:
             Path(directory) if directory else default_run_dir(experiment.name)
         )
         overwrite = experiment.output.overwrite if overwrite is None else overwrite
-        if (self.directory / "run.json").exists() and not overwrite:
+        if resume_point is not None:
+            pass  # keep the run in the directory and go on with it
+        elif (self.directory / "run.json").exists() and not overwrite:
             raise ExperimentError(
                 f"{self.directory} already holds a run (choose another --out or "
                 "allow overwrite)"
@@ -205,7 +229,8 @@ class Runner:
         self.summary: RunSummary | None = None
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
-        self._frame_count = 0
+        self._first_frame = resume_point.first_frame_index if resume_point else 0
+        self._frame_count = self._first_frame
         self._cancel_reason: str | None = None
         self._mda_error: str | None = None
         self._started_at = ""
@@ -284,6 +309,9 @@ class Runner:
             dose_budget_ms=settings.dose_budget_ms,
             default_exposure_ms=float(core.getExposure()),
             sensor_size=self.microscope.sensor_shape[::-1],
+            done_positions=self.resume_point.done_positions
+            if self.resume_point
+            else (),
         )
         self.scheduler.events.eventsSkipped.connect(self._on_skipped)
         for policy in self.policies:
@@ -308,6 +336,8 @@ class Runner:
             num_threads=num_threads,
             approval=self.approval,
         )
+        if self.resume_point is not None:  # decision ids go on after the logged
+            self.worker.n_decisions = self.resume_point.first_decision_id
         self.worker.events.detectionsReady.connect(self.events.detectionsReady)
         self.worker.events.decisionMade.connect(self.events.decisionMade)
         self._started_at = datetime.now(timezone.utc).isoformat()
@@ -417,11 +447,12 @@ class Runner:
             reason=reason,
             directory=str(self.directory),
             wall_time_s=round(self.clock(), 3),
-            frames_acquired=self._frame_count,
+            frames_acquired=self._frame_count - self._first_frame,
             frames_analysed=worker.n_analysed,
             frames_dropped=self.stream.n_dropped if self.stream else 0,
             detections=worker.n_detections,
-            decisions=worker.n_decisions,
+            decisions=worker.n_decisions
+            - (self.resume_point.first_decision_id if self.resume_point else 0),
             events_scheduled=worker.n_events_scheduled
             + (self.approval.n_events_scheduled if self.approval else 0),
             events_skipped=sched.n_skipped,
@@ -473,6 +504,7 @@ class Runner:
                 for p in self.policies
                 if callable(getattr(p, "report", None))
             },
+            **(self.resume_point.info if self.resume_point else {}),
         }
 
     # -------------------------------------------------------------- cleanup

@@ -243,6 +243,7 @@ class InferenceWorker(threading.Thread):
             frame_index=frame.frame_index,
             model_id=self.segmenter.model_id,
         )
+        det.extra["image"] = image  # for policies that look at pixels (autofocus)
         frame.t_analysed = self._clock()
         self.n_analysed += 1
         self.n_detections += len(det)

@@ -5,8 +5,10 @@ from smartscope.scheduler._actions import (
     ActionOutcome,
     AddEvents,
     MovePosition,
+    SetFocus,
     SetInterval,
     SkipPosition,
+    SkipWell,
     Stop,
     event_summary,
 )
@@ -32,6 +34,13 @@ from smartscope.scheduler._scheduler import (
     SchedulerEvents,
     base_position_key,
 )
+from smartscope.scheduler._screen import (
+    HitDetection,
+    ObjectAutofocus,
+    WellQuota,
+    object_sharpness,
+    well_of,
+)
 
 __all__ = [
     "Action",
@@ -41,21 +50,28 @@ __all__ = [
     "Bounds",
     "EventBurst",
     "FindAndCenter",
+    "HitDetection",
     "MovePosition",
+    "ObjectAutofocus",
     "ObjectFilter",
     "PPolicy",
     "PolicyContext",
     "Scheduler",
     "SchedulerEvents",
+    "SetFocus",
     "SetInterval",
     "SkipEmpty",
     "SkipPosition",
+    "SkipWell",
     "Stop",
     "TrackAndFollow",
+    "WellQuota",
     "available_policies",
     "base_position_key",
     "create_policy",
     "event_summary",
     "object_features",
+    "object_sharpness",
     "policy_class",
+    "well_of",
 ]

@@ -118,7 +118,48 @@ class MovePosition:
         }
 
 
-Action = Union[AddEvents, SkipPosition, Stop, SetInterval, MovePosition]  # noqa: UP007
+@dataclass(frozen=True)
+class SkipWell:
+    """Drop every event still planned for a plate well.
+
+    Base-plan events whose position key starts with ``f"{well}_"`` (a
+    `useq.WellPlatePlan` names its positions ``<well>_<field>``) and queued
+    added events at such positions are dropped.
+    """
+
+    well: str
+    reason: str = ""
+    type: Literal["skip_well"] = field(default="skip_well", init=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "well": self.well, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class SetFocus:
+    """Image the later base-plan fields of a plate well at focus `z_um`.
+
+    Applies to base events whose position key starts with ``f"{well}_"`` that
+    are not served yet; fields already imaged keep their Z.
+    """
+
+    well: str
+    z_um: float
+    reason: str = ""
+    type: Literal["set_focus"] = field(default="set_focus", init=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "well": self.well,
+            "z_um": round(self.z_um, 3),
+            "reason": self.reason,
+        }
+
+
+Action = Union[  # noqa: UP007
+    AddEvents, SkipPosition, Stop, SetInterval, MovePosition, SkipWell, SetFocus
+]
 
 
 @dataclass

@@ -21,8 +21,10 @@ from smartscope.scheduler._actions import (
     ActionOutcome,
     AddEvents,
     MovePosition,
+    SetFocus,
     SetInterval,
     SkipPosition,
+    SkipWell,
     Stop,
     event_summary,
 )
@@ -71,6 +73,7 @@ class _Visit:
     deadline_s: float  # lateness above this counts as a missed timepoint
     order: int  # plan order, breaks ties
     timeline: _Timeline | None = None
+    read_s: float | None = None  # lazy plans: when it was read (its wait starts)
 
 
 @dataclass
@@ -218,6 +221,12 @@ class Scheduler(Iterator[MDAEvent]):
     idle_timeout_s : float
         With the base plan done and nothing queued or being analysed, how long
         a policy's pending-work check may hold the run open with nothing added.
+    done_positions : Iterable[str]
+        Positions finished by an earlier session of the same run (``smartscope
+        resume``): their base events are not served (counted in
+        `n_already_done`, not as skipped), and an added position whose key is
+        one of them gets a fresh key (``<key>_r<n>``) so nothing on disk is
+        overwritten.
     """
 
     def __init__(
@@ -233,6 +242,7 @@ class Scheduler(Iterator[MDAEvent]):
         default_exposure_ms: float = 10.0,
         sensor_size: tuple[int, int] | None = None,
         idle_timeout_s: float = 30.0,
+        done_positions: Iterable[str] = (),
     ) -> None:
         if travel_order not in ("plan", "nearest"):
             raise ValueError(
@@ -280,6 +290,13 @@ class Scheduler(Iterator[MDAEvent]):
         if not self._timelines:  # not a time-lapse over positions: read lazily
             self._timelines = None
             self._base = iter(plan)
+        self._done = frozenset(done_positions)
+        self._renamed: dict[str, str] = {}
+        self.n_already_done = 0
+        for tl in (self._timelines or {}).values():
+            if tl.key in self._done:
+                self.n_already_done += tl.remaining_visits() * len(tl.template)
+                tl.done = True
         # accounting
         self._here: tuple[float, float] | None = None
         self.travel_um = 0.0
@@ -293,6 +310,9 @@ class Scheduler(Iterator[MDAEvent]):
         self.n_added = 0
         self.n_skipped = 0
         self.current_position: str | None = None
+        # plate wells (SkipWell, SetFocus): position keys "<well>_<field>"
+        self._skipped_wells: set[str] = set()
+        self._well_focus: dict[str, float] = {}
 
     @staticmethod
     def _build_timelines(
@@ -433,6 +453,10 @@ class Scheduler(Iterator[MDAEvent]):
                 outcome = self._set_interval(action)
             elif isinstance(action, MovePosition):
                 outcome = self._move(action)
+            elif isinstance(action, SkipWell):
+                outcome = self._skip_well(action)
+            elif isinstance(action, SetFocus):
+                outcome = self._set_focus(action)
             elif isinstance(action, Stop):
                 self._stop_reason = f"stopped by policy: {action.reason}".rstrip(": ")
                 outcome = ActionOutcome(action, True)
@@ -441,6 +465,10 @@ class Scheduler(Iterator[MDAEvent]):
             self._cond.notify_all()
         if outcome.scheduled:
             self.events.eventsScheduled.emit(list(outcome.scheduled))
+        if isinstance(action, SkipWell) and outcome.n_dropped:
+            self.events.eventsSkipped.emit(
+                action.well, outcome.n_dropped, "position skipped"
+            )
         return outcome
 
     def _add(
@@ -455,7 +483,7 @@ class Scheduler(Iterator[MDAEvent]):
         refused = 0
         for event in action.events:
             key = _safe(event.pos_name) if event.pos_name else None
-            if key is not None and key in self._skipped:
+            if key is not None and (key in self._skipped or self._well_skipped(key)):
                 refused += 1
                 continue
             tag = event_tag(event)
@@ -528,6 +556,53 @@ class Scheduler(Iterator[MDAEvent]):
         self.n_skipped += dropped
         return ActionOutcome(action, True, n_dropped=dropped)
 
+    def _well_skipped(self, key: str | None) -> bool:
+        return bool(key) and str(key).split("_", 1)[0] in self._skipped_wells
+
+    def _skip_well(self, action: SkipWell) -> ActionOutcome:
+        well = action.well
+        if well in self._skipped_wells:
+            return ActionOutcome(action, False, "well already skipped")
+        self._skipped_wells.add(well)
+        keep = []
+        for item in self._added:
+            if self._well_skipped(_tag_pos(item[3])):
+                self._release(item)
+            else:
+                keep.append(item)
+        dropped = len(self._added) - len(keep)
+        self._added = keep
+        for tl in (self._timelines or {}).values():
+            if self._well_skipped(tl.key) and not tl.done:
+                dropped += tl.remaining_visits() * len(tl.template)
+                tl.done = True
+        # a lazily read plan's events of the well are counted as they are read
+        self.n_skipped += dropped
+        return ActionOutcome(action, True, n_dropped=dropped)
+
+    def _set_focus(self, action: SetFocus) -> ActionOutcome:
+        z = float(action.z_um)
+        if not math.isfinite(z):
+            return ActionOutcome(action, False, f"invalid focus {action.z_um}")
+        self._well_focus[action.well] = z
+        for tl in (self._timelines or {}).values():
+            if tl.key.startswith(f"{action.well}_"):
+                tl.template = [self._focused(e, z) for e in tl.template]
+        peeked = self._peeked
+        if peeked is not None and peeked.key.startswith(f"{action.well}_"):
+            peeked.events = [self._focused(e, z) for e in peeked.events]
+        return ActionOutcome(action, True, f"focus {z:.2f} µm")
+
+    def _focused(self, event: MDAEvent, z_um: float) -> MDAEvent:
+        """`event` at focus `z_um` (a relative Z plan's offset is kept)."""
+        z_plan = getattr(self._plan, "z_plan", None)
+        offset = 0.0
+        if z_plan is not None and z_plan.is_relative and "z" in event.index:
+            offsets = list(z_plan)
+            k = int(event.index["z"])
+            offset = float(offsets[k]) if k < len(offsets) else 0.0
+        return event.model_copy(update={"z_pos": z_um + offset})
+
     def _set_interval(self, action: SetInterval) -> ActionOutcome:
         tl = self._timeline_for(action)
         if isinstance(tl, ActionOutcome):
@@ -584,7 +659,8 @@ class Scheduler(Iterator[MDAEvent]):
                 added = self._best_added(horizon)
                 visit = self._next_visit(horizon)
                 if visit is not None and visit.due <= horizon:
-                    base_late = now - visit.due
+                    since = visit.due if visit.read_s is None else visit.read_s
+                    base_late = now - since
                     if added is None or added[0] > 0 or base_late > self.max_delay_s:
                         return self._start_visit(visit, now)
                 if added is not None:
@@ -800,9 +876,15 @@ class Scheduler(Iterator[MDAEvent]):
                 self._base_done = True
                 break
             key = base_position_key(event)
-            if key in self._skipped:
+            if key in self._done:
+                self.n_already_done += 1
+                continue
+            if key in self._skipped or self._well_skipped(key):
                 self._count_skipped(key)
                 continue
+            z_focus = self._well_focus.get(key.split("_", 1)[0])
+            if z_focus is not None:
+                event = self._focused(event, z_focus)
             index = event.index
             nc, nz, order = self._layout
             tag = {
@@ -816,8 +898,11 @@ class Scheduler(Iterator[MDAEvent]):
             if due > -math.inf:
                 tag["due_s"] = round(due, 6)
             stamped = self._stamp(event, tag, key)
-            self._peeked = _Visit(key, due, [stamped], -1.0, 0)
-        if self._peeked is not None and self._peeked.key in self._skipped:
+            since = self.now() if due == -math.inf else None  # untimed: wait from now
+            self._peeked = _Visit(key, due, [stamped], -1.0, 0, read_s=since)
+        if self._peeked is not None and (
+            self._peeked.key in self._skipped or self._well_skipped(self._peeked.key)
+        ):
             self._count_skipped(self._peeked.key)  # skipped while waiting to be due
             self._peeked = None
             return self._peek_lazy()
@@ -826,6 +911,18 @@ class Scheduler(Iterator[MDAEvent]):
     def _count_skipped(self, key: str | None) -> None:
         self.n_skipped += 1
         self.events.eventsSkipped.emit(str(key), 1, "position skipped")
+
+    def _fresh_key(self, key: str) -> str:
+        """`key`, or a new one where an earlier session's position has it."""
+        if key not in self._done:
+            return key
+        if key not in self._renamed:
+            taken = self._done | set(self._renamed.values())
+            n = 1
+            while f"{key}_r{n}" in taken:
+                n += 1
+            self._renamed[key] = f"{key}_r{n}"
+        return self._renamed[key]
 
     def _stamp(self, event: MDAEvent, tag: dict[str, Any], key: str | None) -> MDAEvent:
         event_id = next(self._event_ids)
@@ -836,7 +933,7 @@ class Scheduler(Iterator[MDAEvent]):
             "shape": {"c": 1, "z": 1, "order": "cz"},
             **tag,
             "event_id": event_id,
-            "position": key or f"added_{event_id:05d}",
+            "position": self._fresh_key(key or f"added_{event_id:05d}"),
         }
         metadata = {**event.metadata, "smartscope": tag}
         return event.model_copy(update={"metadata": metadata})

@@ -1,0 +1,526 @@
+"""Go on with a run that crashed, was killed (even ``kill -9``) or interrupted.
+
+``smartscope resume RUN_DIR`` reads what the run directory holds and images
+only what is missing:
+
+- A base-plan position (a `base_position_key` of the plan) is *finished* when
+  every frame the plan has for it is listed in ``frames.jsonl`` **and** its
+  chunk is on disk (frames are written asynchronously, so a kill can lose the
+  last ones that were already logged), every such frame's analysis was logged
+  (so its policies' decisions were applied), and every position its decisions
+  added (targets) is complete. Positions a policy skipped (``skip_position``,
+  ``skip_well``, a spent light-dose budget) are finished too. Finished
+  positions are kept and not imaged again.
+- Any other position with frames or an array on disk is *partial*: its image
+  and label arrays, and those of the positions its decisions added, are moved
+  aside to ``images/<key>.partial-<n>.ome.zarr`` (``labels/`` likewise), the
+  lines of their frames in ``frames.jsonl`` are pointed there and marked
+  ``"partial": true``, and the position is imaged again.
+- Added positions (e.g. ``target_0007``) that are complete and were triggered
+  by a finished position are kept; incomplete ones are moved aside.
+
+The new session appends to the JSON-lines logs (a line cut off by the kill is
+dropped first), numbers frames and decisions after the logged ones, gives
+added positions that would reuse a kept name a fresh one (``<key>_r<n>``),
+and records itself in ``run.json["resumed"]``. At the end ``run.json``'s
+``summary`` counts every session (from the logs); its ``latency_ms`` and
+``schedule`` cover the last session only.
+
+Known limits: policies start afresh (a well quota counts again from zero, a
+well's focus is found again); targets that were queued but not imaged when
+the run died are imaged only when their field is imaged again, i.e. when that
+field was partial.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from smartscope._errors import ExperimentError, SmartscopeError, first_line
+from smartscope.storage import dumps, read_jsonl
+
+if TYPE_CHECKING:
+    from smartscope.experiment import Experiment
+    from smartscope.runner import Runner, RunSummary
+
+__all__ = ["RunState", "finish_resume", "inspect_run", "prepare_resume", "resume_run"]
+
+_LOGS = ("frames.jsonl", "detections.jsonl", "decisions.jsonl")
+_PARTIAL = ".partial-"
+
+
+class ResumeError(SmartscopeError):
+    """A directory holds no run that can be resumed."""
+
+
+@dataclass
+class RunState:
+    """What a run directory holds, position by position (see the module doc)."""
+
+    directory: Path
+    status: str
+    info: dict[str, Any] = field(repr=False)
+    finished: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    partial: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    kept_added: list[str] = field(default_factory=list)
+    redo_added: list[str] = field(default_factory=list)
+    next_frame_index: int = 0
+    next_decision_id: int = 0
+
+    @property
+    def completed(self) -> bool:
+        """The run finished: nothing to resume."""
+        return self.status == "completed"
+
+    @property
+    def to_move(self) -> list[str]:
+        """Array names moved aside before imaging again."""
+        return self.partial + self.redo_added
+
+
+# ------------------------------------------------------------------- inspect
+def inspect_run(run_dir: str | Path) -> RunState:
+    """Read a run directory and sort its positions; changes nothing.
+
+    Raises
+    ------
+    ResumeError
+        If the directory holds no run (no readable ``run.json`` with its plan).
+    """
+    directory = Path(run_dir)
+    info = _read_info(directory)
+    status = str(info.get("status") or "running")
+    state = RunState(directory, status, info)
+    if state.completed:
+        return state
+
+    frames = _records(directory / "frames.jsonl")
+    detections = _records(directory / "detections.jsonl")
+    decisions = _records(directory / "decisions.jsonl")
+    expected = _expected_frames(info)
+    on_disk = _arrays(directory)
+
+    # where each logged frame is, and whether its chunk made it to disk
+    logged: dict[str, set[tuple[int, int, int]]] = defaultdict(set)
+    base_frames: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for f in frames:
+        where = f.get("array") or {}
+        name = str(where.get("position", f.get("position")))
+        logged[name].add(_tcz(where))
+        if f.get("kind", "base") == "base":
+            base_frames[name].append(f)
+    stored = {
+        name: _stored_chunks(directory / "images" / f"{name}.ome.zarr")
+        for name in on_disk
+    }
+    analysed = {
+        int(r["frame_index"])
+        for r in detections
+        if r.get("frame_index") is not None and "error" not in r
+    }
+
+    # what the policies did: skips, and the positions each field's decisions added
+    skipped: set[str] = set()
+    skipped_wells: set[str] = set()
+    scheduled: Counter[str] = Counter()
+    triggered: dict[str, set[str]] = defaultdict(set)
+    for d in decisions:
+        source = (d.get("trigger") or {}).get("position")
+        for a in d.get("actions") or []:
+            if a.get("status") != "applied":
+                continue
+            kind = a.get("type")
+            if kind in ("skip_position", "skip_visits") and a.get("position"):
+                skipped.add(str(a["position"]))
+            elif kind == "skip_well" and a.get("well"):
+                skipped_wells.add(str(a["well"]))
+            elif kind == "add_events":
+                for e in a.get("events") or []:
+                    if e.get("position") is not None:
+                        scheduled[str(e["position"])] += 1
+                        if source is not None:
+                            triggered[str(source)].add(str(e["position"]))
+
+    def is_skipped(key: str) -> bool:
+        return key in skipped or key.split("_", 1)[0] in skipped_wells
+
+    def complete(name: str) -> bool:
+        """Every logged frame is on disk, and as many as were scheduled."""
+        if is_skipped(name):
+            return True
+        have = logged.get(name, set())
+        chunks = stored.get(name) or set()
+        return bool(have) and have <= chunks and len(have) >= scheduled.get(name, 0)
+
+    analysis = (info.get("experiment") or {}).get("analysis") or {}
+    analysis_on = bool(analysis.get("enabled", True))
+
+    def decided(key: str) -> bool:
+        return not analysis_on or all(
+            f.get("dropped") or int(f.get("frame_index", -1)) in analysed
+            for f in base_frames.get(key, [])
+        )
+
+    for key, want in expected.items():
+        if is_skipped(key):
+            state.skipped.append(key)
+        elif (
+            want <= (logged.get(key, set()) & (stored.get(key) or set()))
+            and decided(key)
+            and all(complete(p) for p in triggered.get(key, ()))
+        ):
+            state.finished.append(key)
+        elif logged.get(key) or key in on_disk:
+            state.partial.append(key)
+        else:
+            state.pending.append(key)
+
+    redo_sources = set(state.partial) | set(state.pending)
+    added = (set(on_disk) | set(logged) | set(scheduled)) - set(expected)
+    for name in sorted(added):
+        if _PARTIAL in name or not (name in on_disk or logged.get(name)):
+            continue  # moved aside earlier, or never imaged
+        from_redo = any(name in triggered[k] for k in redo_sources)
+        if complete(name) and not from_redo:
+            state.kept_added.append(name)
+        else:
+            state.redo_added.append(name)
+
+    indices = [int(f["frame_index"]) for f in frames if "frame_index" in f]
+    indices += list(analysed)
+    state.next_frame_index = max(indices, default=-1) + 1
+    ids = [int(d["decision_id"]) for d in decisions if d.get("decision_id") is not None]
+    state.next_decision_id = max(ids, default=-1) + 1
+    return state
+
+
+def _read_info(directory: Path) -> dict[str, Any]:
+    if not directory.is_dir():
+        raise ResumeError(f"not a directory: {directory}")
+    path = directory / "run.json"
+    if not path.is_file():
+        raise ResumeError(f"{directory} is not a run directory (no run.json)")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"{path} is unreadable: {first_line(e)}") from None
+    if not isinstance(info, dict) or "status" not in info:
+        raise ResumeError(f"{path} is not a smartscope run.json")
+    if info.get("status") != "completed" and not isinstance(info.get("plan"), dict):
+        raise ResumeError(f"{path} has no plan to resume")
+    return info
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return (
+        [r for r in read_jsonl(path) if isinstance(r, dict)] if path.is_file() else []
+    )
+
+
+def _tcz(where: dict[str, Any]) -> tuple[int, int, int]:
+    return (int(where.get("t", 0)), int(where.get("c", 0)), int(where.get("z", 0)))
+
+
+def _expected_frames(info: dict[str, Any]) -> dict[str, set[tuple[int, int, int]]]:
+    """Base position key → its (visit, c, z) frames, from the resolved plan."""
+    from useq import MDASequence
+
+    from smartscope.scheduler import base_position_key
+
+    try:
+        plan = MDASequence.model_validate(info["plan"])
+    except Exception as e:
+        raise ResumeError(
+            f"run.json: the plan is unreadable: {first_line(e)}"
+        ) from None
+    out: dict[str, set[tuple[int, int, int]]] = defaultdict(set)
+    for event in plan:
+        out[base_position_key(event)].add(_tcz(dict(event.index)))
+    return dict(out)
+
+
+def _arrays(directory: Path) -> set[str]:
+    """Names of the image and label arrays on disk (moved-aside ones included)."""
+    names = set()
+    for folder in ("images", "labels"):
+        for path in (directory / folder).glob("*.ome.zarr"):
+            names.add(path.name.removesuffix(".ome.zarr"))
+    return names
+
+
+def _stored_chunks(path: Path) -> set[tuple[int, int, int]] | None:
+    """The (t, c, z) frames of an OME-Zarr whose chunk is complete on disk.
+
+    Arrays are written with one chunk per frame (see `PositionArrays`); None if
+    the array's metadata is unreadable or laid out otherwise.
+    """
+    root = path / "0"
+    try:
+        meta = json.loads((root / "zarr.json").read_text(encoding="utf-8"))
+        names = [str(n) for n in meta["dimension_names"]]
+        chunks = [int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"]]
+        shape = [int(n) for n in meta["shape"]]
+        encoding = meta.get("chunk_key_encoding") or {}
+        sep = (encoding.get("configuration") or {}).get("separator", "/")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if (
+        names[:1] != ["t"]
+        or sorted(names[1:3]) != ["c", "z"]
+        or chunks[:3] != [1, 1, 1]
+        or chunks[3:] != shape[3:]
+        or encoding.get("name") != "default"
+    ):
+        return None
+    size = None  # uncompressed chunks have a known size: a cut-off one is not stored
+    if [c.get("name") for c in meta.get("codecs", [])] == ["bytes"]:
+        import numpy as np
+
+        size = int(np.prod(chunks)) * np.dtype(meta["data_type"]).itemsize
+    out = set()
+    c_at, z_at = names.index("c"), names.index("z")
+    prefix = root / "c"
+    for dirpath, _, files in os.walk(prefix):
+        for name in files:
+            path = Path(dirpath) / name
+            parts = path.relative_to(prefix).as_posix().split("/")
+            if sep != "/":
+                parts = "/".join(parts).split(sep)
+            try:
+                idx = [int(p) for p in parts]
+            except ValueError:
+                continue  # a temporary file
+            if len(idx) != len(names) or any(idx[3:]):
+                continue
+            if size is not None and path.stat().st_size != size:
+                continue
+            out.add((idx[0], idx[c_at], idx[z_at]))
+    return out
+
+
+# ------------------------------------------------------------------- resume
+def prepare_resume(state: RunState, *, config: str | Path | None = None) -> Runner:
+    """Repair the logs, move partial arrays aside and build the `Runner`.
+
+    The runner is not started; run it like any other (``runner.run()``), then
+    call `finish_resume`. `config` overrides the hardware config the run used.
+
+    Raises
+    ------
+    ResumeError
+        If the run completed, or its experiment cannot be read.
+    """
+    from smartscope.runner import ResumePoint, Runner
+
+    if state.completed:
+        raise ResumeError(f"{state.directory}: the run completed; nothing to resume")
+    directory = state.directory
+    experiment = _load_experiment(state)
+    cfg = config if config is not None else state.info.get("hardware_config")
+    cfg_path = experiment.config_path(cfg)  # ConfigError if it is gone
+
+    for name in _LOGS:
+        _drop_cut_off_line(directory / name)
+    moved = _move_aside(directory, state.to_move)
+    if moved:
+        _point_frames_to(directory / "frames.jsonl", moved)
+
+    done = set(state.finished) | set(state.skipped) | set(state.kept_added)
+    done |= _arrays(directory)  # no new array may take an existing name
+    resumed = list(state.info.get("resumed") or [])
+    resumed.append(
+        {
+            "at": datetime.now(timezone.utc).isoformat(),
+            "status_before": state.status,
+            "finished_positions": len(state.finished),
+            "skipped_positions": len(state.skipped),
+            "partial": state.partial,
+            "pending_positions": len(state.pending),
+            "kept_added_positions": len(state.kept_added),
+            "moved_aside": moved,
+            "first_frame_index": state.next_frame_index,
+            "first_decision_id": state.next_decision_id,
+            "wall_time_before_s": _wall_time_so_far(state),
+            "summary": None,  # this session's own counts, filled at the end
+        }
+    )
+    point = ResumePoint(
+        done_positions=frozenset(done),
+        first_frame_index=state.next_frame_index,
+        first_decision_id=state.next_decision_id,
+        info={
+            "started_at": state.info.get("started_at") or "",
+            "resumed": resumed,
+        },
+    )
+    return Runner(experiment, config=cfg_path, out_dir=directory, resume_point=point)
+
+
+def finish_resume(runner: Runner, summary: RunSummary) -> RunSummary:
+    """Write the whole run's counts to ``run.json``; return its `RunSummary`.
+
+    `summary` is the finished session's own; the returned one counts every
+    session from the logs (``latency_ms`` and ``schedule`` stay the session's).
+    """
+    directory = runner.directory
+    info = json.loads((directory / "run.json").read_text(encoding="utf-8"))
+    resumed = info.get("resumed") or [{}]
+    resumed[-1]["summary"] = summary.to_json()
+    before = float(resumed[-1].get("wall_time_before_s") or 0.0)
+    total = replace(
+        summary,
+        wall_time_s=round(before + summary.wall_time_s, 3),
+        **_counts_from_logs(directory),
+    )
+    info["summary"] = total.to_json()
+    info["summary_note"] = (
+        "counts cover every session of the run (from the logs; frames_acquired "
+        "includes the frames of partial positions moved aside); wall_time_s sums "
+        "the sessions (a killed one up to its last frame); latency_ms and "
+        "schedule cover the last session only"
+    )
+    runner.storage.write_run_json(info)  # type: ignore[union-attr]
+    return total
+
+
+def resume_run(run_dir: str | Path, *, config: str | Path | None = None) -> RunSummary:
+    """Resume an interrupted run and return the whole run's `RunSummary`.
+
+    A completed run is left as it is (its stored summary is returned).
+
+    Examples
+    --------
+    >>> summary = resume_run("runs/plate-20250101-220000")
+    """
+    from smartscope.runner import RunSummary
+
+    state = inspect_run(run_dir)
+    if state.completed:
+        stored = state.info.get("summary") or {}
+        try:
+            return RunSummary(**stored)
+        except TypeError:
+            raise ResumeError(
+                f"{run_dir}: the run completed; nothing to resume"
+            ) from None
+    runner = prepare_resume(state, config=config)
+    try:
+        return finish_resume(runner, runner.run())
+    finally:
+        runner.close()
+
+
+def _load_experiment(state: RunState) -> Experiment:
+    import yaml
+    from pydantic import ValidationError
+
+    from smartscope.experiment import Experiment, format_validation_error
+
+    path = state.directory / "experiment.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ResumeError(f"cannot read {path}: {first_line(e)}") from None
+    if not isinstance(data, dict):
+        raise ResumeError(f"{path}: expected a mapping of experiment fields")
+    source = (state.info.get("experiment") or {}).get("source")
+    try:
+        return Experiment.model_validate({**data, "source": source})
+    except ValidationError as e:
+        raise ExperimentError(f"{path}: {format_validation_error(e)}") from None
+
+
+def _drop_cut_off_line(path: Path) -> None:
+    """Cut a last line without its newline (a write the kill interrupted)."""
+    if not path.is_file():
+        return
+    with path.open("rb+") as fh:
+        data = fh.read()
+        if data and not data.endswith(b"\n"):
+            fh.truncate(data.rfind(b"\n") + 1)
+
+
+def _move_aside(directory: Path, names: list[str]) -> dict[str, str]:
+    """Rename each name's image and label arrays to ``<name>.partial-<n>``."""
+    moved = {}
+    for name in names:
+        paths = [directory / d / f"{name}.ome.zarr" for d in ("images", "labels")]
+        if not any(p.exists() for p in paths):
+            continue
+        n = 1
+        while any(p.with_name(f"{name}{_PARTIAL}{n}.ome.zarr").exists() for p in paths):
+            n += 1
+        new = f"{name}{_PARTIAL}{n}"
+        for p in paths:
+            if p.exists():
+                p.rename(p.with_name(f"{new}.ome.zarr"))
+        moved[name] = new
+    return moved
+
+
+def _point_frames_to(path: Path, moved: dict[str, str]) -> None:
+    """Point the moved arrays' frame lines at their new names (atomically)."""
+    lines = []
+    for record in _records(path):
+        where = record.get("array")
+        if isinstance(where, dict) and where.get("position") in moved:
+            record["array"] = {**where, "position": moved[where["position"]]}
+            record["partial"] = True
+        lines.append(dumps(record) + "\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _wall_time_so_far(state: RunState) -> float:
+    """Acquisition time of the earlier sessions (a killed one: to its last frame)."""
+    summary = state.info.get("summary") or {}
+    if summary.get("wall_time_s") is not None:
+        return float(summary["wall_time_s"])
+    resumed = state.info.get("resumed") or []
+    before = float(resumed[-1].get("wall_time_before_s") or 0.0) if resumed else 0.0
+    first = int(resumed[-1].get("first_frame_index") or 0) if resumed else 0
+    times = [
+        float(f["t_acquired"])
+        for f in _records(state.directory / "frames.jsonl")
+        if f.get("t_acquired") is not None and int(f.get("frame_index", -1)) >= first
+    ]
+    return round(before + max(times, default=0.0), 3)
+
+
+def _counts_from_logs(directory: Path) -> dict[str, int]:
+    frames = _records(directory / "frames.jsonl")
+    detections = _records(directory / "detections.jsonl")
+    decisions = _records(directory / "decisions.jsonl")
+    applied = [
+        a
+        for d in decisions
+        for a in d.get("actions") or []
+        if a.get("status") == "applied"
+    ]
+    kept = {n for n in _arrays(directory) if _PARTIAL not in n}
+    return {
+        "frames_acquired": len(frames),
+        "frames_analysed": sum("error" not in r for r in detections),
+        "frames_dropped": sum(bool(f.get("dropped")) for f in frames),
+        "detections": sum(int(r.get("n_detections", 0)) for r in detections),
+        "decisions": sum(
+            d.get("decision_id") is not None and "approval" not in d for d in decisions
+        ),
+        "events_scheduled": sum(len(a.get("events") or []) for a in applied),
+        "events_skipped": sum(int(a.get("n_dropped", 0)) for a in applied),
+        "base_events": sum(
+            f.get("kind", "base") == "base" and not f.get("partial") for f in frames
+        ),
+        "positions": sum(
+            (directory / "images" / f"{n}.ome.zarr").exists() for n in kept
+        ),
+    }

@@ -1,0 +1,390 @@
+"""Screening policies (well quota, hit detection, object autofocus) on a plate.
+
+`_simulate` is the closed loop of ``test_live_policies.py`` adapted to a fixed
+`PlateSpecimen`: the Scheduler serves events on a simulated clock, the specimen
+renders each at its stage X/Y/Z and camera ROI, the threshold segmenter segments
+it, and the policies' actions go back to the Scheduler — deterministic, checked
+against the plate's ground truth.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import useq
+from useq import MDAEvent, MDASequence
+
+from smartscope.detections import Detections
+from smartscope.frame import Frame, event_tag
+from smartscope.scheduler import (
+    AddEvents,
+    HitDetection,
+    ObjectAutofocus,
+    PolicyContext,
+    Scheduler,
+    SetFocus,
+    SkipWell,
+    WellQuota,
+    available_policies,
+    create_policy,
+    well_of,
+)
+from smartscope.segment import create_segmenter
+from smartscope.sim.plate import PlateSpecimen
+
+SENSOR = 256  # px at 1 µm/px: small fields keep the tests quick
+FILTER = {"min_area_px": 40}  # nuclei are ≥ 60 µm²; no specks
+SEGMENTER = {"threshold": 200, "min_area_px": 20, "min_distance_px": 8}
+
+
+@pytest.fixture(scope="module")
+def plate():
+    return PlateSpecimen(0)
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    return create_segmenter("threshold", SEGMENTER)
+
+
+@pytest.fixture(scope="module")
+def wells(plate):
+    """Seven wells: normal ones (one first: it sets the hit reference), 3 hits,
+    one empty — as the truth says."""
+    truth = {w["id"]: w for w in plate.ground_truth(wells=[])["wells"]}
+    normal = [w for w in truth.values() if not w["empty"] and not w["hit"]]
+    hits = [w for w in truth.values() if w["hit"]]
+    empty = [w for w in truth.values() if w["empty"]]
+    chosen = [normal[0], hits[0], empty[0], normal[1], hits[2], normal[2], hits[3]]
+    # the search must reach each well's focus, e.g. -7.6 µm at E5
+    assert {w["id"] for w in chosen if w["hit"]} == {"B9", "E5", "E10"}
+    return chosen
+
+
+def _sequence(plate, wells, rows=3, columns=3):
+    plan = plate.well_plate_plan(
+        selected_wells=([w["row"] for w in wells], [w["col"] for w in wells]),
+        well_points_plan=useq.GridRowsColumns(
+            rows=rows, columns=columns, fov_width=SENSOR, fov_height=SENSOR
+        ),
+    )
+    return MDASequence(
+        stage_positions=plan, channels=[{"config": "DAPI", "exposure": 10}]
+    )
+
+
+def _simulate(specimen, plan, policies, segmenter, *, frame_s=0.02, **sched_kw):
+    """Run the closed loop on a simulated clock; return frames and the Scheduler."""
+    clock = [0.0]
+    sched = Scheduler(
+        plan, clock=lambda: clock[0], sensor_size=(SENSOR, SENSOR), **sched_kw
+    )
+    context = PolicyContext(
+        fov_um=(SENSOR, SENSOR), pixel_size_um=1.0, clock=lambda: clock[0]
+    )
+    for p in policies:
+        sched.add_pending_check(p.has_pending_work)
+    skipped: list[tuple[str, int, str]] = []
+    sched.events.eventsSkipped.connect(lambda *a: skipped.append(a))
+    frames = []
+    roi_now = None
+    rng = np.random.default_rng(0)
+    while True:
+        try:
+            event = next(sched)
+        except StopIteration:
+            break
+        if event.roi is not None:
+            roi_now = event.roi
+        x0, y0, w, h = (
+            (roi_now.offset_x, roi_now.offset_y, roi_now.width, roi_now.height)
+            if roi_now
+            else (0, 0, SENSOR, SENSOR)
+        )
+        cx = event.x_pos + x0 + (w - 1) / 2 - (SENSOR - 1) / 2
+        cy = event.y_pos + y0 + (h - 1) / 2 - (SENSOR - 1) / 2
+        z = event.z_pos if event.z_pos is not None else 0.0
+        image = specimen.render(cx, cy, z, shape=(h, w), exposure_ms=10, rng=rng)
+        tag = event_tag(event)
+        frame = Frame(
+            frame_index=len(frames),
+            event=event,
+            position=tag["position"],
+            kind=tag["kind"],
+            stage_x_um=event.x_pos,
+            stage_y_um=event.y_pos,
+            stage_z_um=z,
+            channel="DAPI",
+            exposure_ms=10.0,
+            t_acquired=clock[0],
+            t_clock=clock[0],
+        )
+        frames.append(frame)
+        labels = segmenter.segment(image[None]).labels[0]
+        offset = np.array([cx - (w - 1) / 2, cy - (h - 1) / 2])
+        det = Detections.from_labels(
+            labels, image, to_stage=lambda px, o=offset: px + o
+        )
+        det.extra["image"] = image
+        for policy in policies:
+            for action in policy.on_detections(frame, det, context):
+                sched.apply(
+                    action,
+                    trigger_frame=frame.frame_index,
+                    trigger_position=frame.position,
+                    kind=policy.name,
+                )
+        clock[0] += frame_s
+    sched.skipped_log = skipped  # type: ignore[attr-defined]
+    return frames, sched
+
+
+def _base_fields(frames):
+    """Base positions imaged, per well, in order."""
+    out: dict[str, list[str]] = {}
+    for f in frames:
+        if f.kind == "base":
+            out.setdefault(well_of(f.position), []).append(f.position)
+    return out
+
+
+@pytest.fixture(scope="module")
+def screen(plate, wells, segmenter):
+    """The three policies together over 7 wells × 3×3 fields."""
+    quota = WellQuota(max_cells=25, filter=FILTER)
+    focus = ObjectAutofocus(filter=FILTER, min_objects=3)
+    hits = HitDetection(filter=FILTER, z_plan={"range": 2, "step": 1})
+    frames, sched = _simulate(
+        plate, _sequence(plate, wells), [quota, focus, hits], segmenter
+    )
+    return frames, sched, quota, focus, hits
+
+
+# ------------------------------------------------------------------ well quota
+def test_well_quota_by_fields_holds_exactly(plate, wells, segmenter):
+    quota = WellQuota(max_fields=2, filter=FILTER)
+    frames, sched = _simulate(plate, _sequence(plate, wells), [quota], segmenter)
+    fields = _base_fields(frames)
+    assert set(fields) == {w["id"] for w in wells}
+    for well, imaged in fields.items():
+        assert imaged == [f"{well}_0000", f"{well}_0001"]  # no third field
+        assert quota.report()["wells"][well]["stopped"].startswith("field quota")
+    assert sched.n_skipped == len(wells) * 7  # the other 7 fields of each well
+    assert sum(n for _, n, _ in sched.skipped_log) == sched.n_skipped
+    assert quota.report()["n_wells_stopped"] == len(wells)
+
+
+def test_well_quota_by_cells_stops_right_after_the_crossing_field(screen, wells):
+    frames, sched, quota, _, _ = screen
+    fields = _base_fields(frames)
+    report = quota.report()["wells"]
+    for w in wells:
+        well, st = w["id"], report[w["id"]]
+        counted = quota.well(well)
+        assert counted["fields"] == fields[well]  # every field imaged was counted
+        if w["empty"]:  # nothing to count: every field is imaged
+            assert len(fields[well]) == 9 and st["cells"] == 0
+            assert st["stopped"] == "plan exhausted"
+            continue
+        # the well stopped at the first field that reached 25 cells
+        assert st["stopped"].startswith("cell quota")
+        assert sum(counted["field_cells"][:-1]) < 25 <= st["cells"]
+        assert st["fields"] < 9 and st["fields_after_stop"] == 0
+    assert sched.n_skipped == sum(9 - len(v) for v in fields.values())
+
+
+def test_skip_well_drops_queued_added_events_and_refuses_new_ones():
+    plan = MDASequence(
+        stage_positions=[
+            {"x": 0, "y": 0, "name": "A1_0000"},
+            {"x": 10, "y": 0, "name": "A1_0001"},
+            {"x": 100, "y": 0, "name": "A10_0000"},
+            {"x": 110, "y": 0, "name": "A1_0002"},
+        ]
+    )
+    sched = Scheduler(plan)
+    skipped = []
+    sched.events.eventsSkipped.connect(lambda *a: skipped.append(a))
+    assert event_tag(next(sched))["position"] == "A1_0000"
+    extra = AddEvents((MDAEvent(pos_name="A1_0000", x_pos=1),), priority=-1)
+    assert sched.apply(extra).applied
+    out = sched.apply(SkipWell("A1", reason="quota"))
+    assert (
+        out.applied
+        and out.n_dropped == 1
+        and skipped == [("A1", 1, "position skipped")]
+    )
+    assert not sched.apply(extra).applied  # a skipped well takes nothing new
+    assert not sched.apply(SkipWell("A1")).applied
+    rest = [event_tag(e)["position"] for e in sched]
+    assert rest == ["A10_0000"]  # "A10_" is another well
+    assert sched.n_skipped == 3
+
+
+# --------------------------------------------------------------- hit detection
+def test_hit_detection_finds_the_hit_wells_and_targets_hit_cells(screen, wells, plate):
+    frames, _, _, _, hits = screen
+    truth_hits = {w["id"] for w in wells if w["hit"]}
+    found = set(hits.hits)
+    tp = len(found & truth_hits)
+    recall, precision = tp / len(truth_hits), tp / max(len(found), 1)
+    assert recall == 1.0 and precision == 1.0
+    report = hits.report()["wells"]
+    for w in wells:
+        r = report[w["id"]]
+        assert r["hit"] == w["hit"]
+        if not w["hit"]:
+            assert r["targets"] == 0 and r["fraction"] < 0.05
+    # every target: a 64 µm ROI Z-stack (3 planes) centered on a phenotype cell
+    cells = plate.cell_table(truth_hits)
+    xy = np.column_stack([cells["x_um"], cells["y_um"]])
+    targets = hits.targets()
+    assert len(targets) >= 3 * len(truth_hits)
+    on_phenotype, offsets = 0, []
+    for x, y in targets:
+        d = np.hypot(*(xy - (x, y)).T)
+        offsets.append(d.min() / cells["radius_um"][np.argmin(d)])
+        on_phenotype += bool(cells["hit_phenotype"][np.argmin(d)])
+        # the target point lies inside a nucleus (not between two)
+        assert plate.truth_labels(x, y, shape=(1, 1))[0, 0] > 0
+    print(
+        f"targets {len(targets)}, on phenotype cells {on_phenotype}, "
+        f"offset/radius median {np.median(offsets):.2f} max {max(offsets):.2f}"
+    )
+    assert on_phenotype == len(targets)
+    assert np.median(offsets) < 0.25
+    hit_frames = [f for f in frames if f.kind == "hit"]
+    assert len(hit_frames) == 3 * len(targets)
+    assert all(f.event.roi.width == 64 for f in hit_frames)
+    assert {f.position.rsplit("_", 1)[0] for f in hit_frames} == {
+        f"hit_{w}" for w in truth_hits
+    }
+
+
+# ------------------------------------------------------------ object autofocus
+def test_object_autofocus_images_later_fields_in_focus(screen, wells):
+    frames, _, _, focus, _ = screen
+    report = focus.report()["wells"]
+    errors = []
+    for w in wells:
+        well, best = w["id"], w["focus_um"]
+        base = [f for f in frames if f.kind == "base" and well_of(f.position) == well]
+        if w["empty"]:  # no cells: no search, the plan's Z
+            assert well not in report and all(f.stage_z_um == 0 for f in base)
+            continue
+        search = report[well]["searches"][-1]
+        assert search["result"] == "focused" and len(search["planes_z_um"]) >= 9
+        assert report[well]["z_um"] == pytest.approx(focus.focus(well), abs=1e-3)
+        searched = search["field"]
+        k = [f.position for f in base].index(searched)
+        # fields up to the searched one keep the plan's Z; later ones are focused
+        assert all(f.stage_z_um == 0 for f in base[: k + 1])
+        assert len(base) > k + 1
+        for f in base[k + 1 :]:
+            errors.append(f.stage_z_um - best)
+            assert abs(f.stage_z_um - best) < 1.0
+    # the truth focus of these wells is far from the plan's Z for some
+    assert max(abs(w["focus_um"]) for w in wells if not w["empty"]) > 5
+    print(f"focus error of later fields: max {np.abs(errors).max():.2f} µm")
+    assert np.abs(errors).max() < 0.5
+
+
+def test_set_focus_keeps_a_relative_z_plan_and_served_fields():
+    plan = MDASequence(
+        stage_positions=[
+            {"x": 0, "y": 0, "z": 1, "name": "B2_0000"},
+            {"x": 9, "y": 0, "z": 1, "name": "B2_0001"},
+            {"x": 99, "y": 0, "z": 1, "name": "C3_0000"},
+        ],
+        z_plan={"range": 2, "step": 1},
+    )
+    sched = Scheduler(plan)
+    first = [next(sched) for _ in range(3)]
+    assert [e.z_pos for e in first] == [0, 1, 2]
+    assert sched.apply(SetFocus("B2", 5.0)).applied
+    rest = [(event_tag(e)["position"], e.z_pos) for e in sched]
+    assert rest == [("B2_0001", 4), ("B2_0001", 5), ("B2_0001", 6)] + [
+        ("C3_0000", 0),
+        ("C3_0000", 1),
+        ("C3_0000", 2),
+    ]
+
+
+def test_screen_policies_are_registered():
+    assert {"well_quota", "hit_detection", "object_autofocus"} <= set(
+        available_policies()
+    )
+    assert isinstance(create_policy("well_quota", {"max_fields": 2}), WellQuota)
+    assert isinstance(create_policy("object_autofocus", {}), ObjectAutofocus)
+    assert isinstance(create_policy("hit_detection", {}), HitDetection)
+    with pytest.raises(ValueError, match="max_cells"):
+        WellQuota()
+
+
+# ------------------------------------------------------- through the real core
+def test_screen_runs_through_the_runner_on_plate_cfg(tmp_path, plate):
+    from pymmcore_plus import find_micromanager
+
+    from smartscope._resources import hardware_configs_dir
+    from smartscope.experiment import Experiment
+    from smartscope.runner import Runner
+    from smartscope.storage import read_jsonl
+
+    if not find_micromanager():
+        pytest.fail(
+            "Micro-Manager demo adapters not found: pip install mm-test-adapters",
+            pytrace=False,
+        )
+    truth = {w["id"]: w for w in plate.ground_truth(wells=[])["wells"]}
+    chosen = [truth["A1"], truth["B9"], truth["A8"]]  # normal, hit, empty
+    plan = plate.well_plate_plan(
+        selected_wells=([w["row"] for w in chosen], [w["col"] for w in chosen]),
+        well_points_plan=useq.GridRowsColumns(
+            rows=2, columns=2, fov_width=512, fov_height=512
+        ),
+    )
+    exp = Experiment.model_validate(
+        {
+            "name": "screen",
+            "config": str(hardware_configs_dir() / "plate.cfg"),
+            "sequence": MDASequence(
+                stage_positions=plan, channels=[{"config": "DAPI", "exposure": 20}]
+            ),
+            "segmenter": {"name": "threshold", **SEGMENTER},
+            "policies": [
+                {"name": "well_quota", "max_fields": 2, "filter": FILTER},
+                {
+                    "name": "object_autofocus",
+                    "z_range_um": 8,
+                    "z_step_um": 2,
+                    "filter": FILTER,
+                },
+                {"name": "hit_detection", "min_cells": 2, "filter": FILTER},
+            ],
+            "analysis": {"analyze": "all"},
+        }
+    )
+    with Runner(exp, out_dir=tmp_path / "run") as runner:
+        summary = runner.run()
+        reports = {p.name: p.report() for p in runner.policies}
+    gc.collect()
+    assert summary.status == "completed"
+    decisions = read_jsonl(tmp_path / "run" / "decisions.jsonl")
+    applied = [a for d in decisions for a in d["actions"] if a["status"] == "applied"]
+    kinds = {a["type"] for a in applied}
+    assert {"skip_well", "set_focus", "add_events"} <= kinds
+    frames = read_jsonl(tmp_path / "run" / "frames.jsonl")
+    base = [f for f in frames if f["kind"] == "base"]
+    assert len(base) < 12 and summary.events_skipped >= 1  # the quota dropped fields
+    assert {f["kind"] for f in frames} >= {"base", "autofocus", "hit"}
+    assert reports["hit_detection"]["hits"] == ["B9"]
+    for well in ("A1", "B9"):  # the focus found is the well's
+        z = reports["object_autofocus"]["wells"][well]["z_um"]
+        assert z == pytest.approx(truth[well]["focus_um"], abs=1.0)
+    assert "A8" not in reports["object_autofocus"]["wells"]
+
+
+def teardown_module():
+    gc.collect()
