@@ -4,7 +4,7 @@ Threads: the acquisition thread only calls `_Feed.on_frame_ready` /
 `_Feed.on_frame_acquired`, which store a reference and count (never wait, never
 touch Qt). Detections, decisions, scheduled events and approval proposals come
 through psygnal connections with ``thread="main"``; a `QTimer` on the GUI
-thread (``redraw_hz``, 20 by default) delivers them (``psygnal.emit_queued``)
+thread (``redraw_hz``, 10 by default) delivers them (``psygnal.emit_queued``)
 and redraws the newest frame only if a new one arrived. Nothing in the window
 waits for the acquisition.
 """
@@ -119,7 +119,7 @@ class MainWindow(QMainWindow):
         *,
         config: str | Path | None = None,
         out_dir: str | Path | None = None,
-        redraw_hz: float = 20.0,
+        redraw_hz: float = 10.0,
         parent: QWidget | None = None,
     ) -> None:
         super().__init__(parent)
@@ -511,7 +511,7 @@ class MainWindow(QMainWindow):
         while feed.acquired:
             f = feed.acquired.popleft()
             self.stage_map.add_visit(f.stage_x_um, f.stage_y_um)
-        if next(self._ticks) % 5 == 0:  # slower things at ~4 Hz
+        if next(self._ticks) % 4 == 0:  # slower things (tables, map) at ~2.5 Hz
             self._refresh()
 
     def _refresh(self) -> None:
