@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from smartscope._errors import ExperimentError
 from smartscope.experiment import Experiment
 from smartscope.runner import Runner, package_versions
 from smartscope.storage import read_jsonl
@@ -244,7 +245,10 @@ def _run_scored(exp: Experiment, out: Path, fast: float) -> dict[str, Any]:
         runner.close()
         del runner
         gc.collect()
-    assert report is not None
+    if report is None:
+        raise ExperimentError(
+            f"{exp.name}: the camera is not a LiveCellCamera (use livecells.cfg)"
+        )
     sched = summary.schedule
     follow = next(iter(report["follow"].values()), None)
     div, dose = report["divisions"], report["dose"]
