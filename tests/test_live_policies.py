@@ -291,3 +291,25 @@ def test_track_and_follow_reacquires_a_lost_track():
 
 def teardown_module():
     gc.collect()
+
+
+def test_z_stack_bursts_are_followed_on_their_focal_plane(unet):
+    specimen = _specimen(3)
+    policy = _burst_policy(z_plan={"range": 4, "step": 2})
+    frames, _, _ = _simulate(
+        specimen, _plan([(-128, -128, 0)], interval_s=5, duration_s=45), [policy], unet
+    )
+    burst = [f for f in frames if f.kind == "event_burst"]
+    assert burst and policy.finished
+    # every burst frame is a 3-plane stack around the focus, in order
+    by_frame: dict = {}
+    for f in burst:
+        tag = f.event.metadata["smartscope"]
+        by_frame.setdefault((tag["burst_id"], tag["burst_frame"]), []).append(
+            f.event.z_pos
+        )
+    assert all(zs == [-2.0, 0.0, 2.0] for zs in by_frame.values())
+    # each burst was decided once per time point, not once per plane
+    for b in policy.finished:
+        n = len({k for (i, k) in by_frame if i == b.id})
+        assert b.seen <= n

@@ -306,8 +306,8 @@ class EventBurst(_PolicyBase):
         tag = frame.event.metadata.get("smartscope", {})
         if "burst_id" in tag:
             burst = self._bursts.get(int(tag["burst_id"]))
-            if burst is None:
-                return []
+            if burst is None or int(tag.get("z", 0)) != self._focal_plane():
+                return []  # a Z-stack burst is followed on its in-focus plane
             return self._continue(
                 burst, int(tag["burst_frame"]), frame, detections, context
             )
@@ -404,6 +404,12 @@ class EventBurst(_PolicyBase):
             self._end(burst, reason, t_now)
             return []
         return self._schedule(burst, context, upto=k + 2, reason=f"burst {burst.id}")
+
+    def _focal_plane(self) -> int:
+        """Index of the `z_plan` plane nearest the trigger frame's focus."""
+        if self.z_plan is None:
+            return 0
+        return int(np.argmin(np.abs(list(self.z_plan.positions()))))
 
     def _schedule(
         self, burst: _Burst, context: PolicyContext, *, upto: int, reason: str
