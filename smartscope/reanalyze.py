@@ -1,0 +1,650 @@
+"""Re-segment a finished run with another model on dask.distributed.
+
+``reanalyze(run_dir, model)`` reads every acquired frame back from the run's
+images (all of them, also those the live loop never analysed), segments them
+on the workers of a dask.distributed cluster (a `distributed.LocalCluster` by
+default, an existing cluster when a scheduler address is given) and writes
+
+* ``labels-<name>/<position>.ome.zarr``: the new instance labels, in the same
+  layout as ``labels/`` (one array per position, dims ``(t, c, z, y, x)`` in
+  the order of the image array), through the same ome-writers path;
+* ``reanalysis-<name>.json``: per frame and overall, object counts of the live
+  labels and the new ones, and how far they agree: F1 at IoU 0.5, mean IoU of
+  the matched objects, whether the two label images are identical; model ids,
+  wall time and the workers that did the work.
+
+The client reads the images and sends each task its planes (a small stack of
+one position's planes), so workers need not see the run directory; each worker
+builds the segmenter once (cached by its spec) and runs torch on one thread. A
+model file given as a path must be readable at that path on the workers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import yaml
+
+from smartscope._errors import SmartscopeError, first_line
+from smartscope.storage import PositionArrays, read_jsonl, read_position
+
+if TYPE_CHECKING:
+    from smartscope.segment import PSegmenter
+
+__all__ = [
+    "ReanalysisError",
+    "compare_labels",
+    "parse_model",
+    "reanalysis_name",
+    "reanalyze",
+]
+
+DASK_HINT = 'reanalyze needs dask.distributed: pip install "smartscope[dask]"'
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ReanalysisError(SmartscopeError):
+    """A run or model cannot be re-analysed (bad directory, model, name, dask)."""
+
+
+# ------------------------------------------------------------------ model spec
+def parse_model(model: str | dict[str, Any]) -> dict[str, Any]:
+    """A ``--model`` value as a segmenter spec ``{"name": ..., <params>}``.
+
+    Accepted: ``builtin`` (the built-in U-Net), a path to a model file (``.pt``,
+    for the U-Net), a registered segmenter name (``unet``, ``threshold``, a
+    plugin's) optionally with parameters, ``threshold:sigma_px=2,min_area_px=6``
+    (values parsed as YAML), or a mapping as in an experiment file.
+    """
+    if isinstance(model, dict):
+        spec = dict(model)
+        if not isinstance(spec.get("name"), str):
+            raise ReanalysisError(f"a model spec needs a 'name': {model!r}")
+        return spec
+    text = str(model).strip()
+    if not text:
+        raise ReanalysisError("empty model spec")
+    if text == "builtin":
+        return {"name": "unet", "model": "builtin"}
+    if text.endswith(".pt") or "/" in text or "\\" in text or Path(text).is_file():
+        return {"name": "unet", "model": text}
+    name, _, rest = text.partition(":")
+    spec: dict[str, Any] = {"name": name.strip()}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ReanalysisError(
+                f"bad model parameter {item!r} in {text!r} (expected key=value)"
+            )
+        try:
+            spec[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            spec[key.strip()] = value
+    return spec
+
+
+def reanalysis_name(spec: dict[str, Any], model_id: str | None = None) -> str:
+    """Default output name of a segmenter spec.
+
+    ``unet-builtin``; a model file's stem (a ``model.pt`` written by
+    ``smartscope train`` is named after its folder); else the segmenter's
+    `model_id` (``threshold-08b35c2d``: parameters included) or its name.
+    """
+    if spec["name"] == "unet":
+        model = str(spec.get("model", "builtin"))
+        if model == "builtin":
+            return "unet-builtin"
+        path = Path(model)
+        stem = path.parent.name if path.stem == "model" and path.parent.name else ""
+        return _safe_name(stem or path.stem)
+    return _safe_name(model_id or spec["name"])
+
+
+def _safe_name(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
+    return name
+
+
+def _spec_key(spec: dict[str, Any]) -> str:
+    return json.dumps(spec, sort_keys=True, default=str)
+
+
+def _build(spec: dict[str, Any]) -> PSegmenter:
+    """Build and warm up a segmenter (lazy imports are not thread-safe)."""
+    from smartscope.segment import create_segmenter
+    from smartscope.stream import warm_up
+
+    params = {k: v for k, v in spec.items() if k != "name"}
+    try:
+        segmenter = create_segmenter(spec["name"], params)
+    except SmartscopeError:
+        raise
+    except (ValueError, TypeError) as e:
+        from pydantic import ValidationError
+
+        from smartscope.experiment import format_validation_error
+
+        why = (
+            format_validation_error(e)
+            if isinstance(e, ValidationError)
+            else first_line(e)
+        )
+        raise ReanalysisError(
+            f"invalid parameters for segmenter {spec['name']!r}: {why}"
+        ) from None
+    warm_up(segmenter, (64, 64))
+    return segmenter
+
+
+# ------------------------------------------------------------ worker side
+_SEGMENTERS: dict[str, Any] = {}
+_SEGMENTERS_LOCK = threading.Lock()
+
+
+def _worker_segmenter(key: str) -> Any:
+    """The segmenter of a spec, built once per worker process (or reused)."""
+    with _SEGMENTERS_LOCK:
+        seg = _SEGMENTERS.get(key)
+        if seg is None:
+            seg = _SEGMENTERS[key] = _build(json.loads(key))
+            torch = sys.modules.get("torch")  # only torch segmenters import it
+            if torch is not None:
+                torch.set_num_threads(1)  # one thread per worker (process)
+        return seg
+
+
+def _segment_task(key: str, planes: np.ndarray) -> tuple[np.ndarray, str, str]:
+    """Segment a ``(B, Y, X)`` stack on a worker → labels, model id, worker."""
+    from distributed import get_worker
+
+    seg = _worker_segmenter(key)
+    labels = np.asarray(seg.segment(planes).labels)
+    if labels.shape != planes.shape:
+        raise ValueError(
+            f"segmenter returned labels of shape {labels.shape} for images of "
+            f"shape {planes.shape}"
+        )
+    return labels.astype(np.uint16, copy=False), seg.model_id, get_worker().address
+
+
+# ------------------------------------------------------------ comparison
+def compare_labels(old: np.ndarray, new: np.ndarray) -> dict[str, Any]:
+    """Agreement of two label images: counts, F1 at IoU 0.5, matched IoU.
+
+    Objects match one to one when their IoU is above 0.5; ``mean_iou`` is the
+    mean IoU of the matched pairs (None without any), ``f1@0.5`` is 1.0 when
+    both images are empty.
+    """
+    from smartscope.segment._metrics import iou_matrix, match_counts
+
+    iou = iou_matrix(old, new)
+    tp, fp, fn = match_counts(iou, 0.5)
+    matched = iou[iou > 0.5]
+    denom = 2 * tp + fp + fn
+    return {
+        "n_old": int(iou.shape[0]),
+        "n_new": int(iou.shape[1]),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "f1@0.5": round(2 * tp / denom, 4) if denom else 1.0,
+        "mean_iou": round(float(matched.mean()), 4) if matched.size else None,
+        "iou_sum": float(matched.sum()),
+        "identical": bool(np.array_equal(old, new)),
+    }
+
+
+# ------------------------------------------------------------ the run
+@dataclass
+class _Position:
+    key: str
+    order: str  # "cz" or "zc": axes of the stored array after t
+    nc: int
+    nz: int
+    frames: list[dict[str, Any]] = field(default_factory=list)
+
+    def plane_index(self, t: int, c: int, z: int) -> tuple[int, int, int]:
+        return (t, c, z) if self.order == "cz" else (t, z, c)
+
+    def linear(self, rec: dict[str, Any]) -> int:
+        t, c, z = rec["t"], rec["c"], rec["z"]
+        inner = c * self.nz + z if self.order == "cz" else z * self.nc + c
+        return t * self.nc * self.nz + inner
+
+
+def _load_run(directory: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    if not directory.is_dir():
+        raise ReanalysisError(f"no run directory at {directory}")
+    frames_path = directory / "frames.jsonl"
+    if not frames_path.is_file() or not (directory / "images").is_dir():
+        raise ReanalysisError(
+            f"{directory} is not a run directory (no frames.jsonl or images/)"
+        )
+    info: dict[str, Any] = {}
+    if (directory / "run.json").is_file():
+        try:
+            info = json.loads((directory / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ReanalysisError(f"{directory}/run.json is unreadable: {e}") from None
+    frames = [
+        r
+        for r in read_jsonl(frames_path)
+        if isinstance(r, dict) and isinstance(r.get("array"), dict)
+    ]
+    if not frames:
+        raise ReanalysisError(f"{directory} has no acquired frames")
+    return info, frames
+
+
+def _run_segmenter(directory: Path, info: dict[str, Any]) -> dict[str, Any]:
+    spec = (info.get("experiment") or {}).get("segmenter")
+    if not isinstance(spec, dict) and (directory / "experiment.yaml").is_file():
+        try:
+            exp = yaml.safe_load((directory / "experiment.yaml").read_text("utf-8"))
+            spec = (exp or {}).get("segmenter")
+        except (OSError, yaml.YAMLError):
+            spec = None
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ReanalysisError(
+            f"{directory} records no segmenter (run.json, experiment.yaml): "
+            "give a model"
+        )
+    return dict(spec)
+
+
+def _axes_order(directory: Path, position: str) -> str:
+    meta = directory / "images" / f"{position}.ome.zarr" / "zarr.json"
+    try:
+        attrs = json.loads(meta.read_text(encoding="utf-8"))["attributes"]
+        axes = [a["name"] for a in attrs["ome"]["multiscales"][0]["axes"]]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return "cz"
+    return "zc" if axes.index("z") < axes.index("c") else "cz"
+
+
+def _positions(directory: Path, frames: list[dict[str, Any]]) -> list[_Position]:
+    latest: dict[tuple[str, int, int, int], dict[str, Any]] = {}
+    for rec in frames:  # a resumed run may list an index twice: the last counts
+        a = rec["array"]
+        try:
+            where = (str(a["position"]), int(a["t"]), int(a["c"]), int(a["z"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+        latest[where] = {
+            "frame_index": int(rec.get("frame_index", -1)),
+            "position": where[0],
+            "t": where[1],
+            "c": where[2],
+            "z": where[3],
+            "kind": rec.get("kind"),
+            "channel": rec.get("channel"),
+        }
+    by_pos: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for rec in sorted(latest.values(), key=lambda r: r["frame_index"]):
+        by_pos[rec["position"]].append(rec)
+    out = []
+    for key, recs in by_pos.items():
+        pos = _Position(key, _axes_order(directory, key), 1, 1, recs)
+        out.append(pos)
+    return out
+
+
+def _analysed_live(directory: Path) -> tuple[set[int], set[str]]:
+    path = directory / "detections.jsonl"
+    if not path.is_file():
+        return set(), set()
+    analysed, model_ids = set(), set()
+    for r in read_jsonl(path):
+        if isinstance(r, dict) and "frame_index" in r and not r.get("dropped"):
+            analysed.add(int(r["frame_index"]))
+            if r.get("model_id"):
+                model_ids.add(str(r["model_id"]))
+    return analysed, model_ids
+
+
+def _connect(scheduler: str | None, workers: int, processes: bool) -> tuple[Any, Any]:
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise ReanalysisError(DASK_HINT) from None
+    if scheduler:
+        try:
+            return Client(scheduler, timeout="10s"), None
+        except (OSError, TimeoutError) as e:
+            raise ReanalysisError(
+                f"cannot connect to the dask scheduler at {scheduler}: {first_line(e)}"
+            ) from None
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=processes,
+        dashboard_address=None,
+        silence_logs=40,  # logging.ERROR
+    )
+    try:
+        return Client(cluster), cluster
+    except BaseException:
+        cluster.close()
+        raise
+
+
+def reanalyze(
+    run_dir: str | Path,
+    model: str | dict[str, Any] | None = None,
+    *,
+    name: str | None = None,
+    scheduler: str | None = None,
+    workers: int = 1,
+    processes: bool = True,
+    batch_size: int = 4,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Re-segment every frame of a run on dask.distributed; write labels and JSON.
+
+    Parameters
+    ----------
+    run_dir : path
+        A run directory (finished, interrupted or failed).
+    model : str | dict, optional
+        See `parse_model`. Default: the run's own segmenter (run.json, else
+        experiment.yaml), so the new labels reproduce the live ones.
+    name : str, optional
+        Output name: ``labels-<name>/`` and ``reanalysis-<name>.json``
+        (default: `reanalysis_name` of the model). Both are replaced if present.
+    scheduler : str, optional
+        Address of an existing dask scheduler (``tcp://host:8786``); default: a
+        `distributed.LocalCluster`, closed at the end.
+    workers : int
+        Workers of the local cluster (one thread each).
+    processes : bool
+        Local workers as processes (True) or threads of this process.
+    batch_size : int
+        Planes of one position segmented per task.
+    progress : callable, optional
+        Called with a line of text as positions finish.
+
+    Returns
+    -------
+    dict
+        What ``reanalysis-<name>.json`` holds (see the module docstring).
+
+    Raises
+    ------
+    ReanalysisError
+        Not a run directory, no segmenter recorded, bad name, dask missing or
+        the scheduler unreachable; `RegistryError` / `ModelFileError` for an
+        unknown segmenter or a bad model file.
+    """
+    t0 = time.perf_counter()
+    directory = Path(run_dir)
+    info, frames = _load_run(directory)
+    spec = parse_model(model) if model is not None else _run_segmenter(directory, info)
+    if name is not None and (not _NAME.match(name) or len(name) > 100):
+        raise ReanalysisError(
+            f"bad reanalysis name {name!r} (letters, digits, '.', '_', '-')"
+        )
+    if workers < 1 or batch_size < 1:
+        raise ReanalysisError("workers and batch_size must be at least 1")
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        raise ReanalysisError(DASK_HINT) from None
+
+    key = _spec_key(spec)
+    segmenter = _build(spec)  # bad model → one clear error before any cluster
+    model_id = segmenter.model_id
+    name = name or reanalysis_name(spec, model_id)
+    positions = _positions(directory, frames)
+    analysed, live_ids = _analysed_live(directory)
+    live_model_id = info.get("model_id") or (
+        next(iter(live_ids)) if len(live_ids) == 1 else None
+    )
+    pixel_size_um = float(info.get("pixel_size_um") or 1.0)
+    out_dir = directory / f"labels-{name}"
+    torch = sys.modules.get("torch")
+    torch_threads = torch.get_num_threads() if torch is not None else None
+
+    if scheduler is None and not processes:
+        with _SEGMENTERS_LOCK:  # in-process workers reuse the model built here
+            _SEGMENTERS[key] = segmenter
+    client, cluster = _connect(scheduler, workers, processes)
+    try:
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        writer = PositionArrays(out_dir, pixel_size_um=pixel_size_um)
+        try:
+            records, used, worker_ids = _run_tasks(
+                client,
+                key,
+                directory,
+                positions,
+                analysed,
+                writer,
+                batch_size=batch_size,
+                progress=progress,
+            )
+        finally:
+            writer.close()
+        nthreads = client.nthreads()
+        address = scheduler or "local"
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+        with _SEGMENTERS_LOCK:
+            _SEGMENTERS.pop(key, None)
+        torch = sys.modules.get("torch")
+        if torch is not None and torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+
+    result = {
+        "run_dir": str(directory),
+        "name": name,
+        "labels": out_dir.name,
+        "model": {
+            "spec": spec,
+            "model_id": model_id,
+            "worker_model_ids": sorted(worker_ids),
+        },
+        "live_model_id": live_model_id,
+        "same_model": live_model_id == model_id,
+        "overall": _overall(records),
+        "frames": [{k: v for k, v in r.items() if k != "iou_sum"} for r in records],
+        "wall_time_s": round(time.perf_counter() - t0, 3),
+        "cluster": {
+            "scheduler": address,
+            "n_workers": len(nthreads),
+            "n_threads": int(sum(nthreads.values())),
+            "processes": None if scheduler else processes,
+            "workers_used": sorted(used),
+        },
+    }
+    path = directory / f"reanalysis-{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    result["path"] = str(path)
+    return result
+
+
+def _chunks(
+    positions: list[_Position], batch_size: int, directory: Path
+) -> Iterator[tuple[_Position, list[dict[str, Any]], np.ndarray, bool]]:
+    """(position, frames, planes, last chunk of the position), one read each."""
+    for pos in positions:
+        try:
+            images = read_position(directory, pos.key)
+        except FileNotFoundError:  # listed, but its array was never created
+            continue
+        pos.nc, pos.nz = (
+            (images.shape[1], images.shape[2])
+            if pos.order == "cz"
+            else (images.shape[2], images.shape[1])
+        )
+        recs = [r for r in pos.frames if _inside(images.shape, pos, r)]
+        recs.sort(key=pos.linear)
+        pos.frames = recs
+        for i in range(0, len(recs), batch_size):
+            chunk = recs[i : i + batch_size]
+            planes = np.stack(
+                [images[pos.plane_index(r["t"], r["c"], r["z"])] for r in chunk]
+            )
+            yield pos, chunk, planes, i + batch_size >= len(recs)
+        del images
+
+
+def _inside(shape: tuple[int, ...], pos: _Position, rec: dict[str, Any]) -> bool:
+    idx = pos.plane_index(rec["t"], rec["c"], rec["z"])
+    return all(0 <= i < n for i, n in zip(idx, shape[:3], strict=True))
+
+
+def _run_tasks(
+    client: Any,
+    key: str,
+    directory: Path,
+    positions: list[_Position],
+    analysed: set[int],
+    writer: PositionArrays,
+    *,
+    batch_size: int,
+    progress: Callable[[str], None] | None,
+) -> tuple[list[dict[str, Any]], set[str], set[str]]:
+    from distributed import as_completed
+
+    window = max(2, 2 * sum(client.nthreads().values()))
+    results: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+    left: dict[str, int] = defaultdict(int)
+    submitted_all: set[str] = set()
+    by_key = {p.key: p for p in positions}
+    records: list[dict[str, Any]] = []
+    used: set[str] = set()
+    model_ids: set[str] = set()
+    futures: dict[Any, tuple[_Position, list[dict[str, Any]]]] = {}
+    pending = as_completed()
+    chunks = _chunks(positions, batch_size, directory)
+
+    def submit_next() -> bool:
+        item = next(chunks, None)
+        if item is None:
+            return False
+        pos, chunk, planes, last = item
+        data = client.scatter(planes, hash=False)
+        fut = client.submit(_segment_task, key, data, pure=False)
+        futures[fut] = (pos, chunk)
+        left[pos.key] += 1
+        if last:
+            submitted_all.add(pos.key)
+        pending.add(fut)
+        return True
+
+    while len(futures) < window and submit_next():
+        pass
+    for fut in pending:
+        pos, chunk = futures.pop(fut)
+        labels, mid, worker = fut.result()
+        model_ids.add(mid)
+        used.add(worker)
+        for rec, plane in zip(chunk, labels, strict=True):
+            results[pos.key][pos.linear(rec)] = plane
+        left[pos.key] -= 1
+        del fut
+        if left[pos.key] == 0 and pos.key in submitted_all:
+            records.extend(
+                _finish_position(
+                    directory, by_key[pos.key], results.pop(pos.key), analysed, writer
+                )
+            )
+            if progress is not None:
+                progress(f"{pos.key}: {len(pos.frames)} frame(s)")
+        while len(futures) < window and submit_next():
+            pass
+    records.sort(key=lambda r: r["frame_index"])
+    return records, used, model_ids
+
+
+def _finish_position(
+    directory: Path,
+    pos: _Position,
+    planes: dict[int, np.ndarray],
+    analysed: set[int],
+    writer: PositionArrays,
+) -> list[dict[str, Any]]:
+    try:
+        old = read_position(directory, pos.key, labels=True)
+    except FileNotFoundError:
+        old = None
+    shape = {"c": pos.nc, "z": pos.nz, "order": pos.order}
+    out = []
+    for rec in pos.frames:  # linear order: what PositionArrays needs
+        new = planes[pos.linear(rec)]
+        writer.write(
+            new,
+            {
+                "position": pos.key,
+                "shape": shape,
+                "visit": rec["t"],
+                "c": rec["c"],
+                "z": rec["z"],
+            },
+        )
+        row: dict[str, Any] = {
+            "frame_index": rec["frame_index"],
+            "position": pos.key,
+            "array": {"t": rec["t"], "c": rec["c"], "z": rec["z"]},
+            "kind": rec["kind"],
+            "channel": rec["channel"],
+            "analysed_live": rec["frame_index"] in analysed,
+        }
+        idx = pos.plane_index(rec["t"], rec["c"], rec["z"])
+        if row["analysed_live"] and old is not None and _fits(old.shape, idx):
+            row.update(compare_labels(old[idx], new))
+        else:
+            row.update(
+                {
+                    "n_old": None,
+                    "n_new": len(np.unique(new[new > 0])),
+                    "f1@0.5": None,
+                    "mean_iou": None,
+                    "identical": None,
+                }
+            )
+        out.append(row)
+    return out
+
+
+def _fits(shape: tuple[int, ...], idx: tuple[int, int, int]) -> bool:
+    return all(i < n for i, n in zip(idx, shape[:3], strict=True))
+
+
+def _overall(records: list[dict[str, Any]]) -> dict[str, Any]:
+    compared = [r for r in records if r["identical"] is not None]
+    tp = sum(r["tp"] for r in compared)
+    fp = sum(r["fp"] for r in compared)
+    fn = sum(r["fn"] for r in compared)
+    denom = 2 * tp + fp + fn
+    return {
+        "n_frames": len(records),
+        "n_compared": len(compared),
+        "n_new_only": len(records) - len(compared),
+        "objects_old": sum(r["n_old"] for r in compared),
+        "objects_new_compared": sum(r["n_new"] for r in compared),
+        "objects_new": sum(r["n_new"] for r in records),
+        "f1@0.5": round(2 * tp / denom, 4) if denom else (1.0 if compared else None),
+        "mean_iou": round(sum(r["iou_sum"] for r in compared) / tp, 4) if tp else None,
+        "identical_fraction": (
+            round(sum(r["identical"] for r in compared) / len(compared), 4)
+            if compared
+            else None
+        ),
+    }

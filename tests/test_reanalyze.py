@@ -1,0 +1,229 @@
+"""`smartscope reanalyze`: re-segment a finished run on dask.distributed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smartscope.reanalyze import (
+    DASK_HINT,
+    ReanalysisError,
+    parse_model,
+    reanalysis_name,
+    reanalyze,
+)
+from smartscope.storage import read_jsonl, read_position
+
+needs_dask = pytest.mark.skipif(
+    importlib.util.find_spec("distributed") is None,
+    reason='needs the dask extra: pip install "smartscope[dask]"',
+)
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def _read(path: Path) -> np.ndarray:
+    import tensorstore as ts
+
+    store = ts.open(
+        {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / "0")}}
+    ).result()
+    return np.asarray(store.read().result())
+
+
+def _live(run: Path) -> dict[int, dict]:
+    return {
+        r["frame_index"]: r
+        for r in read_jsonl(run / "detections.jsonl")
+        if "frame_index" in r and not r.get("dropped")
+    }
+
+
+@needs_dask
+def test_same_model_on_local_cluster_reproduces_live_labels(demo_run, tmp_path):
+    run = _copy(demo_run[0], tmp_path)
+    live_before = sorted(p.name for p in (run / "labels").iterdir())
+    result = reanalyze(run, workers=1, processes=True)  # the run's own segmenter
+
+    frames = read_jsonl(run / "frames.jsonl")
+    live = _live(run)
+    assert result["same_model"] and result["name"] == result["model"]["model_id"]
+    assert result["cluster"]["scheduler"] == "local"
+    assert len(result["cluster"]["workers_used"]) == 1
+    overall = result["overall"]
+    assert overall["n_frames"] == len(frames)
+    assert overall["n_compared"] == len(live) > 0
+    assert overall["f1@0.5"] == 1.0 and overall["identical_fraction"] == 1.0
+    assert overall["objects_old"] == sum(r["n_detections"] for r in live.values())
+    assert overall["objects_old"] == overall["objects_new_compared"]
+    saved = json.loads(Path(result["path"]).read_text())
+    assert saved["overall"] == overall and len(saved["frames"]) == len(frames)
+
+    # every label plane: same layout as the images; live frames identical
+    new_dir = run / f"labels-{result['name']}"
+    arrays: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    for rec in frames:
+        a = rec["array"]
+        if a["position"] not in arrays:
+            new = _read(new_dir / f"{a['position']}.ome.zarr")
+            assert new.shape == read_position(run, a["position"]).shape
+            has_live = (run / "labels" / f"{a['position']}.ome.zarr").exists()
+            old = read_position(run, a["position"], labels=True) if has_live else None
+            arrays[a["position"]] = (new, old)
+        new, old = arrays[a["position"]]
+        plane = new[a["t"], a["c"], a["z"]]
+        if rec["frame_index"] in live:
+            np.testing.assert_array_equal(plane, old[a["t"], a["c"], a["z"]])
+        else:  # never analysed live: segmented now
+            row = next(
+                r for r in result["frames"] if r["frame_index"] == rec["frame_index"]
+            )
+            assert not row["analysed_live"] and row["n_old"] is None
+            assert row["n_new"] == len(np.unique(plane[plane > 0]))
+    assert sorted(p.name for p in (run / "labels").iterdir()) == live_before
+
+
+@needs_dask
+def test_other_model_writes_labels_beside_and_compares(demo_run, tmp_path):
+    run = _copy(demo_run[0], tmp_path)
+    lines = []
+    result = reanalyze(
+        run, "unet", workers=2, processes=False, progress=lines.append
+    )  # the built-in U-Net vs the demo's threshold baseline
+
+    assert result["name"] == "unet-builtin" and not result["same_model"]
+    assert result["model"]["model_id"].startswith("builtin-")
+    assert (run / "labels").is_dir() and (run / "labels-unet-builtin").is_dir()
+    saved = json.loads((run / "reanalysis-unet-builtin.json").read_text())
+    live = _live(run)
+    positions = {r["position"] for r in saved["frames"]}
+    assert len(lines) == len(positions)
+    for row in saved["frames"]:
+        if row["analysed_live"]:
+            assert row["n_old"] == live[row["frame_index"]]["n_detections"]
+            assert 0 <= row["f1@0.5"] <= 1 and row["identical"] is False
+            assert row["f1@0.5"] < 1 or row["n_old"] == row["n_new"]
+            assert row["mean_iou"] is None or 0.5 < row["mean_iou"] <= 1
+        else:
+            assert row["n_old"] is None and row["f1@0.5"] is None
+        assert row["n_new"] >= 0
+    o = saved["overall"]
+    assert o["n_compared"] == len(live) and o["identical_fraction"] == 0.0
+    assert o["n_new_only"] == o["n_frames"] - o["n_compared"] > 0
+    for position in positions:
+        labels = _read(run / "labels-unet-builtin" / f"{position}.ome.zarr")
+        assert labels.dtype == np.uint16
+        assert labels.shape == read_position(run, position).shape
+
+
+@needs_dask
+def test_existing_cluster_by_address(demo_run, tmp_path):
+    from distributed import Client, LocalCluster
+
+    run = _copy(demo_run[0], tmp_path)
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        address = cluster.scheduler_address
+        result = reanalyze(run, "threshold:sigma_px=2", scheduler=address)
+        with Client(address) as client:  # still up: not ours to close
+            assert client.submit(sum, [1, 2]).result() == 3
+    assert result["cluster"]["scheduler"] == address
+    assert result["name"] == result["model"]["model_id"] != result["live_model_id"]
+    assert result["name"].startswith("threshold-")
+    assert (run / f"labels-{result['name']}").is_dir()
+    assert result["overall"]["n_compared"] == len(_live(run))
+
+
+def test_model_specs_and_names():
+    assert parse_model("builtin") == {"name": "unet", "model": "builtin"}
+    assert parse_model("models/nuclei/model.pt") == {
+        "name": "unet",
+        "model": "models/nuclei/model.pt",
+    }
+    assert parse_model("threshold:sigma_px=2,threshold=triangle") == {
+        "name": "threshold",
+        "sigma_px": 2,
+        "threshold": "triangle",
+    }
+    assert reanalysis_name(parse_model("unet")) == "unet-builtin"
+    assert reanalysis_name(parse_model("x/nuclei/model.pt")) == "nuclei"
+    assert reanalysis_name(parse_model("x/big.pt")) == "big"
+    assert reanalysis_name({"name": "threshold"}, "threshold-1234") == (
+        "threshold-1234"
+    )
+    with pytest.raises(ReanalysisError, match="key=value"):
+        parse_model("threshold:sigma_px")
+
+
+def test_missing_dask_is_one_clear_error(demo_run, monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    with pytest.raises(ReanalysisError, match=r"smartscope\[dask\]") as e:
+        reanalyze(demo_run[0], "threshold")
+    assert str(e.value) == DASK_HINT
+
+
+def test_cli_without_dask_says_how_to_install(demo_run):
+    code = (
+        "import sys; sys.modules['distributed'] = None; "
+        "from smartscope.cli import main; "
+        f"sys.argv = ['smartscope', 'reanalyze', {str(demo_run[0])!r}]; main()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "CI": "true", "COLUMNS": "200"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"error: {DASK_HINT}"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CI": "true", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "smartscope.cli", "reanalyze", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize(
+    ("where", "args", "message"),
+    [
+        ("missing", [], "no run directory"),
+        ("empty", [], "not a run directory"),
+        ("run", ["--model", "nosuch"], "unknown segmenter 'nosuch'"),
+        ("run", ["--model", "missing.pt"], "model file not found"),
+        ("run", ["--name", "../up"], "bad reanalysis name"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(demo_run, tmp_path, where, args, message):
+    run = {
+        "missing": tmp_path / "nope",
+        "empty": tmp_path,
+        "run": demo_run[0],
+    }[where]
+    proc = _cli(str(run), *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert message in lines[0]
+    assert not list(Path(demo_run[0]).glob("reanalysis-*.json"))
