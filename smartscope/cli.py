@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import re
 import signal
 import sys
 import threading
@@ -203,6 +206,72 @@ def report(
 
 
 @app.command()
+def reanalyze(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory.", show_default=False)],
+    model: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--model",
+            "-m",
+            help="A segmenter name with optional parameters (unet, threshold, "
+            "'threshold:sigma_px=2'), 'builtin' or a model file (.pt) "
+            "[default: the run's own segmenter].",
+            show_default=False,
+        ),
+    ] = None,
+    name: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Output name: labels-NAME/, reanalysis-NAME.json."),
+    ] = None,
+    scheduler: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Address of a running dask scheduler (tcp://host:8786)."),
+    ] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Workers of the local cluster.")
+    ] = 2,
+) -> None:
+    r"""Re-segment a finished run with another model on dask.distributed.
+
+    Every frame (also those never analysed live) is segmented on a local
+    cluster (or the cluster at --scheduler); writes labels-NAME/ beside labels/
+    and reanalysis-NAME.json comparing the new labels with the live ones
+    (object counts, F1 at IoU 0.5, mean IoU, identical frames). Needs the dask
+    extra: pip install "smartscope\[dask]".
+    """
+    from smartscope.reanalyze import reanalyze as run_reanalysis
+
+    with _user_errors():
+        result = run_reanalysis(
+            run_dir, model, name=name, scheduler=scheduler, workers=workers
+        )
+    o, c = result["overall"], result["cluster"]
+
+    def num(value: Any) -> str:
+        return "n/a" if value is None else f"{value:g}"
+
+    table = Table(title=f"reanalysis {result['name']}", show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("model", f"{result['model']['model_id']} (live: {result['live_model_id']})"),
+        ("frames", f"{o['n_frames']} ({o['n_compared']} analysed live)"),
+        ("objects", f"{o['objects_new_compared']} new vs {o['objects_old']} live"),
+        ("F1@0.5", num(o["f1@0.5"])),
+        ("mean IoU", num(o["mean_iou"])),
+        ("identical frames", num(o["identical_fraction"])),
+        ("objects, all frames", str(o["objects_new"])),
+        ("workers", f"{len(c['workers_used'])} used of {c['n_workers']}"),
+        ("wall time", f"{result['wall_time_s']:.1f} s"),
+        ("labels", str(Path(result["run_dir"]) / result["labels"])),
+        ("comparison", result["path"]),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table, markup=False, highlight=False)
+
+
+@app.command()
 def gui(
     experiment: Annotated[
         Optional[Path],  # noqa: UP045
@@ -280,7 +349,16 @@ def _run_experiment_file(
         runner = Runner(exp, config=config, out_dir=out, overwrite=overwrite)
     live = None
     try:
-        summary = _run_with_display(runner)
+        with _run_log(runner.directory):
+            summary = _run_with_display(runner)
+            _status_log.info(
+                "run %s (%s): %d frames, %d skipped events, %.1f s",
+                summary.status,
+                summary.reason,
+                summary.frames_acquired,
+                summary.events_skipped,
+                summary.wall_time_s,
+            )
         live = _live_specimen_report(runner)
     finally:
         runner.close()  # releases the core before exit (avoids an abort)
@@ -310,10 +388,14 @@ def _run_with_display(runner: Runner) -> RunSummary:
         f"[bold]smartscope[/bold] {runner.experiment.name}: config "
         f"{runner.microscope.config_path}, output {runner.directory}"
     )
+    screen = _ScreenProgress.attach(runner)  # plate plans: wells, fields, hits
     try:
         with _user_errors():
             runner.start()
-        _watch(runner)
+        if screen is None:
+            _watch(runner)
+        else:
+            screen.watch()
         return runner.finish()
     finally:
         for sig, handler in previous.items():
@@ -338,15 +420,203 @@ def _watch(runner: Runner) -> None:
         from rich.live import Live
         from rich.spinner import Spinner
 
+        last = time.monotonic()
         with Live(console=console, refresh_per_second=4, transient=True) as live:
             while not runner.wait(0.25):
                 live.update(Spinner("dots", text=_status_text(runner)))
+                if time.monotonic() - last >= _STATUS_EVERY_S:
+                    _status_log.info(_status_text(runner))
+                    last = time.monotonic()
         return
     last = time.monotonic()
     while not runner.wait(0.25):
-        if time.monotonic() - last >= 10:
-            console.print(_status_text(runner), highlight=False)
+        if time.monotonic() - last >= _STATUS_EVERY_S:
+            line = _status_text(runner)
+            console.print(line, highlight=False)
+            _status_log.info(line)
             last = time.monotonic()
+
+
+#: seconds between status lines (without a terminal, and in run.log)
+_STATUS_EVERY_S = 10.0
+#: status lines of a run, written to its run.log
+_status_log = logging.getLogger("smartscope.run")
+#: a plate position key: ``<well>_<field>`` ("B3_0004")
+_WELL_FIELD = re.compile(r"^([A-Za-z]{1,2}\d{1,3})_\d+$")
+
+
+@contextlib.contextmanager
+def _run_log(directory: Path) -> Any:
+    """Write ``run.log`` in the run directory while the run goes on.
+
+    The status lines, and WARNING+ records of smartscope and pymmcore-plus.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(directory / "run.log", mode="a", encoding="utf-8")
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    handler.addFilter(
+        lambda r: r.levelno >= logging.WARNING or r.name == _status_log.name
+    )
+    loggers = [logging.getLogger("smartscope"), logging.getLogger("pymmcore-plus")]
+    level, propagate = _status_log.level, _status_log.propagate
+    _status_log.setLevel(logging.INFO)
+    _status_log.propagate = False  # status lines go to run.log, not elsewhere
+    _status_log.addHandler(handler)
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in [*loggers, _status_log]:
+            logger.removeHandler(handler)
+        _status_log.setLevel(level)
+        _status_log.propagate = propagate
+        handler.close()
+
+
+class _ScreenProgress:
+    """Progress of a plate screen: wells, fields, cells, hits, elapsed, ETA.
+
+    Counts come from the runner's signals (cheap handlers on the acquisition
+    and inference threads) and the scheduler's counters; nothing here waits on
+    the acquisition.
+    """
+
+    def __init__(self, runner: Runner, fields: dict[str, str]) -> None:
+        self.runner = runner
+        self.fields = fields  # field key -> well, every field of the plan
+        self.n_wells = len(set(fields.values()))
+        self.wells_seen: dict[str, None] = {}  # in order
+        self.imaged: set[str] = set()
+        self.skipped: set[str] = set()
+        self.cells = 0
+        self._hits: list[str] = []
+
+    @classmethod
+    def attach(cls, runner: Runner) -> _ScreenProgress | None:
+        """For a plate plan (WellPlatePlan, or positions ``<well>_<field>``)."""
+        import useq
+
+        from smartscope.scheduler import base_position_key
+
+        plan = runner.plan
+        if not isinstance(plan.stage_positions, useq.WellPlatePlan):
+            names = [p.name or "" for p in plan.stage_positions]
+            if not names or not all(_WELL_FIELD.match(n) for n in names):
+                return None
+        fields: dict[str, str] = {}
+        for event in plan.model_copy(update={"time_plan": None}):
+            key = base_position_key(event)
+            fields[key] = key.split("_", 1)[0]
+        self = cls(runner, fields)
+        runner.events.frameAcquired.connect(self._on_frame)
+        runner.events.detectionsReady.connect(self._on_detections)
+        return self
+
+    def _on_frame(self, frame: Any) -> None:  # acquisition thread
+        if frame.kind == "base" and frame.position in self.fields:
+            self.imaged.add(frame.position)
+            self.wells_seen[self.fields[frame.position]] = None
+
+    def _on_detections(self, frame: Any, detections: Any) -> None:  # inference
+        if frame.kind == "base" and frame.position not in self.skipped:
+            self.cells += len(detections)
+
+    def _on_skipped(self, position: str, n: int, reason: str) -> None:
+        if position in self.fields:
+            self.skipped.add(position)
+
+    def hits(self) -> list[str]:
+        for policy in self.runner.policies:
+            if getattr(policy, "name", "") == "hit_detection":
+                with contextlib.suppress(RuntimeError):  # changed while read
+                    self._hits = list(policy.hits)
+        return self._hits
+
+    def numbers(self) -> dict[str, Any]:
+        """Wells done/total, fields imaged/skipped/planned, cells, hits, times."""
+        running = self.runner.is_running()
+        imaged, skipped = len(self.imaged), len(self.skipped - self.imaged)
+        planned = len(self.fields)
+        done = imaged + skipped
+        elapsed = self.runner.clock()
+        remaining = max(planned - done, 0)
+        eta = elapsed * remaining / done if done and running else None
+        wells_done = len(self.wells_seen) - (1 if running and self.wells_seen else 0)
+        return {
+            "wells_done": wells_done,
+            "wells": self.n_wells,
+            "fields_imaged": imaged,
+            "fields_skipped": skipped,
+            "fields_planned": planned,
+            "cells": self.cells,
+            "hits": self.hits(),
+            "elapsed_s": elapsed,
+            "eta_s": eta if running else 0.0,
+        }
+
+    def line(self) -> str:
+        n = self.numbers()
+        eta = "?" if n["eta_s"] is None else f"{n['eta_s']:.0f} s"
+        hits = ", ".join(n["hits"])
+        return (
+            f"wells {n['wells_done']}/{n['wells']}  fields {n['fields_imaged']} "
+            f"imaged, {n['fields_skipped']} skipped of {n['fields_planned']}  "
+            f"cells {n['cells']}  hits {len(n['hits'])}"
+            + (f" ({hits})" if hits else "")
+            + f"  elapsed {n['elapsed_s']:.0f} s  ETA {eta}"
+        )
+
+    def watch(self) -> None:
+        """Show progress until acquisition ends (rich on a terminal, else lines)."""
+        if self.runner.scheduler is not None:
+            self.runner.scheduler.events.eventsSkipped.connect(self._on_skipped)
+        last = time.monotonic()
+        if console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+            )
+
+            with Progress(
+                SpinnerColumn(),
+                TextColumn("fields"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=console,
+                transient=True,
+            ) as bar:
+                task = bar.add_task("screen", total=len(self.fields), status="")
+                while not self.runner.wait(0.25):
+                    n = self.numbers()
+                    eta = "?" if n["eta_s"] is None else f"{n['eta_s']:.0f} s"
+                    bar.update(
+                        task,
+                        completed=n["fields_imaged"] + n["fields_skipped"],
+                        status=f"wells {n['wells_done']}/{n['wells']}  imaged "
+                        f"{n['fields_imaged']}  skipped {n['fields_skipped']}  "
+                        f"cells {n['cells']}  hits {len(n['hits'])}  "
+                        f"{n['elapsed_s']:.0f} s, ETA {eta}",
+                    )
+                    if time.monotonic() - last >= _STATUS_EVERY_S:
+                        _status_log.info(self.line())
+                        last = time.monotonic()
+        else:
+            while not self.runner.wait(0.25):
+                if time.monotonic() - last >= _STATUS_EVERY_S:
+                    line = self.line()
+                    console.print(line, markup=False, highlight=False, soft_wrap=True)
+                    _status_log.info(line)
+                    last = time.monotonic()
+        line = self.line()  # the final counts, always
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+        _status_log.info(line)
 
 
 def _live_specimen_report(runner: Runner) -> dict[str, Any] | None:
@@ -742,6 +1012,39 @@ def bench_livecell_cmd(
             out_dir=keep,
             progress=progress,
         )
+    _emit(result, as_json)
+
+
+@bench_app.command("screen")
+def bench_screen_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    wells: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="First wells of the demo's 12 (default: all)."),
+    ] = None,
+    keep: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Keep the smart and fixed runs in this folder."),
+    ] = None,
+) -> None:
+    """Headless plate screen vs the fixed plan; the Scheduler on large plates.
+
+    Runs demos/plate_screen.yaml on hardware_configs/plate.cfg and the same
+    wells as a fixed plan (every field, no analysis): fields imaged vs planned,
+    wall times, hits found vs the plate's ground truth (recall, precision),
+    wells meeting their quota, empty wells' fields, stage travel. Then iterates
+    a Scheduler alone (no hardware) over 96×9, 384×9 and 384×36 plate plans:
+    µs per event (goal ≤ 1 ms) and peak memory (tracemalloc) per field as the
+    plan grows (goal: flat).
+    """
+    from smartscope.bench_screen import bench_screen
+
+    def progress(msg: str) -> None:
+        if not as_json:
+            err_console.print(msg, markup=False, highlight=False)
+
+    with _user_errors():
+        result = bench_screen(wells=wells, out_dir=keep, progress=progress)
     _emit(result, as_json)
 
 

@@ -128,6 +128,14 @@ class SchedulerSettings(BaseModel):
         description="Lateness, as a fraction of a position's interval, that "
         "counts as a missed timepoint deadline.",
     )
+    max_analysis_lag: int | None = Field(
+        None,
+        ge=0,
+        description="Start a base field only while at most this many frames are "
+        "still being analysed (0: quotas and empty-well skips take effect at the "
+        "very next field; acquisition then waits for analysis between fields). "
+        "None: never wait.",
+    )
     dose_budget_ms: float | None = Field(
         None,
         gt=0,

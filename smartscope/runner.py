@@ -307,6 +307,7 @@ class Runner:
             max_delay_s=settings.max_delay_s,
             deadline_fraction=settings.deadline_fraction,
             dose_budget_ms=settings.dose_budget_ms,
+            max_analysis_lag=settings.max_analysis_lag,
             default_exposure_ms=float(core.getExposure()),
             sensor_size=self.microscope.sensor_shape[::-1],
             done_positions=self.resume_point.done_positions

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from useq import MDAEvent, ZRangeAround
 
 from smartscope._errors import RegistryError
-from smartscope.scheduler._actions import Action, AddEvents, SkipPosition
+from smartscope.scheduler._actions import Action, AddEvents, SkipPosition, SkipWell
 
 if TYPE_CHECKING:
     from smartscope.detections import Detections
@@ -236,12 +236,18 @@ class SkipEmpty(_PolicyBase):
     """When a survey frame finds fewer than `min_objects`, drop that position.
 
     Every event still planned for the frame's position (later timepoints,
-    channels, Z planes, queued targets) is dropped.
+    channels, Z planes, queued targets) is dropped. With ``scope: well`` (plate
+    plans, positions ``<well>_<field>``), an empty field of a well none of
+    whose fields so far showed objects drops the whole well (`SkipWell`): an
+    empty well costs one field.
     """
 
     name: Literal["skip_empty"] = "skip_empty"
     min_objects: int = Field(1, ge=1)
     filter: ObjectFilter = ObjectFilter(exclude_border=False)
+    scope: Literal["position", "well"] = "position"
+
+    _occupied: set[str] = PrivateAttr(default_factory=set)
 
     def on_detections(
         self, frame: Frame, detections: Detections, context: PolicyContext
@@ -249,8 +255,12 @@ class SkipEmpty(_PolicyBase):
         if not self._is_survey(frame):
             return []
         n = int(self.filter.mask(detections).sum()) if len(detections) else 0
+        well = str(frame.position).split("_", 1)[0]
         if n >= self.min_objects:
+            self._occupied.add(well)
             return []
+        if self.scope == "well" and well not in self._occupied:
+            return [SkipWell(well, reason=f"empty well: {n} object(s) found")]
         return [SkipPosition(frame.position, reason=f"{n} object(s) found")]
 
 

@@ -221,6 +221,13 @@ class Scheduler(Iterator[MDAEvent]):
     idle_timeout_s : float
         With the base plan done and nothing queued or being analysed, how long
         a policy's pending-work check may hold the run open with nothing added.
+    max_analysis_lag : int, optional
+        With a number, a base visit starts only while at most this many frames
+        are still being analysed: with 0 the policies have decided on every
+        earlier frame, so a well quota or an empty well stops the plan exactly
+        where it should (plate screens), at the cost of acquisition waiting for
+        analysis between base visits (added events are not held). None (the
+        default): base visits never wait for analysis.
     done_positions : Iterable[str]
         Positions finished by an earlier session of the same run (``smartscope
         resume``): their base events are not served (counted in
@@ -242,6 +249,7 @@ class Scheduler(Iterator[MDAEvent]):
         default_exposure_ms: float = 10.0,
         sensor_size: tuple[int, int] | None = None,
         idle_timeout_s: float = 30.0,
+        max_analysis_lag: int | None = None,
         done_positions: Iterable[str] = (),
     ) -> None:
         if travel_order not in ("plan", "nearest"):
@@ -267,6 +275,7 @@ class Scheduler(Iterator[MDAEvent]):
         )
         self._roi_active = False
         self.idle_timeout_s = float(idle_timeout_s)
+        self.max_analysis_lag = max_analysis_lag
         self._idle_since: float | None = None
         self._cond = threading.Condition()
         self._added: list[tuple[int, int, float, MDAEvent, str]] = []
@@ -658,6 +667,11 @@ class Scheduler(Iterator[MDAEvent]):
                 horizon = now + self._poll
                 added = self._best_added(horizon)
                 visit = self._next_visit(horizon)
+                if (
+                    self.max_analysis_lag is not None
+                    and self._in_flight > self.max_analysis_lag
+                ):
+                    visit = None  # the base plan waits for analysis to catch up
                 if visit is not None and visit.due <= horizon:
                     since = visit.due if visit.read_s is None else visit.read_s
                     base_late = now - since
