@@ -364,6 +364,8 @@ def test_screen_runs_through_the_runner_on_plate_cfg(tmp_path, plate):
                 {"name": "hit_detection", "min_cells": 2, "filter": FILTER},
             ],
             "analysis": {"analyze": "all"},
+            # quotas act on the very next field, however loaded the machine is
+            "scheduler": {"max_analysis_lag": 0},
         }
     )
     with Runner(exp, out_dir=tmp_path / "run") as runner:
@@ -377,7 +379,11 @@ def test_screen_runs_through_the_runner_on_plate_cfg(tmp_path, plate):
     assert {"skip_well", "set_focus", "add_events"} <= kinds
     frames = read_jsonl(tmp_path / "run" / "frames.jsonl")
     base = [f for f in frames if f["kind"] == "base"]
-    assert len(base) < 12 and summary.events_skipped >= 1  # the quota dropped fields
+    per_well: dict[str, int] = {}
+    for f in base:
+        well = f["position"].split("_")[0]
+        per_well[well] = per_well.get(well, 0) + 1
+    assert max(per_well.values()) <= 2 and summary.events_skipped >= 1  # quota
     assert {f["kind"] for f in frames} >= {"base", "autofocus", "hit"}
     assert reports["hit_detection"]["hits"] == ["B9"]
     for well in ("A1", "B9"):  # the focus found is the well's
