@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _closed_loop import smartscope
 
 from smartscope.storage import read_jsonl, read_position
 
@@ -18,18 +19,6 @@ FIXTURES = Path(__file__).parent / "fixtures"
 BAD = sorted(
     p for p in FIXTURES.glob("*.yaml") if p.read_text().startswith("# expect:")
 )
-
-
-def smartscope(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CI": "true", "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "smartscope.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        env=env,
-    )
 
 
 def _expected(path: Path) -> str:

@@ -1,10 +1,9 @@
 """Live-cell policies against a simulated specimen's ground truth.
 
-`_simulate` is a deterministic closed loop without a microscope: the Scheduler
-serves events on a simulated clock, the `LiveSpecimen` renders each one the way
-the `LiveCellCamera` does (stage position, camera ROI, exposure, dose), the
-built-in model segments it, and the policies' actions go back to the Scheduler.
-So results depend only on the seeds, and are checked against ground truth.
+`_simulate` is the deterministic closed loop of `_closed_loop.simulate` with a
+`LiveSpecimen` (rendered and dosed the way the `LiveCellCamera` does) and the
+built-in model: results depend only on the seeds, and are checked against
+ground truth.
 """
 
 from __future__ import annotations
@@ -13,15 +12,15 @@ import gc
 
 import numpy as np
 import pytest
+from _closed_loop import simulate
 from useq import MDASequence
 
 from smartscope.detections import Detections
-from smartscope.frame import Frame, event_tag
+from smartscope.frame import Frame
 from smartscope.scheduler import (
     AdaptiveInterval,
     EventBurst,
     PolicyContext,
-    Scheduler,
     TrackAndFollow,
 )
 from smartscope.segment import create_segmenter
@@ -62,83 +61,17 @@ def _plan(positions, interval_s, duration_s):
     )
 
 
-def _simulate(specimen, plan, policies, segmenter, *, frame_s=0.02, **sched_kw):
-    """Run the closed loop on a simulated clock; return frames and snaps."""
-    clock = [0.0]
-    sched = Scheduler(
-        plan, clock=lambda: clock[0], sensor_size=(SENSOR, SENSOR), **sched_kw
+def _simulate(specimen, plan, policies, segmenter, **kw):
+    """The closed loop with the specimen's clock running ACCEL times faster."""
+    return simulate(
+        specimen,
+        plan,
+        policies,
+        segmenter,
+        sensor=SENSOR,
+        advance=lambda dt: specimen.advance(dt * ACCEL),
+        **kw,
     )
-    context = PolicyContext(
-        fov_um=(SENSOR, SENSOR), pixel_size_um=1.0, clock=lambda: clock[0]
-    )
-    for p in policies:
-        sched.add_pending_check(p.has_pending_work)
-    frames, snaps = [], []
-    roi_now = None
-    while True:
-        due = [e.min_start_time or 0.0 for e in sched.upcoming(50, include_base=True)]
-        if due and min(due) > clock[0]:  # nothing due: time passes
-            _advance(specimen, clock, min(due) - clock[0])
-        try:
-            event = next(sched)
-        except StopIteration:
-            break
-        if event.roi is not None:
-            roi_now = event.roi
-        x0, y0, w, h = (
-            (roi_now.offset_x, roi_now.offset_y, roi_now.width, roi_now.height)
-            if roi_now
-            else (0, 0, SENSOR, SENSOR)
-        )
-        cx = event.x_pos + x0 + (w - 1) / 2 - (SENSOR - 1) / 2
-        cy = event.y_pos + y0 + (h - 1) / 2 - (SENSOR - 1) / 2
-        image = specimen.render(cx, cy, shape=(h, w), exposure_ms=10)
-        tag = event_tag(event)
-        snaps.append(
-            {
-                "t_s": specimen.time_s,
-                "x_um": cx,
-                "y_um": cy,
-                "width_um": w,
-                "height_um": h,
-                "exposure_ms": 10.0,
-                "intensity": 1.0,
-            }
-        )
-        frame = Frame(
-            frame_index=len(frames),
-            event=event,
-            position=tag["position"],
-            kind=tag["kind"],
-            stage_x_um=event.x_pos,
-            stage_y_um=event.y_pos,
-            stage_z_um=0.0,
-            channel="DAPI",
-            exposure_ms=10.0,
-            t_acquired=clock[0],
-            t_clock=clock[0],
-        )
-        frames.append(frame)
-        labels = segmenter.segment(image[None]).labels[0]
-        offset = np.array([cx - (w - 1) / 2, cy - (h - 1) / 2])
-        det = Detections.from_labels(
-            labels, image, to_stage=lambda px, o=offset: px + o
-        )
-        for policy in policies:
-            for action in policy.on_detections(frame, det, context):
-                sched.apply(
-                    action,
-                    trigger_frame=frame.frame_index,
-                    trigger_position=frame.position,
-                    kind=policy.name,
-                )
-        _advance(specimen, clock, frame_s)
-    return frames, snaps, sched
-
-
-def _advance(specimen, clock, dt):
-    clock[0] += dt
-    specimen.advance(dt * ACCEL)
 
 
 def _burst_policy(**kw):

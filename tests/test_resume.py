@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from _closed_loop import smartscope
 
 from smartscope.resume import inspect_run
 from smartscope.storage import read_jsonl, read_position
@@ -35,18 +36,6 @@ sequence:
   axis_order: pcz
 segmenter: {{name: threshold, sigma_px: 1.0}}
 """
-
-
-def smartscope(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CI": "true", "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "smartscope.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        env=env,
-    )
 
 
 def _fields(run_dir: Path) -> Counter:

@@ -14,15 +14,14 @@ import gc
 import numpy as np
 import pytest
 import useq
+from _closed_loop import simulate
 from useq import MDAEvent, MDASequence
 
-from smartscope.detections import Detections
-from smartscope.frame import Frame, event_tag
+from smartscope.frame import event_tag
 from smartscope.scheduler import (
     AddEvents,
     HitDetection,
     ObjectAutofocus,
-    PolicyContext,
     Scheduler,
     SetFocus,
     SkipWell,
@@ -75,69 +74,17 @@ def _sequence(plate, wells, rows=3, columns=3):
     )
 
 
-def _simulate(specimen, plan, policies, segmenter, *, frame_s=0.02, **sched_kw):
-    """Run the closed loop on a simulated clock; return frames and the Scheduler."""
-    clock = [0.0]
-    sched = Scheduler(
-        plan, clock=lambda: clock[0], sensor_size=(SENSOR, SENSOR), **sched_kw
+def _simulate(specimen, plan, policies, segmenter, **kw):
+    """The closed loop on the fixed plate; returns frames and the Scheduler."""
+    frames, _, sched = simulate(
+        specimen,
+        plan,
+        policies,
+        segmenter,
+        sensor=SENSOR,
+        rng=np.random.default_rng(0),
+        **kw,
     )
-    context = PolicyContext(
-        fov_um=(SENSOR, SENSOR), pixel_size_um=1.0, clock=lambda: clock[0]
-    )
-    for p in policies:
-        sched.add_pending_check(p.has_pending_work)
-    skipped: list[tuple[str, int, str]] = []
-    sched.events.eventsSkipped.connect(lambda *a: skipped.append(a))
-    frames = []
-    roi_now = None
-    rng = np.random.default_rng(0)
-    while True:
-        try:
-            event = next(sched)
-        except StopIteration:
-            break
-        if event.roi is not None:
-            roi_now = event.roi
-        x0, y0, w, h = (
-            (roi_now.offset_x, roi_now.offset_y, roi_now.width, roi_now.height)
-            if roi_now
-            else (0, 0, SENSOR, SENSOR)
-        )
-        cx = event.x_pos + x0 + (w - 1) / 2 - (SENSOR - 1) / 2
-        cy = event.y_pos + y0 + (h - 1) / 2 - (SENSOR - 1) / 2
-        z = event.z_pos if event.z_pos is not None else 0.0
-        image = specimen.render(cx, cy, z, shape=(h, w), exposure_ms=10, rng=rng)
-        tag = event_tag(event)
-        frame = Frame(
-            frame_index=len(frames),
-            event=event,
-            position=tag["position"],
-            kind=tag["kind"],
-            stage_x_um=event.x_pos,
-            stage_y_um=event.y_pos,
-            stage_z_um=z,
-            channel="DAPI",
-            exposure_ms=10.0,
-            t_acquired=clock[0],
-            t_clock=clock[0],
-        )
-        frames.append(frame)
-        labels = segmenter.segment(image[None]).labels[0]
-        offset = np.array([cx - (w - 1) / 2, cy - (h - 1) / 2])
-        det = Detections.from_labels(
-            labels, image, to_stage=lambda px, o=offset: px + o
-        )
-        det.extra["image"] = image
-        for policy in policies:
-            for action in policy.on_detections(frame, det, context):
-                sched.apply(
-                    action,
-                    trigger_frame=frame.frame_index,
-                    trigger_position=frame.position,
-                    kind=policy.name,
-                )
-        clock[0] += frame_s
-    sched.skipped_log = skipped  # type: ignore[attr-defined]
     return frames, sched
 
 
