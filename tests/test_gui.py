@@ -127,7 +127,9 @@ def test_start_from_the_window_frames_arrive_and_overlay_matches_detections(
     view.canvas.repaint()
     assert view.n_drawn_objects == 0 and overlay_pixels(view.canvas) == 0
     # the decision log and the stage map show what happened
-    assert window.decision_log.row_statuses() == ["applied"]
+    qtbot.waitUntil(
+        lambda: window.decision_log.row_statuses() == ["applied"], timeout=5_000
+    )
     assert len(window.stage_map.tiles) == 2
     assert 0 < len(window.stage_map.detected) <= summary.detections
     # the cursor readout names the pixel value and the stage position
@@ -158,11 +160,11 @@ def test_approve_and_reject_change_what_is_acquired_and_the_log(qtbot, open_wind
     assert {f["trigger_frame"] for f in targets} == {first.trigger_frame}
     assert len(targets) == len(first.action.events)
     assert first.status == "approved" and second.status == "rejected"
-    statuses = window.decision_log.row_statuses()
-    assert statuses == [
-        "applied (operator)",
-        f"refused: {REFUSED_BY_OPERATOR} (operator)",
-    ]
+    # the log widget catches up on the GUI timer (10 Hz), not at once
+    expected = ["applied (operator)", f"refused: {REFUSED_BY_OPERATOR} (operator)"]
+    qtbot.waitUntil(
+        lambda: window.decision_log.row_statuses() == expected, timeout=5_000
+    )
     resolved = [
         r
         for r in read_jsonl(Path(summary.directory) / "decisions.jsonl")
@@ -184,8 +186,11 @@ def test_approve_all_pending_at_once(qtbot, open_window):
     frames = read_jsonl(Path(summary.directory) / "frames.jsonl")
     triggers = {f["trigger_frame"] for f in frames if f["kind"] == "target"}
     assert triggers == {first.trigger_frame, second.trigger_frame}
-    assert window.decision_log.row_statuses() == ["applied (operator)"] * 2
-    assert panel.table.rowCount() == 0
+    qtbot.waitUntil(
+        lambda: window.decision_log.row_statuses() == ["applied (operator)"] * 2,
+        timeout=5_000,
+    )
+    qtbot.waitUntil(lambda: panel.table.rowCount() == 0, timeout=5_000)
 
 
 def test_auto_approve_after_the_timeout_set_in_the_window(qtbot, open_window):
@@ -196,7 +201,10 @@ def test_auto_approve_after_the_timeout_set_in_the_window(qtbot, open_window):
     summary = wait_for_end(qtbot, window)
     assert summary.status == "completed"
     assert summary.events_scheduled == 3
-    assert window.decision_log.row_statuses() == ["applied (auto)"]
+    qtbot.waitUntil(
+        lambda: window.decision_log.row_statuses() == ["applied (auto)"],
+        timeout=5_000,
+    )
 
 
 def test_pause_resume_and_cancel(qtbot, open_window):

@@ -150,6 +150,9 @@ class DecisionLog(QTreeWidget):
         self.setUniformRowHeights(True)
         self.header().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self._by_proposal: dict[int, QTreeWidgetItem] = {}
+        # resolutions that arrived before their decision's row (both come through
+        # the GUI thread's queue, the operator may be quicker than the log)
+        self._early: dict[int, Proposal] = {}
         self.records: list[dict[str, Any]] = []
 
     def add_decision(self, record: dict[str, Any]) -> None:
@@ -180,15 +183,24 @@ class DecisionLog(QTreeWidget):
             _add_event_children(item, events)
             self.addTopLevelItem(item)
             if status == "pending" and "proposal_id" in action:
-                self._by_proposal[int(action["proposal_id"])] = item
+                pid = int(action["proposal_id"])
+                self._by_proposal[pid] = item
+                if pid in self._early:
+                    self._show_resolution(item, self._early.pop(pid))
         self.scrollToBottom()
 
     def resolve(self, proposal: Proposal) -> None:
         """Update the row of a proposal the operator (or a timeout) resolved."""
-        record = proposal.record or {}
-        self.records.append(record)
+        self.records.append(proposal.record or {})
         item = self._by_proposal.pop(proposal.proposal_id, None)
-        if item is None or not record.get("actions"):
+        if item is None:  # its decision's row is not there yet
+            self._early[proposal.proposal_id] = proposal
+            return
+        self._show_resolution(item, proposal)
+
+    def _show_resolution(self, item: QTreeWidgetItem, proposal: Proposal) -> None:
+        record = proposal.record or {}
+        if not record.get("actions"):
             return
         action = record["actions"][0]
         approval = record.get("approval") or {}
