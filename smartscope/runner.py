@@ -403,12 +403,26 @@ class Runner:
         return not self._thread.is_alive()
 
     def pause(self) -> None:
-        """Pause acquisition at the next event boundary."""
+        """Pause acquisition at the next event boundary.
+
+        The Scheduler also holds back the next event, so a pause that lands in
+        pymmcore-plus's window between waiting for an event and starting it is
+        not lost.
+        """
+        if self.scheduler is not None:
+            self.scheduler.hold(True)
         self.microscope.pause()
 
     def resume(self) -> None:
         """Resume a paused acquisition."""
         self.microscope.resume()
+        if self.scheduler is not None:
+            self.scheduler.hold(False)
+
+    def is_paused(self) -> bool:
+        """Whether acquisition is paused (or held at the next event)."""
+        held = self.scheduler is not None and self.scheduler.held
+        return held or self.microscope.is_paused()
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop after the current event; `finish` then records 'interrupted'."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
+import pytest
 from useq import CameraROI, MDAEvent, MDASequence
 
 from smartscope.scheduler import (
@@ -160,3 +162,22 @@ def test_nearest_order_keeps_each_positions_own_order():
     got = [(e.pos_name, e.index.get("t")) for e in sched]
     # "other" is nearer than burst t=0; burst t=1 never goes before burst t=0
     assert got == [("other", None), ("burst", 0), ("burst", 1)]
+
+
+def test_hold_pauses_at_the_event_boundary_and_stop_still_ends():
+    sched = Scheduler(_timelapse([(0, 0, 0)], loops=3))
+    next(sched)
+    sched.hold(True)
+    got = []
+
+    t = threading.Thread(target=lambda: got.append(next(sched)))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive() and not got  # held: nothing served
+    sched.hold(False)
+    t.join(2)
+    assert len(got) == 1
+    sched.hold(True)
+    sched.stop("cancelled")
+    with pytest.raises(StopIteration):
+        next(sched)

@@ -262,7 +262,7 @@ class MainWindow(QMainWindow):
     def is_paused(self) -> bool:
         """Whether the running acquisition is paused."""
         try:
-            return self.is_running() and self.runner.microscope.is_paused()  # type: ignore[union-attr]
+            return self.is_running() and self.runner.is_paused()  # type: ignore[union-attr]
         except RuntimeError:  # microscope closed
             return False
 

@@ -274,6 +274,7 @@ class Scheduler(Iterator[MDAEvent]):
             else None
         )
         self._roi_active = False
+        self._held = False
         self.idle_timeout_s = float(idle_timeout_s)
         self.max_analysis_lag = max_analysis_lag
         self._idle_since: float | None = None
@@ -383,6 +384,20 @@ class Scheduler(Iterator[MDAEvent]):
         if self._t_start is None:
             self._t_start = time.perf_counter()
         return time.perf_counter() - self._t_start
+
+    def hold(self, on: bool = True) -> None:
+        """Hold back (or release) the next event: a pause at the event boundary.
+
+        ``stop`` still ends a held iteration.
+        """
+        with self._cond:
+            self._held = bool(on)
+            self._cond.notify_all()
+
+    @property
+    def held(self) -> bool:
+        """Whether `hold` is holding back the next event."""
+        return self._held
 
     def stop(self, reason: str = "stopped") -> None:
         """End iteration at the next ``next()``; wakes a waiting runner."""
@@ -659,6 +674,9 @@ class Scheduler(Iterator[MDAEvent]):
             while True:
                 if self._stop_reason is not None:
                     self._finish(self._stop_reason)
+                if self._held:  # paused: nothing is served until released
+                    self._cond.wait(self._poll)
+                    continue
                 if self._visit or self._added:
                     self._idle_since = None
                 if self._visit:  # a started visit is served as a block
