@@ -108,7 +108,8 @@ def resume(
     Fields whose frames are all on disk (and analysed) are kept and not imaged
     again; partly imaged ones are moved aside (images/<key>.partial-N.ome.zarr)
     and imaged again; the logs are appended to and run.json records the resume.
-    A completed run is left alone. Exit codes as for `run`.
+    The policies first see the kept frames again, so quotas, focus and hit wells
+    carry on. A completed run is left alone. Exit codes as for `run`.
     """
     from smartscope.resume import finish_resume, inspect_run, prepare_resume
 

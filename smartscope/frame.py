@@ -52,11 +52,36 @@ class Frame:
         return (self.stage_x_um, self.stage_y_um)
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready summary (no image data)."""
+        """JSON-ready summary (no image data); ``event`` is the whole `MDAEvent`.
+
+        `Frame.from_json` rebuilds the frame from it (``smartscope resume``
+        replays the analysed frames of a killed run into its policies).
+        """
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "event"}
         d["index"] = {str(k): int(v) for k, v in self.event.index.items()}
         tag = event_tag(self.event)
         for key in ("decision_id", "trigger_frame"):
             if key in tag:
                 d[key] = tag[key]
+        d["event"] = self.event.model_dump(mode="json", exclude_defaults=True)
         return d
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> Frame:
+        """The frame of a ``frames.jsonl`` line written by `to_json`.
+
+        Raises
+        ------
+        ValueError
+            If the line has no ``event`` (written before smartscope logged it)
+            or a field is missing.
+        """
+        from useq import MDAEvent
+
+        if not isinstance(record.get("event"), dict):
+            raise ValueError("the frame record has no event")
+        names = {f.name for f in fields(cls)} - {"event"}
+        return cls(
+            event=MDAEvent.model_validate(record["event"]),
+            **{k: v for k, v in record.items() if k in names},
+        )

@@ -8,9 +8,9 @@ only what is missing:
   chunk is on disk (frames are written asynchronously, so a kill can lose the
   last ones that were already logged), every such frame's analysis was logged
   (so its policies' decisions were applied), and every position its decisions
-  added (targets) is complete. Positions a policy skipped (``skip_position``,
-  ``skip_well``, a spent light-dose budget) are finished too. Finished
-  positions are kept and not imaged again.
+  added (targets) is complete. Finished positions are kept and not imaged
+  again. Other positions a policy skipped (``skip_position``, ``skip_well``,
+  a spent light-dose budget) are *skipped*: kept as they are, not imaged.
 - Any other position with frames or an array on disk is *partial*: its image
   and label arrays, and those of the positions its decisions added, are moved
   aside to ``images/<key>.partial-<n>.ome.zarr`` (``labels/`` likewise), the
@@ -26,10 +26,21 @@ and records itself in ``run.json["resumed"]``. At the end ``run.json``'s
 ``summary`` counts every session (from the logs); its ``latency_ms`` and
 ``schedule`` cover the last session only.
 
-Known limits: policies start afresh (a well quota counts again from zero, a
-well's focus is found again); targets that were queued but not imaged when
-the run died are imaged only when their field is imaged again, i.e. when that
-field was partial.
+The policies go on where they were: every analysed frame of a kept array
+(finished and skipped positions, kept added ones) is given to them again, in
+acquisition order, with its logged detections and its stored image and labels
+(`replay_frames`), so a well quota keeps its counts, an empty well stays
+skipped, a well's focus is kept and hit wells stay hits. What they decide on
+the way is applied to the new session's Scheduler, except events that are
+already stored: a target that was queued but not imaged when the run died is
+queued again (logged as a decision with ``"replayed": true``). The replay
+runs on the run's clock of the earlier sessions, shifted so that the new
+session starts where the last one stopped.
+
+Known limits: frames logged by smartscope before 0.4 (no ``event`` in
+``frames.jsonl``) cannot be replayed: the policies then start afresh; added
+events without a ``pos_name`` are never queued again (where they are stored
+cannot be told).
 """
 
 from __future__ import annotations
@@ -42,14 +53,30 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from smartscope._errors import ExperimentError, SmartscopeError, first_line
 from smartscope.storage import dumps, read_jsonl
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+    from useq import MDAEvent
+
+    from smartscope.detections import Detections
     from smartscope.experiment import Experiment
+    from smartscope.frame import Frame
     from smartscope.runner import Runner, RunSummary
 
-__all__ = ["RunState", "finish_resume", "inspect_run", "prepare_resume", "resume_run"]
+__all__ = [
+    "RunState",
+    "event_location",
+    "finish_resume",
+    "inspect_run",
+    "prepare_resume",
+    "replay_frames",
+    "resume_run",
+]
 
 _LOGS = ("frames.jsonl", "detections.jsonl", "decisions.jsonl")
 _PARTIAL = ".partial-"
@@ -74,6 +101,8 @@ class RunState:
     redo_added: list[str] = field(default_factory=list)
     next_frame_index: int = 0
     next_decision_id: int = 0
+    replay: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    stored: set[tuple[str, int, int, int]] = field(default_factory=set, repr=False)
 
     @property
     def completed(self) -> bool:
@@ -170,14 +199,14 @@ def inspect_run(run_dir: str | Path) -> RunState:
         )
 
     for key, want in expected.items():
-        if is_skipped(key):
-            state.skipped.append(key)
-        elif (
+        if (
             want <= (logged.get(key, set()) & (stored.get(key) or set()))
             and decided(key)
             and all(complete(p) for p in triggered.get(key, ()))
         ):
             state.finished.append(key)
+        elif is_skipped(key):
+            state.skipped.append(key)
         elif logged.get(key) or key in on_disk:
             state.partial.append(key)
         else:
@@ -194,12 +223,65 @@ def inspect_run(run_dir: str | Path) -> RunState:
         else:
             state.redo_added.append(name)
 
+    kept = set(state.finished) | set(state.skipped) | set(state.kept_added)
+    state.replay, state.stored = _replay_records(info, frames, detections, kept)
+
     indices = [int(f["frame_index"]) for f in frames if "frame_index" in f]
     indices += list(analysed)
     state.next_frame_index = max(indices, default=-1) + 1
     ids = [int(d["decision_id"]) for d in decisions if d.get("decision_id") is not None]
     state.next_decision_id = max(ids, default=-1) + 1
     return state
+
+
+def _replay_records(
+    info: dict[str, Any],
+    frames: list[dict[str, Any]],
+    detections: list[dict[str, Any]],
+    kept: set[str],
+) -> tuple[list[dict[str, Any]], set[tuple[str, int, int, int]]]:
+    """The analysed frames of the kept arrays, in order, and where frames are.
+
+    Each item is ``{"frame": <frames.jsonl line>, "detections": <its line>}``,
+    the frame's ``t_clock`` moved onto one clock over every session, ending at
+    0 (each session's clock starts at 0; see the module doc).
+    """
+    by_index = {
+        int(r["frame_index"]): r
+        for r in detections
+        if r.get("frame_index") is not None and "error" not in r
+    }
+    starts = [0] + [
+        int(r.get("first_frame_index") or 0) for r in info.get("resumed") or []
+    ]
+    session_end: dict[int, float] = defaultdict(float)
+    stored: set[tuple[str, int, int, int]] = set()
+    chosen = []
+    for f in frames:
+        if "frame_index" not in f:
+            continue
+        i = int(f["frame_index"])
+        session = sum(i >= s for s in starts) - 1
+        t = f.get("t_clock")
+        if t is not None:
+            session_end[session] = max(session_end[session], float(t))
+        where = f.get("array") or {}
+        name = str(where.get("position", f.get("position")))
+        if f.get("partial") or name not in kept:
+            continue
+        stored.add((name, *_tcz(where)))
+        if i in by_index and not f.get("dropped"):
+            chosen.append((i, session, f))
+    offset, total = {}, 0.0
+    for session in range(len(starts)):
+        offset[session] = total
+        total += session_end.get(session, 0.0)
+    replay = []
+    for i, session, f in sorted(chosen, key=lambda c: c[0]):
+        t = f.get("t_clock")
+        t_run = None if t is None else round(float(t) + offset[session] - total, 6)
+        replay.append({"frame": {**f, "t_clock": t_run}, "detections": by_index[i]})
+    return replay, stored
 
 
 def _read_info(directory: Path) -> dict[str, Any]:
@@ -282,8 +364,6 @@ def _stored_chunks(path: Path) -> set[tuple[int, int, int]] | None:
         return None
     size = None  # uncompressed chunks have a known size: a cut-off one is not stored
     if [c.get("name") for c in meta.get("codecs", [])] == ["bytes"]:
-        import numpy as np
-
         size = int(np.prod(chunks)) * np.dtype(meta["data_type"]).itemsize
     out = set()
     c_at, z_at = names.index("c"), names.index("z")
@@ -349,6 +429,7 @@ def prepare_resume(state: RunState, *, config: str | Path | None = None) -> Runn
             "first_frame_index": state.next_frame_index,
             "first_decision_id": state.next_decision_id,
             "wall_time_before_s": _wall_time_so_far(state),
+            "replayed_frames": len(state.replay),
             "summary": None,  # this session's own counts, filled at the end
         }
     )
@@ -356,12 +437,97 @@ def prepare_resume(state: RunState, *, config: str | Path | None = None) -> Runn
         done_positions=frozenset(done),
         first_frame_index=state.next_frame_index,
         first_decision_id=state.next_decision_id,
+        replay=tuple(state.replay),
+        stored=frozenset(state.stored),
         info={
             "started_at": state.info.get("started_at") or "",
             "resumed": resumed,
         },
     )
     return Runner(experiment, config=cfg_path, out_dir=directory, resume_point=point)
+
+
+def replay_frames(
+    directory: str | Path, records: Iterable[dict[str, Any]]
+) -> Iterator[tuple[Frame, Detections]]:
+    """Rebuild the `Frame` and `Detections` of each replay record (`RunState`).
+
+    The objects table is the logged one; the image and labels are read back
+    from the run's arrays (``detections.extra["image"]`` as in a live run).
+    Records whose frame cannot be rebuilt (no ``event`` logged) are skipped.
+    """
+    from smartscope.detections import OBJECT_COLUMNS, Detections
+    from smartscope.frame import Frame
+
+    reader = _FrameReader(Path(directory))
+    for record in records:
+        try:
+            frame = Frame.from_json(record["frame"])
+        except (ValueError, TypeError):
+            continue
+        logged = record["detections"]
+        objects = logged.get("objects") or {}
+        table = {}
+        for name in OBJECT_COLUMNS:
+            dtype = {"label": np.int64, "touches_border": bool}.get(name, np.float64)
+            table[name] = np.asarray(objects.get(name, []), dtype=dtype)
+        where = record["frame"].get("array") or {}
+        name = str(where.get("position", frame.position))
+        tcz = _tcz(where)
+        image = reader.read(name, tcz, labels=False)
+        labels = reader.read(name, tcz, labels=True)
+        det = Detections(
+            labels,
+            table,
+            frame_index=frame.frame_index,
+            model_id=str(logged.get("model_id", "")),
+        )
+        det.extra["image"] = image
+        yield frame, det
+
+
+class _FrameReader:
+    """Single frames of a run's arrays, keeping a few arrays open."""
+
+    def __init__(self, directory: Path, keep: int = 8) -> None:
+        self.directory = directory
+        self.keep = keep
+        self._open: dict[tuple[str, bool], Any] = {}
+
+    def read(self, name: str, tcz: tuple[int, int, int], *, labels: bool) -> np.ndarray:
+        import tensorstore as ts
+
+        key = (name, labels)
+        store = self._open.pop(key, None)
+        if store is None:
+            folder = "labels" if labels else "images"
+            path = self.directory / folder / f"{name}.ome.zarr" / "0"
+            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+            store = ts.open(spec).result()
+            if len(self._open) >= self.keep:
+                self._open.pop(next(iter(self._open)))
+        self._open[key] = store  # most recently used last
+        return np.asarray(store[tcz].read().result())
+
+
+def event_location(event: MDAEvent) -> tuple[str, int, int, int] | None:
+    """``(position, visit, c, z)`` where the Scheduler stores an added event.
+
+    None for an event without a ``pos_name`` (its position key is numbered by
+    the Scheduler, so where it would be stored cannot be told in advance).
+    """
+    from smartscope.frame import event_tag
+    from smartscope.scheduler._scheduler import _safe
+
+    if not event.pos_name:
+        return None
+    tag = event_tag(event)
+    return (
+        _safe(event.pos_name),
+        int(tag.get("visit", 0)),
+        int(tag.get("c", event.index.get("c", 0))),
+        int(tag.get("z", event.index.get("z", 0))),
+    )
 
 
 def finish_resume(runner: Runner, summary: RunSummary) -> RunSummary:

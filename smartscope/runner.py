@@ -103,12 +103,18 @@ class ResumePoint:
     the logs, does not image `done_positions` again (and gives added positions
     that would reuse one of those names a fresh name), numbers frames and
     decisions after the logged ones, and merges `info` into ``run.json``.
+    Before acquiring it gives the policies the earlier sessions' analysed
+    frames again (`replay`, see `smartscope.resume.replay_frames`); of the
+    events they add on the way, those already `stored` (``(position, visit,
+    c, z)``) are left out.
     """
 
     done_positions: frozenset[str] = frozenset()
     first_frame_index: int = 0
     first_decision_id: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    replay: tuple[dict[str, Any], ...] = ()
+    stored: frozenset[tuple[str, int, int, int]] = frozenset()
 
 
 class RunnerEvents(SignalGroup):
@@ -231,6 +237,8 @@ class Runner:
         self._t0 = 0.0
         self._first_frame = resume_point.first_frame_index if resume_point else 0
         self._frame_count = self._first_frame
+        #: analysed frames of earlier sessions given to the policies (resume)
+        self.n_replayed = 0
         self._cancel_reason: str | None = None
         self._mda_error: str | None = None
         self._started_at = ""
@@ -339,6 +347,7 @@ class Runner:
         )
         if self.resume_point is not None:  # decision ids go on after the logged
             self.worker.n_decisions = self.resume_point.first_decision_id
+            self.n_replayed = self._replay(self.resume_point)
         self.worker.events.detectionsReady.connect(self.events.detectionsReady)
         self.worker.events.decisionMade.connect(self.events.decisionMade)
         self._started_at = datetime.now(timezone.utc).isoformat()
@@ -352,6 +361,20 @@ class Runner:
             target=self._acquire, name="smartscope-acquisition", daemon=True
         )
         self._thread.start()
+
+    def _replay(self, point: ResumePoint) -> int:
+        """Bring the policies up to where the earlier sessions left them."""
+        from smartscope.resume import event_location, replay_frames
+
+        if not point.replay or not self.experiment.analysis.enabled:
+            return 0
+
+        def stored(event: MDAEvent) -> bool:
+            where = event_location(event)
+            return where is None or where in point.stored
+
+        frames = replay_frames(self.directory, point.replay)
+        return self.worker.replay(frames, stored=stored)  # type: ignore[union-attr]
 
     def _acquire(self) -> None:
         try:

@@ -15,15 +15,19 @@ import queue
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from psygnal import Signal, SignalGroup
 
 from smartscope.detections import Detections
+from smartscope.scheduler import AddEvents
 
 if TYPE_CHECKING:
+    from useq import MDAEvent
+
     from smartscope.frame import Frame
     from smartscope.scheduler import PolicyContext, PPolicy, Scheduler
     from smartscope.segment import PSegmenter
@@ -292,6 +296,58 @@ class InferenceWorker(threading.Thread):
                     "objects": det.summary(),
                 }
             )
+
+    def replay(
+        self,
+        frames: Iterable[tuple[Frame, Detections]],
+        *,
+        stored: Callable[[MDAEvent], bool],
+    ) -> int:
+        """Give the policies frames analysed in an earlier session (resume).
+
+        Call before `start`. Each policy sees each frame as it did live, on a
+        clock that reads the frame's ``t_clock``. Its actions are applied to
+        the Scheduler without being logged again, except that `AddEvents`
+        keep only the events not `stored` yet; a decision that still adds
+        events is logged (with ``"replayed": true``) under a new id. Returns
+        the number of frames replayed.
+        """
+        n = 0
+        for frame, det in frames:
+            t = frame.t_clock or 0.0
+            context = replace(self._context, clock=lambda t=t: t)
+            for policy in self.policies:
+                actions = []
+                for action in policy.on_detections(frame, det, context):
+                    if isinstance(action, AddEvents):
+                        events = tuple(e for e in action.events if not stored(e))
+                        if not events:
+                            continue
+                        action = replace(action, events=events)
+                    actions.append(action)
+                outcomes = [
+                    self.scheduler.apply(
+                        a,
+                        decision_id=self.n_decisions,
+                        trigger_frame=frame.frame_index,
+                        trigger_position=frame.position,
+                        kind=getattr(policy, "name", "added"),
+                    )
+                    for a in actions
+                ]
+                requeued = [o for o in outcomes if isinstance(o.action, AddEvents)]
+                if not requeued:
+                    continue
+                self.n_events_scheduled += sum(len(o.events) for o in requeued)
+                record = self._decision_record(
+                    self.n_decisions, policy, frame, det, outcomes
+                )
+                record["replayed"] = True
+                self.n_decisions += 1
+                if self.storage is not None:
+                    self.storage.log_decision(record)
+            n += 1
+        return n
 
     def _decision_record(
         self,

@@ -154,3 +154,143 @@ def test_resume_of_a_directory_without_a_run_exits_2(tmp_path, content):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+
+
+# ------------------------------------------------------ policies after a resume
+PLATE_DEMO = Path(__file__).parents[1] / "demos" / "plate_screen.yaml"
+
+
+@pytest.fixture(scope="module")
+def plate_experiment(tmp_path_factory) -> Path:
+    """The plate demo on its first six wells: E4..E9 (E5 a hit well, E9 empty)."""
+    text = PLATE_DEMO.read_text()
+    text = text.replace(
+        "config: ../hardware_configs/plate.cfg",
+        f"config: {PLATE_DEMO.parents[1] / 'hardware_configs' / 'plate.cfg'}",
+    )
+    rows = "      - [4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5]\n"
+    cols = "      - [3, 4, 5, 6, 7, 8, 8, 7, 6, 5, 4, 3]\n"
+    assert rows in text and cols in text
+    text = text.replace(rows, "      - [4, 4, 4, 4, 4, 4]\n")
+    text = text.replace(cols, "      - [3, 4, 5, 6, 7, 8]\n")
+    path = tmp_path_factory.mktemp("plate") / "plate6.yaml"
+    path.write_text(text)
+    return path
+
+
+def _stored(run_dir: Path) -> Counter:
+    """(array, t, c, z) of every frame kept in the run (base, hits, autofocus)."""
+    return Counter(
+        (f["array"]["position"], f["array"]["t"], f["array"]["c"], f["array"]["z"])
+        for f in read_jsonl(run_dir / "frames.jsonl")
+        if not f.get("partial")
+    )
+
+
+def test_kill_9_mid_well_then_resume_keeps_the_policies_state(
+    plate_experiment, tmp_path
+):
+    """Quota counts, a well's focus and hit wells survive a kill -9."""
+    reference = tmp_path / "ref"
+    result = smartscope("run", str(plate_experiment), "--out", str(reference))
+    assert result.returncode == 0, result.stderr
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smartscope.cli", "run", str(plate_experiment)]
+        + ["--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "CI": "true"},
+    )
+    frames_log = out / "frames.jsonl"
+    deadline = time.monotonic() + 120
+    # in the middle of well E6: after its autofocus and its first fields, with
+    # the hit well E5 (and its targets) behind
+    while time.monotonic() < deadline and proc.poll() is None:
+        if frames_log.exists() and any(
+            f["position"] == "E6_0002" for f in read_jsonl(frames_log)
+        ):
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    state = inspect_run(out)
+    assert {"E5_0000", "E6_0000", "hit_E5_000", "af_E6"} <= set(
+        state.finished + state.skipped + state.kept_added
+    )
+    kept = {p: read_position(out, p) for p in state.finished + state.kept_added}
+
+    result = smartscope("resume", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+
+    # the very same frames as the uninterrupted run, each stored once: no field
+    # of E6 beyond its quota, no second autofocus of E6, the hit targets of E5
+    # not imaged again
+    stored = _stored(out)
+    assert stored == _stored(reference)
+    assert set(stored.values()) == {1}
+    for p, data in kept.items():
+        assert (read_position(out, p) == data).all()
+    for name in {p for p, *_ in stored}:
+        assert read_position(out, name).any()  # every array opens, with data
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "completed"
+    assert info["resumed"][0]["replayed_frames"] > 0
+    ref_info = json.loads((reference / "run.json").read_text())
+    # the policies' own account covers the whole run, as if never interrupted
+    assert info["policy_reports"] == ref_info["policy_reports"]
+    assert info["policy_reports"]["hit_detection"]["hits"] == ["E5"]
+
+
+def test_replay_queues_again_only_the_targets_not_stored(tmp_path):
+    """A decision replayed after a resume adds only what is not on disk yet."""
+    import numpy as np
+    from useq import MDAEvent, MDASequence
+
+    from smartscope.detections import Detections
+    from smartscope.frame import Frame
+    from smartscope.resume import event_location
+    from smartscope.scheduler import FindAndCenter, PolicyContext, Scheduler
+    from smartscope.storage import RunStorage
+    from smartscope.stream import FrameStream, InferenceWorker
+
+    sched = Scheduler(MDASequence(stage_positions=[(0.0, 0.0, 0.0)]), clock=lambda: 0)
+    storage = RunStorage(tmp_path)
+    policy = FindAndCenter()
+    worker = InferenceWorker(
+        FrameStream(),
+        None,  # type: ignore[arg-type]  # replay segments nothing
+        [policy],
+        sched,
+        to_stage=lambda px, xy: px - 256 + np.asarray(xy),
+        context=PolicyContext(),
+        clock=lambda: 0.0,
+        storage=storage,
+    )
+    labels = np.zeros((512, 512), np.uint16)
+    labels[100:120, 100:120] = 1
+    labels[300:320, 400:420] = 2
+    image = np.where(labels > 0, 500, 100).astype(np.uint16)
+    det = Detections.from_labels(
+        labels, image, to_stage=lambda px: px - 256, frame_index=7
+    )
+    event = MDAEvent(x_pos=0.0, y_pos=0.0, z_pos=0.0, index={"t": 0})
+    frame = Frame(7, event, "p000", "base", 0.0, 0.0, 0.0, "DAPI", 10.0, 1.0)
+    frame.t_clock = -2.0
+    on_disk = {("target_0000", 0, 0, 0)}  # the nearer target was imaged
+
+    n = worker.replay([(frame, det)], stored=lambda e: event_location(e) in on_disk)
+    storage.close()
+
+    assert n == 1
+    assert policy.n_targets == 2  # the policy remembers both objects
+    (queued,) = sched.upcoming()
+    assert queued.pos_name == "target_0001"
+    (decision,) = read_jsonl(tmp_path / "decisions.jsonl")
+    assert decision["replayed"] is True
+    assert decision["trigger"]["frame_index"] == 7
+    assert decision["actions"][0]["n_events"] == 1

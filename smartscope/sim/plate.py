@@ -157,7 +157,8 @@ class PlateSpecimen:
         self._illum_cache: dict[tuple[int, int], np.ndarray] = {}
         sim_seq, noise_seq = np.random.SeedSequence(self.seed).spawn(2)
         rng = np.random.default_rng(sim_seq)
-        self._noise_rng = np.random.default_rng(noise_seq)
+        self._noise_entropy = noise_seq.entropy
+        self._views: dict[tuple[int, ...], int] = {}  # view -> times rendered
         self._init_geometry()
         texture = _gaussian_blur(
             rng.standard_normal((_TEXTURE_SIZE, _TEXTURE_SIZE)).astype(np.float32),
@@ -362,8 +363,12 @@ class PlateSpecimen:
         intensity : float
             Relative excitation intensity; the signal scales with it.
         rng : numpy.random.Generator | None
-            Source of the camera noise; ``None`` uses the specimen's own generator
-            (seeded from `seed`, so a sequence of frames is reproducible).
+            Source of the camera noise. ``None``: the noise is a function of
+            `seed`, the view (position, focus, shape, pixel size, exposure,
+            intensity) and how often this specimen has rendered that view, so
+            a view seen again in a new process (a resumed run imaging a field
+            again) gives the very same frame, while repeated snaps of one view
+            still differ.
 
         Returns
         -------
@@ -389,7 +394,10 @@ class PlateSpecimen:
                         margin:-margin, margin:-margin
                     ]
                 field += part
-            rng = self._noise_rng if rng is None else rng
+            if rng is None:
+                rng = self._view_rng(
+                    x_um, y_um, z_um, h, w, ps, exposure_ms * intensity
+                )
             noise = rng.standard_normal((h, w), dtype=np.float32)
         return camera_adu(
             field,
@@ -397,6 +405,16 @@ class PlateSpecimen:
             self._illumination((h, w)),
             self,
             exposure_ms * intensity * ps * ps,
+        )
+
+    def _view_rng(self, *view: float) -> np.random.Generator:
+        """The noise generator of the next render of one view (see `render`)."""
+        key = tuple(round(float(v) * 1000) for v in view)  # nm, 0.001 ms
+        n = self._views.get(key, 0)
+        self._views[key] = n + 1
+        words = [int(k) & 0xFFFFFFFF for k in key]  # SeedSequence takes uint32 words
+        return np.random.default_rng(
+            np.random.SeedSequence([self._noise_entropy, *words, n])
         )
 
     def truth_labels(
