@@ -15,8 +15,11 @@ default, an existing cluster when a scheduler address is given) and writes
 
 The client reads the images and sends each task its planes (a small stack of
 one position's planes), so workers need not see the run directory; each worker
-builds the segmenter once (cached by its spec) and runs torch on one thread. A
-model file given as a path must be readable at that path on the workers.
+builds the segmenter once (cached by its spec and, for a model file, the file's
+size and modification time) and runs torch on one thread. Workers in other
+processes or on other machines (``dask scheduler`` / ``dask worker``) need
+smartscope installed; a model file is sent by its absolute path and must be
+readable at that path on the workers.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ __all__ = [
 ]
 
 DASK_HINT = 'reanalyze needs dask.distributed: pip install "smartscope[dask]"'
+#: how long to try to reach a scheduler given by address, then for a first worker
+CONNECT_TIMEOUT_S = 5.0
+WORKER_TIMEOUT_S = 30.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -116,8 +122,35 @@ def _safe_name(text: str) -> str:
     return name
 
 
+def _resolve_model_path(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec with a model file that exists here as an absolute path.
+
+    Workers in another process run in another working directory.
+    """
+    model = spec.get("model")
+    if isinstance(model, str) and model != "builtin":
+        path = Path(model).expanduser()
+        if path.is_file():
+            return {**spec, "model": str(path.resolve())}
+    return spec
+
+
 def _spec_key(spec: dict[str, Any]) -> str:
-    return json.dumps(spec, sort_keys=True, default=str)
+    """A spec as the JSON key of the workers' segmenter cache.
+
+    A model file's size and modification time are part of the key, so that a
+    long-lived worker does not reuse a model whose file was replaced since.
+    """
+    key: dict[str, Any] = {"spec": spec}
+    model = spec.get("model")
+    if isinstance(model, str) and model != "builtin":
+        try:
+            st = Path(model).stat()
+        except OSError:
+            pass
+        else:
+            key["file"] = [st.st_size, st.st_mtime_ns]
+    return json.dumps(key, sort_keys=True, default=str)
 
 
 def _build(spec: dict[str, Any]) -> PSegmenter:
@@ -157,7 +190,7 @@ def _worker_segmenter(key: str) -> Any:
     with _SEGMENTERS_LOCK:
         seg = _SEGMENTERS.get(key)
         if seg is None:
-            seg = _SEGMENTERS[key] = _build(json.loads(key))
+            seg = _SEGMENTERS[key] = _build(json.loads(key)["spec"])
             torch = sys.modules.get("torch")  # only torch segmenters import it
             if torch is not None:
                 torch.set_num_threads(1)  # one thread per worker (process)
@@ -320,11 +353,26 @@ def _connect(scheduler: str | None, workers: int, processes: bool) -> tuple[Any,
         raise ReanalysisError(DASK_HINT) from None
     if scheduler:
         try:
-            return Client(scheduler, timeout="10s"), None
-        except (OSError, TimeoutError) as e:
+            client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S:g}s")
+        except Exception as e:
+            why = (  # refused, timed out, a bad address; else garbage from a
+                # server that is no dask scheduler (even a MemoryError)
+                first_line(e)
+                if isinstance(e, OSError | TimeoutError | ValueError)
+                else f"no dask scheduler answers there ({type(e).__name__})"
+            )
             raise ReanalysisError(
-                f"cannot connect to the dask scheduler at {scheduler}: {first_line(e)}"
+                f"cannot connect to the dask scheduler at {scheduler}: {why}"
             ) from None
+        try:
+            client.wait_for_workers(1, timeout=WORKER_TIMEOUT_S)
+        except (OSError, TimeoutError):
+            client.close()
+            raise ReanalysisError(
+                f"the dask scheduler at {scheduler} has no workers "
+                f"(none joined within {WORKER_TIMEOUT_S:g} s)"
+            ) from None
+        return client, None
     cluster = LocalCluster(
         n_workers=workers,
         threads_per_worker=1,
@@ -390,6 +438,7 @@ def reanalyze(
     directory = Path(run_dir)
     info, frames = _load_run(directory)
     spec = parse_model(model) if model is not None else _run_segmenter(directory, info)
+    spec = _resolve_model_path(spec)
     if name is not None and (not _NAME.match(name) or len(name) > 100):
         raise ReanalysisError(
             f"bad reanalysis name {name!r} (letters, digits, '.', '_', '-')"

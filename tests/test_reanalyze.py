@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,147 @@ def test_existing_cluster_by_address(demo_run, tmp_path):
     assert result["overall"]["n_compared"] == len(_live(run))
 
 
+# ------------------------------------------------- a cluster in other processes
+DASK_CLI = Path(sys.executable).parent / "dask"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a cluster process (SIGTERM: a graceful close), else kill it; reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+@pytest.fixture
+def dask_processes(tmp_path):
+    """A dask scheduler and one worker, each a ``dask`` CLI process of this venv.
+
+    Yields the scheduler's address (read from its scheduler file) once the
+    worker has joined; both processes are stopped and reaped afterwards.
+    """
+    from distributed import Client
+
+    if not DASK_CLI.is_file():
+        pytest.skip(f"no dask command line at {DASK_CLI}")
+    scheduler_file = tmp_path / "scheduler.json"
+    # run the cluster where the run is not: workers only see the planes sent
+    cwd = tmp_path / "cluster"
+    cwd.mkdir()
+    env = {**os.environ, "CI": "true"}
+    procs: list[subprocess.Popen] = []
+    with open(tmp_path / "cluster.log", "w") as log:
+        try:
+            procs.append(
+                subprocess.Popen(
+                    [str(DASK_CLI), "scheduler", "--host", "127.0.0.1", "--port",
+                     "0", "--no-dashboard", "--scheduler-file", str(scheduler_file),
+                     "--idle-timeout", "300"],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=cwd, env=env,
+                )
+            )  # fmt: skip
+            deadline = time.monotonic() + 60
+            address = None
+            while address is None:
+                if procs[0].poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"dask scheduler did not start: {_tail(tmp_path)}")
+                try:
+                    address = json.loads(scheduler_file.read_text())["address"]
+                except (OSError, ValueError, KeyError):
+                    time.sleep(0.2)
+            procs.append(
+                subprocess.Popen(
+                    [str(DASK_CLI), "worker", "--scheduler-file", str(scheduler_file),
+                     "--nthreads", "1", "--no-nanny", "--no-dashboard",
+                     "--death-timeout", "60", "--local-directory", str(cwd)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=cwd, env=env,
+                )
+            )  # fmt: skip
+            with Client(address, timeout="30s") as client:
+                client.wait_for_workers(1, timeout=120)
+            yield address
+        finally:
+            for proc in reversed(procs):  # the worker, then the scheduler
+                _stop(proc)
+
+
+def _tail(tmp_path: Path) -> str:
+    return (tmp_path / "cluster.log").read_text()[-2000:]
+
+
+@needs_dask
+def test_cli_on_a_cluster_of_other_processes(demo_run, tmp_path, dask_processes):
+    from distributed import Client
+
+    run = _copy(demo_run[0], tmp_path)
+    live_spec = json.loads((run / "run.json").read_text())["experiment"]["segmenter"]
+    params = ",".join(f"{k}={v}" for k, v in live_spec.items() if k != "name")
+    model = f"{live_spec['name']}:{params}"  # the live run's segmenter, explicitly
+    proc = _cli(str(run), "--model", model, "--scheduler", dask_processes)
+    assert proc.returncode == 0, proc.stderr + _tail(tmp_path)
+
+    with Client(dask_processes, timeout="30s") as client:  # still up: not ours
+        workers = set(client.scheduler_info()["workers"])
+    result = json.loads(next(run.glob("reanalysis-*.json")).read_text())
+    assert result["cluster"]["scheduler"] == dask_processes
+    assert result["cluster"]["processes"] is None
+    assert set(result["cluster"]["workers_used"]) == workers  # the remote worker
+    assert result["same_model"]
+    assert result["model"]["worker_model_ids"] == [result["live_model_id"]]
+    live = _live(run)
+    overall = result["overall"]
+    assert overall["n_compared"] == len(live) > 0
+    assert overall["identical_fraction"] == 1.0 and overall["f1@0.5"] == 1.0
+    assert overall["n_frames"] == len(read_jsonl(run / "frames.jsonl"))
+    for position in {r["position"] for r in result["frames"] if r["analysed_live"]}:
+        new = _read(run / f"labels-{result['name']}" / f"{position}.ome.zarr")
+        old = read_position(run, position, labels=True)
+        for row in result["frames"]:
+            if row["position"] == position and row["analysed_live"]:
+                a = row["array"]
+                np.testing.assert_array_equal(
+                    new[a["t"], a["c"], a["z"]], old[a["t"], a["c"], a["z"]]
+                )
+    assert "comparison" in proc.stdout
+
+    # a model file given relative to here: the workers run elsewhere
+    from smartscope.segment._model import BUILTIN
+
+    shutil.copy(BUILTIN, tmp_path / "nuclei.pt")
+    proc = _cli(
+        str(run), "--model", "nuclei.pt", "--scheduler", dask_processes, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr + _tail(tmp_path)
+    result = json.loads((run / "reanalysis-nuclei.json").read_text())
+    assert result["model"]["spec"]["model"] == str(tmp_path / "nuclei.pt")
+    assert result["model"]["worker_model_ids"] == [result["model"]["model_id"]]
+    assert result["overall"]["n_frames"] == overall["n_frames"]
+    assert (run / "labels-nuclei").is_dir()
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["tcp://127.0.0.1:9", "nonsense", "foo://127.0.0.1:8786"],
+    ids=["refused", "no-port", "bad-scheme"],
+)
+@needs_dask
+def test_cli_bad_scheduler_address_exits_2_with_one_line(demo_run, address):
+    t0 = time.monotonic()
+    proc = _cli(str(demo_run[0]), "--model", "threshold", "--scheduler", address)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(
+        f"error: cannot connect to the dask scheduler at {address}: "
+    )
+    assert elapsed < 60  # the connect timeout is short, not a hang
+    assert not list(Path(demo_run[0]).glob("reanalysis-*.json"))
+
+
 def test_model_specs_and_names():
     assert parse_model("builtin") == {"name": "unet", "model": "builtin"}
     assert parse_model("models/nuclei/model.pt") == {
@@ -193,7 +335,7 @@ def test_cli_without_dask_says_how_to_install(demo_run):
     assert proc.stderr.strip() == f"error: {DASK_HINT}"
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "CI": "true", "COLUMNS": "200"}
     return subprocess.run(
         [sys.executable, "-m", "smartscope.cli", "reanalyze", *args],
@@ -202,6 +344,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
         timeout=120,
         stdin=subprocess.DEVNULL,
         env=env,
+        cwd=cwd,
     )
 
 

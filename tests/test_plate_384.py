@@ -1,0 +1,50 @@
+"""demos/plate_384.yaml: a whole 384-well plate (validated here, not run)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import useq
+
+from smartscope.experiment import Experiment
+
+PLATE_384 = Path(__file__).resolve().parents[1] / "demos" / "plate_384.yaml"
+
+
+def test_plate_384_plans_every_well_as_a_serpentine():
+    exp = Experiment.from_file(PLATE_384)
+    plan = exp.sequence.stage_positions
+    assert isinstance(plan, useq.WellPlatePlan)
+    assert plan.plate.name == "384-well"
+    # the camera images the same plate as the plan
+    assert ("Camera", "Plate", plan.plate.name) in exp.properties
+
+    wells = [(int(r), int(c)) for r, c in plan.selected_well_indices]
+    assert len(wells) == len(set(wells)) == 384
+    assert set(wells) == {(r, c) for r in range(16) for c in range(24)}
+    # a serpentine: every well is next to the one before it
+    for (r0, c0), (r1, c1) in itertools.pairwise(wells):
+        assert abs(r1 - r0) + abs(c1 - c0) == 1, ((r0, c0), (r1, c1))
+
+    n_fields = len(list(plan.well_points_plan))
+    positions = list(plan)
+    assert len(positions) == 384 * n_fields
+    assert positions[0].name.startswith("A1_")
+    assert positions[24 * n_fields].name.startswith("B24_")  # row B runs back
+
+
+def test_plate_384_validates_against_its_config():
+    proc = subprocess.run(
+        [sys.executable, "-m", "smartscope.cli", "validate", str(PLATE_384)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "CI": "true", "COLUMNS": "200"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ok ") and "1536 base events" in proc.stdout
