@@ -801,6 +801,26 @@ def _histograms(run: RunRecords) -> list[dict[str, str]]:
 
 
 # -------------------------------------------------------------- light dose
+def _attributed_dose(frames: list[dict[str, Any]]) -> dict[str, float]:
+    """Exposure (ms) per base position as the Scheduler attributes it.
+
+    A frame counts for the position that its event's ``dose_position`` names
+    (an added event, for the frame that triggered it), else its own position.
+    Runs without a light-dose budget keep only the total in memory; this
+    rebuilds the per-position dose from ``frames.jsonl``.
+    """
+    out: dict[str, float] = {}
+    for f in frames:
+        event = f.get("event") or {}
+        tag = (event.get("metadata") or {}).get("smartscope") or {}
+        key = str(tag.get("dose_position") or f.get("position") or "")
+        exposure = f.get("exposure_ms")
+        if exposure is None:
+            exposure = event.get("exposure")
+        out[key] = round(out.get(key, 0.0) + float(exposure or 0.0), 3)
+    return out
+
+
 def _dose(run: RunRecords) -> tuple[list[dict[str, Any]], str]:
     per: dict[str, dict[str, Any]] = {}
     for f in run.frames:
@@ -811,7 +831,9 @@ def _dose(run: RunRecords) -> tuple[list[dict[str, Any]], str]:
         entry["kinds"].add(str(f.get("kind", "base")))
         entry["frames"] += 1
         entry["exposure_ms"] += float(f.get("exposure_ms") or 0.0)
-    attributed = (run.summary.get("schedule") or {}).get("dose_ms") or {}
+    attributed = (run.summary.get("schedule") or {}).get("dose_ms")
+    if attributed is None:  # the Scheduler kept no per-position dose: the log has it
+        attributed = _attributed_dose(run.frames)
     for pos, dose in attributed.items():
         per.setdefault(
             pos, {"position": pos, "kinds": set(), "frames": 0, "exposure_ms": 0.0}

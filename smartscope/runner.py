@@ -322,6 +322,9 @@ class Runner:
             if self.resume_point
             else (),
         )
+        if not self.scheduler.is_timelapse:  # each position is visited once
+            # so finished arrays can be closed: memory stays flat over a plate
+            self.storage.images.max_open = self.storage.labels.max_open = 64
         self.scheduler.events.eventsSkipped.connect(self._on_skipped)
         for policy in self.policies:
             self.scheduler.add_pending_check(policy.has_pending_work)

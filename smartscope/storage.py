@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -85,14 +86,40 @@ class PositionArrays:
     Scheduler's ``metadata["smartscope"]`` says where). Frames that arrive out
     of order for their array (never in normal runs) are kept as TIFF files under
     ``overflow/`` rather than lost.
+
+    A position's array stays open for appending until `finish` closes it, or,
+    with `max_open`, until more than `max_open` arrays are open and it is the
+    one written least recently: a plate of thousands of fields then holds a
+    few open arrays, not one per field. An array once closed is complete on
+    disk with its shape; a frame that comes for it later (or for an array
+    already on disk that this writer did not open) goes to ``overflow/``: no
+    frame is lost and nothing is overwritten.
+
+    Parameters
+    ----------
+    root : Path
+        Folder of the ``<position>.ome.zarr`` arrays.
+    pixel_size_um : float
+        Pixel size written in the arrays' metadata.
+    max_open : int, optional
+        Most arrays kept open at once (None: no limit). Leave it None for
+        plans that come back to a position (time-lapses over many positions).
     """
 
-    def __init__(self, root: Path, *, pixel_size_um: float = 1.0) -> None:
+    def __init__(
+        self, root: Path, *, pixel_size_um: float = 1.0, max_open: int | None = None
+    ) -> None:
+        if max_open is not None and max_open < 1:
+            raise ValueError(f"max_open must be at least 1: {max_open}")
         self.root = root
         self.pixel_size_um = pixel_size_um
-        self._streams: dict[str, OMEStream] = {}
-        self._written: dict[str, int] = {}  # frames (incl. skipped) per position
+        self.max_open = max_open
+        # open arrays, least recently written first
+        self._streams: OrderedDict[str, OMEStream] = OrderedDict()
+        self._written: dict[str, int] = {}  # frames (incl. skipped), open arrays
         self.n_frames = 0
+        self.n_positions = 0  # arrays created
+        self.n_overflow = 0  # frames kept under overflow/
 
     def write(self, image: np.ndarray, event_meta: dict[str, Any]) -> dict[str, int]:
         """Write one frame; return its ``{"t", "c", "z"}`` index in its array."""
@@ -104,19 +131,48 @@ class PositionArrays:
         inner = c * nz + z if order == "cz" else z * nc + c
         linear = t * nc * nz + inner
         stream = self._streams.get(key)
-        if stream is None:
-            stream = self._streams[key] = self._create(key, image, nc, nz, order)
-            self._written[key] = 0
-        written = self._written[key]
-        if linear < written:
-            self._overflow(key, image, t, c, z)
+        if stream is None and self._array_path(key).exists():
+            self._overflow(key, image, t, c, z)  # closed: complete on disk
         else:
-            if linear > written:
-                stream.skip(frames=linear - written)
-            stream.append(np.asarray(image))
-            self._written[key] = linear + 1
+            if stream is None:
+                if self.max_open is not None:
+                    while len(self._streams) >= self.max_open:
+                        self.finish(next(iter(self._streams)))
+                stream = self._streams[key] = self._create(key, image, nc, nz, order)
+                self._written[key] = 0
+                self.n_positions += 1
+            else:
+                self._streams.move_to_end(key)
+            written = self._written[key]
+            if linear < written:
+                self._overflow(key, image, t, c, z)
+            else:
+                if linear > written:
+                    stream.skip(frames=linear - written)
+                stream.append(np.asarray(image))
+                self._written[key] = linear + 1
         self.n_frames += 1
         return {"t": t, "c": c, "z": z}
+
+    def finish(self, key: str) -> bool:
+        """Close `key`'s array (complete on disk); False if it was not open.
+
+        Later frames of the position go to ``overflow/``.
+        """
+        stream = self._streams.pop(key, None)
+        self._written.pop(key, None)
+        if stream is None:
+            return False
+        stream.close()
+        return True
+
+    @property
+    def n_open(self) -> int:
+        """Arrays open for appending."""
+        return len(self._streams)
+
+    def _array_path(self, key: str) -> Path:
+        return self.root / f"{key}.ome.zarr"
 
     def _create(
         self, key: str, image: np.ndarray, nc: int, nz: int, order: str
@@ -151,7 +207,7 @@ class PositionArrays:
         ]
         self.root.mkdir(parents=True, exist_ok=True)
         settings = AcquisitionSettings(
-            root_path=str(self.root / f"{key}.ome.zarr"),
+            root_path=str(self._array_path(key)),
             dimensions=dims,
             dtype=str(image.dtype),
             format="ome-zarr",
@@ -165,11 +221,14 @@ class PositionArrays:
         folder = self.root.parent / "overflow"
         folder.mkdir(exist_ok=True)
         tifffile.imwrite(folder / f"{key}_t{t}_c{c}_z{z}_{self.n_frames}.tif", image)
+        self.n_overflow += 1
 
     @property
     def positions(self) -> list[str]:
-        """Keys of the positions written so far."""
-        return list(self._written)
+        """Keys of the positions with an array on disk (sorted)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name[: -len(".ome.zarr")] for p in self.root.glob("*.ome.zarr"))
 
     def close(self) -> None:
         """Finalize every array (metadata, shapes)."""
@@ -179,25 +238,36 @@ class PositionArrays:
             except Exception:  # pragma: no cover - keep closing the others
                 pass
         self._streams.clear()
+        self._written.clear()
 
 
 class RunStorage:
     """Everything a run writes, in one directory (see the module docstring)."""
 
-    def __init__(self, directory: str | Path, *, pixel_size_um: float = 1.0) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        pixel_size_um: float = 1.0,
+        max_open_arrays: int | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.images = PositionArrays(
-            self.directory / "images", pixel_size_um=pixel_size_um
+            self.directory / "images",
+            pixel_size_um=pixel_size_um,
+            max_open=max_open_arrays,
         )
         self.labels = PositionArrays(
-            self.directory / "labels", pixel_size_um=pixel_size_um
+            self.directory / "labels",
+            pixel_size_um=pixel_size_um,
+            max_open=max_open_arrays,
         )
         self._frames = _JsonLines(self.directory / "frames.jsonl")
         self._detections = _JsonLines(self.directory / "detections.jsonl")
         self._decisions = _JsonLines(self.directory / "decisions.jsonl")
         self._closed = False
-        self._pending: queue.SimpleQueue[tuple[np.ndarray, Frame] | None] = (
+        self._pending: queue.SimpleQueue[tuple[np.ndarray, Frame] | str | None] = (
             queue.SimpleQueue()
         )
         self._writer: threading.Thread | None = None
@@ -210,17 +280,33 @@ class RunStorage:
         Growing an OME-Zarr array takes milliseconds, so frames are written on
         a dedicated thread in arrival order; `close` drains the queue.
         """
+        self._start_writer()
+        self._pending.put((image, frame))
+
+    def finish_position(self, position: str) -> None:
+        """No more frames will come for `position`: close its image array.
+
+        Queued behind the frames already submitted, so they are written first.
+        Its labels array is left to `max_open_arrays` (analysis may still be
+        labelling its frames).
+        """
+        self._start_writer()
+        self._pending.put(position)
+
+    def _start_writer(self) -> None:
         if self._writer is None:
             self._writer = threading.Thread(
                 target=self._write_loop, name="smartscope-writer", daemon=True
             )
             self._writer.start()
-        self._pending.put((image, frame))
 
     def _write_loop(self) -> None:
         while (item := self._pending.get()) is not None:
             try:
-                self.write_frame(*item)
+                if isinstance(item, str):
+                    self.images.finish(item)
+                else:
+                    self.write_frame(*item)
             except Exception as e:  # keep writing the others; report at close
                 self.write_errors.append(f"{type(e).__name__}: {e}")
 

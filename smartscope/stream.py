@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from psygnal import Signal, SignalGroup
 
+from smartscope._stats import StreamingPercentiles
 from smartscope.detections import Detections
 from smartscope.scheduler import AddEvents
 
@@ -177,10 +178,11 @@ class InferenceWorker(threading.Thread):
         self.n_decisions = 0
         self.n_events_scheduled = 0
         self.error: str | None = None
-        self.latencies_ms: dict[str, list[float]] = {
-            "frame_to_detections": [],
-            "frame_to_decision": [],
-            "frame_to_queued": [],
+        # constant-memory summaries (n exact, percentiles within ~1 %)
+        self.latencies_ms: dict[str, StreamingPercentiles] = {
+            "frame_to_detections": StreamingPercentiles(),
+            "frame_to_decision": StreamingPercentiles(),
+            "frame_to_queued": StreamingPercentiles(),
         }
 
     def run(self) -> None:
@@ -252,8 +254,6 @@ class InferenceWorker(threading.Thread):
         self.n_analysed += 1
         self.n_detections += len(det)
         self._lat("frame_to_detections", frame.t_analysed - frame.t_acquired)
-        if self.storage is not None:
-            self.storage.write_labels(labels, frame)
         self.events.detectionsReady.emit(frame, det)
 
         frame.t_decided = frame.t_analysed
@@ -284,6 +284,9 @@ class InferenceWorker(threading.Thread):
         self._lat("frame_to_decision", frame.t_decided - frame.t_acquired)
 
         if self.storage is not None:
+            # after the decisions (writing a new array takes tens of ms), before
+            # the detections line: a logged frame has its labels on disk
+            self.storage.write_labels(labels, frame)
             self.storage.log_detections(
                 {
                     "frame_index": frame.frame_index,
@@ -388,17 +391,19 @@ class InferenceWorker(threading.Thread):
         }
 
     def _lat(self, key: str, seconds: float) -> None:
-        self.latencies_ms[key].append(seconds * 1000.0)
+        self.latencies_ms[key].add(seconds * 1000.0)
 
     def latency_percentiles(self) -> dict[str, dict[str, float | None]]:
-        """p50/p99 (ms) of each latency kind, ``None`` where nothing was measured."""
+        """p50/p99 (ms) of each latency kind, ``None`` where nothing was measured.
+
+        Estimates within about 1 % (`StreamingPercentiles`: the worker keeps a
+        fixed-size histogram, not one number per frame); exact per-frame
+        latencies are in ``detections.jsonl``.
+        """
         out: dict[str, dict[str, float | None]] = {}
-        for key, values in self.latencies_ms.items():
-            if values:
-                p50, p99 = np.percentile(values, [50, 99])
-                out[key] = {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
-            else:
-                out[key] = {"p50": None, "p99": None}
+        for key, summary in self.latencies_ms.items():
+            s = summary.summary(digits=3)
+            out[key] = {"p50": s["p50"], "p99": s["p99"]}
         return out
 
     def finish(self, timeout: float | None = None) -> None:

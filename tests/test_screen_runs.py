@@ -87,7 +87,12 @@ def test_bench_screen_reports_the_screen_and_the_scheduler(tmp_path):
     assert screen["fields_planned"] == 18
     assert screen["fields_imaged"] < screen["fields_planned"]
     assert screen["hits_found"] == ["E5"] and screen["hit_recall"] == 1.0
-    assert screen["status"] == {"smart": "completed", "fixed": "completed"}
+    assert set(screen["status"].values()) == {"completed"}
+    assert set(screen["status"]) == {"smart", "fixed", "fixed_autofocus"}
+    # the fixed plan is at the plan's Z: its fields are out of focus
+    assert screen["base_fields_in_focus"]["smart"] > 0.8
+    assert screen["base_fields_in_focus"]["fixed"] < 0.5
+    assert set(screen["time_by_kind_s"]["smart"]) == {"base", "autofocus", "hit"}
     for key in ("smart", "fixed", "fixed_row_major"):
         assert screen["travel_um"][key] > 0
     sched = result["scheduler"]
@@ -98,6 +103,6 @@ def test_bench_screen_reports_the_screen_and_the_scheduler(tmp_path):
         "scheduler_overhead",
         "hit_recall",
         "quota_held",
-        "memory_per_field_flat",
+        "memory_flat",
     }
     json.dumps(result)  # JSON-ready

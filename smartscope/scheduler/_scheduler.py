@@ -15,6 +15,7 @@ import numpy as np
 from psygnal import Signal, SignalGroup
 from useq import CameraROI, MDAEvent, MDASequence
 
+from smartscope._stats import StreamingPercentiles
 from smartscope.frame import event_tag
 from smartscope.scheduler._actions import (
     Action,
@@ -185,6 +186,9 @@ class Scheduler(Iterator[MDAEvent]):
     delivered at each base position, counting the base plan and every event
     added for a frame of that position: an action that would exceed it is
     refused with the reason, and base visits that no longer fit are dropped.
+    Only then does it keep the dose of each position (`dose_used_ms`); without
+    a budget it keeps `total_dose_ms` alone, and its bookkeeping (lateness
+    summaries included) stays the same size however many fields the plan has.
 
     Iteration ends only when the base plan is exhausted, no frame is still being
     analysed, no added event is queued, and no pending-work check reports work
@@ -310,10 +314,15 @@ class Scheduler(Iterator[MDAEvent]):
         # accounting
         self._here: tuple[float, float] | None = None
         self.travel_um = 0.0
+        # per-position dose only where a budget needs it; the total always
         self.dose_used_ms: dict[str, float] = {}
+        self.total_dose_ms = 0.0
         self._dose_reserved: dict[str, float] = {}
         self.dose_refusals = 0
-        self.lateness_s: dict[str, list[float]] = {"base": [], "added": []}
+        self.lateness_s: dict[str, StreamingPercentiles] = {
+            "base": StreamingPercentiles(),
+            "added": StreamingPercentiles(),
+        }
         self.n_missed_deadlines = 0
         self.n_served = 0
         self.n_base_served = 0
@@ -436,18 +445,29 @@ class Scheduler(Iterator[MDAEvent]):
         return None if tl is None else tl.xy
 
     def stats(self) -> dict[str, Any]:
-        """Lateness, missed deadlines, stage travel and light dose, JSON-ready."""
+        """Lateness, missed deadlines, stage travel and light dose, JSON-ready.
+
+        ``lateness_s`` per kind is ``{"n", "p50", "p99", "max"}``: `n` and `max`
+        exact, the percentiles estimated within about 1 % (a constant-memory
+        summary, `StreamingPercentiles`). ``dose_ms`` (per base position) is
+        there only with a `dose_budget_ms`: without one the Scheduler keeps the
+        total alone, so its memory does not grow with the plate; per-position
+        dose is in ``frames.jsonl`` (``exposure_ms`` per frame).
+        """
         with self._cond:
-            late = {k: _percentiles(v) for k, v in self.lateness_s.items()}
-            return {
-                "lateness_s": late,
+            out: dict[str, Any] = {
+                "lateness_s": {k: v.summary() for k, v in self.lateness_s.items()},
                 "missed_deadlines": self.n_missed_deadlines,
                 "travel_um": round(self.travel_um, 3),
-                "dose_ms": {k: round(v, 3) for k, v in self.dose_used_ms.items()},
-                "total_dose_ms": round(sum(self.dose_used_ms.values()), 3),
-                "dose_budget_ms": self.dose_budget_ms,
-                "dose_refusals": self.dose_refusals,
             }
+            if self.dose_budget_ms is not None:
+                out["dose_ms"] = {k: round(v, 3) for k, v in self.dose_used_ms.items()}
+            out.update(
+                total_dose_ms=round(self.total_dose_ms, 3),
+                dose_budget_ms=self.dose_budget_ms,
+                dose_refusals=self.dose_refusals,
+            )
+            return out
 
     # ---------------------------------------------------------------- actions
     def apply(
@@ -546,9 +566,10 @@ class Scheduler(Iterator[MDAEvent]):
             self._added.append(
                 (-action.priority, next(self._counter), due, stamped, bkey)
             )
-            self._dose_reserved[bkey] = self._dose_reserved.get(bkey, 0.0) + self._cost(
-                event
-            )
+            if self.dose_budget_ms is not None:
+                self._dose_reserved[bkey] = self._dose_reserved.get(
+                    bkey, 0.0
+                ) + self._cost(event)
             added.append(stamped)
         self.n_added += len(added)
         reason = f"{refused} events at skipped positions refused" if refused else ""
@@ -700,7 +721,7 @@ class Scheduler(Iterator[MDAEvent]):
                     self._release(added)
                     event = added[3]
                     if added[2] > -math.inf:
-                        self.lateness_s["added"].append(max(0.0, now - added[2]))
+                        self.lateness_s["added"].add(max(0.0, now - added[2]))
                     return self._serve(event, base=False)
                 wake = min(
                     [q[2] for q in self._added]
@@ -824,7 +845,7 @@ class Scheduler(Iterator[MDAEvent]):
             self._peeked = None
         if visit.due > -math.inf:
             late = max(0.0, now - visit.due)
-            self.lateness_s["base"].append(late)
+            self.lateness_s["base"].add(late)
             if visit.deadline_s >= 0 and late > max(visit.deadline_s, self._poll):
                 self.n_missed_deadlines += 1
         self.n_base_served += 1
@@ -882,8 +903,11 @@ class Scheduler(Iterator[MDAEvent]):
             self._here = xy
         tag = event_tag(event)
         pos = tag.get("position")
-        bkey = str(tag.get("dose_position") or pos or "")
-        self.dose_used_ms[bkey] = self.dose_used_ms.get(bkey, 0.0) + self._cost(event)
+        cost = self._cost(event)
+        self.total_dose_ms += cost
+        if self.dose_budget_ms is not None:
+            bkey = str(tag.get("dose_position") or pos or "")
+            self.dose_used_ms[bkey] = self.dose_used_ms.get(bkey, 0.0) + cost
         self.n_served += 1
         self.current_position = pos
         self.events.eventServed.emit(event)
@@ -895,9 +919,13 @@ class Scheduler(Iterator[MDAEvent]):
 
     def _release(self, item: tuple) -> None:
         bkey = item[4]
-        self._dose_reserved[bkey] = max(
-            0.0, self._dose_reserved.get(bkey, 0.0) - self._cost(item[3])
-        )
+        if bkey not in self._dose_reserved:
+            return
+        left = self._dose_reserved[bkey] - self._cost(item[3])
+        if left > 1e-9:
+            self._dose_reserved[bkey] = left
+        else:
+            del self._dose_reserved[bkey]  # nothing reserved: no entry kept
 
     # ------------------------------------------------------------- lazy plans
     def _peek_lazy(self) -> _Visit | None:
@@ -980,18 +1008,6 @@ def _base_layout(plan: Any) -> tuple[int, int, str]:
     nz = max(1, int(sizes.get("z", 0)))
     axes = "".join(str(a) for a in plan.axis_order if str(a) in "cz")
     return nc, nz, axes if len(axes) == 2 else "cz"
-
-
-def _percentiles(values: list[float]) -> dict[str, float | int | None]:
-    if not values:
-        return {"n": 0, "p50": None, "p99": None, "max": None}
-    p50, p99 = np.percentile(values, [50, 99])
-    return {
-        "n": len(values),
-        "p50": round(float(p50), 4),
-        "p99": round(float(p99), 4),
-        "max": round(float(max(values)), 4),
-    }
 
 
 def _tag_pos(event: MDAEvent) -> str | None:
