@@ -214,28 +214,40 @@ def test_hit_detection_finds_the_hit_wells_and_targets_hit_cells(screen, wells, 
 def test_object_autofocus_images_later_fields_in_focus(screen, wells):
     frames, _, _, focus, _ = screen
     report = focus.report()["wells"]
-    errors = []
-    for w in wells:
-        well, best = w["id"], w["focus_um"]
+    truth = {w["id"]: w for w in wells}
+    errors, first_errors = [], []
+    last_focus = 0.0  # the plan's Z until a first well is focused
+    for well in dict.fromkeys(well_of(f.position) for f in frames if f.kind == "base"):
+        w, best = truth[well], truth[well]["focus_um"]
         base = [f for f in frames if f.kind == "base" and well_of(f.position) == well]
-        if w["empty"]:  # no cells: no search, the plan's Z
-            assert well not in report and all(f.stage_z_um == 0 for f in base)
+        if w["empty"]:  # no cells, no search: imaged at the last focus found
+            assert well not in report
+            assert all(f.stage_z_um == pytest.approx(last_focus) for f in base)
             continue
         search = report[well]["searches"][-1]
-        assert search["result"] == "focused" and len(search["planes_z_um"]) >= 9
+        assert search["result"] == "focused"
         assert report[well]["z_um"] == pytest.approx(focus.focus(well), abs=1e-3)
-        searched = search["field"]
-        k = [f.position for f in base].index(searched)
-        # fields up to the searched one keep the plan's Z; later ones are focused
-        assert all(f.stage_z_um == 0 for f in base[: k + 1])
+        k = [f.position for f in base].index(search["field"])
+        # fields up to the searched one follow the plate: the last well's focus,
+        # and the search is centered there; later fields are at the well's own
+        for f in base[: k + 1]:
+            assert f.stage_z_um == pytest.approx(last_focus)
+        assert search["start_z_um"] == pytest.approx(last_focus, abs=1e-3)
+        if last_focus != 0.0:
+            first_errors.append(last_focus - best)
         assert len(base) > k + 1
         for f in base[k + 1 :]:
             errors.append(f.stage_z_um - best)
             assert abs(f.stage_z_um - best) < 1.0
+        last_focus = focus.focus(well)
     # the truth focus of these wells is far from the plan's Z for some
     assert max(abs(w["focus_um"]) for w in wells if not w["empty"]) > 5
-    print(f"focus error of later fields: max {np.abs(errors).max():.2f} µm")
+    print(
+        f"focus error of later fields: max {np.abs(errors).max():.2f} µm; of "
+        f"first fields (the last well's focus): max {np.abs(first_errors).max():.2f}"
+    )
     assert np.abs(errors).max() < 0.5
+    assert first_errors
 
 
 def test_set_focus_keeps_a_relative_z_plan_and_served_fields():
@@ -257,6 +269,22 @@ def test_set_focus_keeps_a_relative_z_plan_and_served_fields():
         ("C3_0000", 1),
         ("C3_0000", 2),
     ]
+
+
+def test_set_focus_of_every_well_leaves_wells_with_their_own_focus():
+    plan = MDASequence(
+        stage_positions=[
+            {"x": 0, "y": 0, "z": 0, "name": "B2_0000"},
+            {"x": 9, "y": 0, "z": 0, "name": "B2_0001"},
+            {"x": 99, "y": 0, "z": 0, "name": "C3_0000"},
+            {"x": 199, "y": 0, "z": 0, "name": "D4_0000"},
+        ],
+    )
+    sched = Scheduler(plan)
+    assert sched.apply(SetFocus("C3", -2.0)).applied
+    assert sched.apply(SetFocus("*", 3.0)).applied  # e.g. B2's focus was found
+    z = {event_tag(e)["position"]: e.z_pos for e in sched}
+    assert z == {"B2_0000": 3.0, "B2_0001": 3.0, "C3_0000": -2.0, "D4_0000": 3.0}
 
 
 def test_screen_policies_are_registered():

@@ -140,7 +140,9 @@ class SetFocus:
     """Image the later base-plan fields of a plate well at focus `z_um`.
 
     Applies to base events whose position key starts with ``f"{well}_"`` that
-    are not served yet; fields already imaged keep their Z.
+    are not served yet; fields already imaged keep their Z. ``well="*"`` sets
+    the focus of every well that has none of its own (yet): e.g. the focus of
+    the last well focused, since neighbouring wells of a plate differ little.
     """
 
     well: str

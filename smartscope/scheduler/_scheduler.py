@@ -332,6 +332,7 @@ class Scheduler(Iterator[MDAEvent]):
         # plate wells (SkipWell, SetFocus): position keys "<well>_<field>"
         self._skipped_wells: set[str] = set()
         self._well_focus: dict[str, float] = {}
+        self._default_focus: float | None = None  # SetFocus("*")
 
     @staticmethod
     def _build_timelines(
@@ -629,12 +630,22 @@ class Scheduler(Iterator[MDAEvent]):
         z = float(action.z_um)
         if not math.isfinite(z):
             return ActionOutcome(action, False, f"invalid focus {action.z_um}")
-        self._well_focus[action.well] = z
+        if action.well == "*":  # every well without a focus of its own
+            self._default_focus = z
+        else:
+            self._well_focus[action.well] = z
+
+        def applies(key: str) -> bool:
+            well = key.split("_", 1)[0]
+            return well == action.well or (
+                action.well == "*" and well not in self._well_focus
+            )
+
         for tl in (self._timelines or {}).values():
-            if tl.key.startswith(f"{action.well}_"):
+            if applies(tl.key):
                 tl.template = [self._focused(e, z) for e in tl.template]
         peeked = self._peeked
-        if peeked is not None and peeked.key.startswith(f"{action.well}_"):
+        if peeked is not None and applies(peeked.key):
             peeked.events = [self._focused(e, z) for e in peeked.events]
         return ActionOutcome(action, True, f"focus {z:.2f} µm")
 
@@ -942,7 +953,7 @@ class Scheduler(Iterator[MDAEvent]):
             if key in self._skipped or self._well_skipped(key):
                 self._count_skipped(key)
                 continue
-            z_focus = self._well_focus.get(key.split("_", 1)[0])
+            z_focus = self._well_focus.get(key.split("_", 1)[0], self._default_focus)
             if z_focus is not None:
                 event = self._focused(event, z_focus)
             index = event.index

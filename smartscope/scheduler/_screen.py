@@ -460,8 +460,12 @@ class ObjectAutofocus(_PolicyBase):
     parabola through it and its neighbours; when it lies at an end of the
     searched range, up to `max_extensions` further rounds of as many planes
     continue beyond that end. The well's later base fields are then imaged at
-    the best Z (`SetFocus`); fields served before keep their Z. A search in
-    which no plane shows objects is retried at the well's next field (once).
+    the best Z (`SetFocus`); fields served before keep their Z. With
+    `follow_plate` the wells not focused yet are imaged at that Z too
+    (``SetFocus("*")``), so a well's first field, and the center of its
+    search, follow the plate's drift from well to well (serve neighbouring
+    wells one after the other: a serpentine or nearest travel order). A search
+    in which no plane shows objects is retried at the well's next field (once).
 
     Search frames are stored as position ``af_<well>`` (one visit per round),
     kind ``"autofocus"``.
@@ -486,6 +490,12 @@ class ObjectAutofocus(_PolicyBase):
         gt=0,
         description="A search whose planes have not all come back after this long "
         "(s of run; refused or skipped) is given up.",
+    )
+    follow_plate: bool = Field(
+        True,
+        description="Image the fields of wells not focused yet (and center their "
+        "search) at the focus last found: a plate's focus drifts little from one "
+        "well to its neighbour.",
     )
     priority: int = 50
 
@@ -649,7 +659,12 @@ class ObjectAutofocus(_PolicyBase):
             f"sharpest objects at {z:.2f} µm (searched {zs[0]:.1f}..{zs[-1]:.1f} µm "
             f"at {s.position})"
         )
-        return [SetFocus(s.well, z, reason=why)]
+        actions: list[Action] = [SetFocus(s.well, z, reason=why)]
+        if self.follow_plate:
+            actions.append(
+                SetFocus("*", z, reason=f"wells not focused yet start at {s.well}'s")
+            )
+        return actions
 
     def report(self) -> dict[str, Any]:
         """Per well: planes searched, sharpness curve, chosen Z and the outcome."""
