@@ -92,6 +92,9 @@ def _skip_experiment(min_area_px: float) -> Experiment:
             "policies": [
                 {"name": "skip_empty", "filter": {"min_area_px": min_area_px}}
             ],
+            # a visit waits for the analysis of the last one: the skip lands
+            # before B's second visit even on a loaded machine (0.4 s interval)
+            "scheduler": {"max_analysis_lag": 0},
         }
     )
 
