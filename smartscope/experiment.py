@@ -17,6 +17,7 @@ from pydantic import (
 from useq import MDASequence
 
 from smartscope._errors import ExperimentError, SmartscopeError
+from smartscope.storage import Compression
 
 __all__ = [
     "AnalysisSettings",
@@ -156,6 +157,11 @@ class OutputSettings(BaseModel):
         "runs/<name>-<timestamp>.",
     )
     overwrite: bool = False
+    compression: Compression = Field(
+        "blosc-zstd",
+        description="Lossless compression of the image and label chunks (labels "
+        "shrink about 100x, camera images 2-4x); none: raw chunks.",
+    )
 
 
 class Experiment(BaseModel):

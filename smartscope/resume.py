@@ -362,7 +362,10 @@ def _stored_chunks(path: Path) -> set[tuple[int, int, int]] | None:
         or encoding.get("name") != "default"
     ):
         return None
-    size = None  # uncompressed chunks have a known size: a cut-off one is not stored
+    # tensorstore writes a chunk to "<name>.__lock" and renames it when complete
+    # (seen with strace), so a chunk file is whole; raw chunks also have a known
+    # size, checked as a second guard
+    size = None
     if [c.get("name") for c in meta.get("codecs", [])] == ["bytes"]:
         size = int(np.prod(chunks)) * np.dtype(meta["data_type"]).itemsize
     out = set()
@@ -377,7 +380,7 @@ def _stored_chunks(path: Path) -> set[tuple[int, int, int]] | None:
             try:
                 idx = [int(p) for p in parts]
             except ValueError:
-                continue  # a temporary file
+                continue  # a chunk being written (".__lock")
             if len(idx) != len(names) or any(idx[3:]):
                 continue
             if size is not None and path.stat().st_size != size:

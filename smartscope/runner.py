@@ -304,7 +304,9 @@ class Runner:
         np.random.seed(exp.seed)
         core = self.microscope.core
         self.storage = RunStorage(
-            self.directory, pixel_size_um=self.microscope.pixel_size_um
+            self.directory,
+            pixel_size_um=self.microscope.pixel_size_um,
+            compression=exp.output.compression,
         )
         (self.directory / "experiment.yaml").write_text(exp.to_yaml())
         settings = exp.scheduler

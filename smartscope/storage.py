@@ -17,6 +17,8 @@ Layout of a run directory::
                                   status ("running", "completed", "interrupted",
                                   "failed")
 
+Chunks are compressed losslessly (``output.compression``, blosc-zstd by default).
+
 Adaptive runs acquire an unknown number of events, so each position gets its own
 array whose first (time/visit) axis grows; nothing is flattened into one
 ambiguous axis. Frames are written as they arrive (one chunk per frame, on a
@@ -31,7 +33,7 @@ import queue
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -43,6 +45,10 @@ if TYPE_CHECKING:
     from smartscope.frame import Frame
 
 __all__ = ["PositionArrays", "RunStorage", "read_jsonl", "read_position"]
+
+#: Lossless compressions of the arrays' chunks (ome-writers' names for zarr).
+COMPRESSIONS = ("blosc-zstd", "blosc-lz4", "zstd", "none")
+Compression = Literal["blosc-zstd", "blosc-lz4", "zstd", "none"]
 
 
 def _jsonable(obj: Any) -> Any:
@@ -100,15 +106,29 @@ class PositionArrays:
     root : Path
         Folder of the ``<position>.ome.zarr`` arrays.
     pixel_size_um : float
-        Pixel size written in the arrays' metadata.
+        Pixel size written in the arrays' metadata, unless a frame's
+        ``event_meta["pixel_size_um"]`` gives its array's (another objective).
     max_open : int, optional
         Most arrays kept open at once (None: no limit). Leave it None for
         plans that come back to a position (time-lapses over many positions).
+    compression : str
+        Lossless chunk compression (`COMPRESSIONS`); ``"none"`` writes raw
+        chunks.
     """
 
     def __init__(
-        self, root: Path, *, pixel_size_um: float = 1.0, max_open: int | None = None
+        self,
+        root: Path,
+        *,
+        pixel_size_um: float = 1.0,
+        max_open: int | None = None,
+        compression: Compression = "blosc-zstd",
     ) -> None:
+        if compression not in COMPRESSIONS:
+            raise ValueError(
+                f"unknown compression {compression!r}: one of {', '.join(COMPRESSIONS)}"
+            )
+        self.compression = compression
         if max_open is not None and max_open < 1:
             raise ValueError(f"max_open must be at least 1: {max_open}")
         self.root = root
@@ -211,6 +231,7 @@ class PositionArrays:
             dimensions=dims,
             dtype=str(image.dtype),
             format="ome-zarr",
+            compression=self.compression,
             overwrite=True,
         )
         return create_stream(settings)
@@ -250,6 +271,7 @@ class RunStorage:
         *,
         pixel_size_um: float = 1.0,
         max_open_arrays: int | None = None,
+        compression: Compression = "blosc-zstd",
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -257,11 +279,13 @@ class RunStorage:
             self.directory / "images",
             pixel_size_um=pixel_size_um,
             max_open=max_open_arrays,
+            compression=compression,
         )
         self.labels = PositionArrays(
             self.directory / "labels",
             pixel_size_um=pixel_size_um,
             max_open=max_open_arrays,
+            compression=compression,
         )
         self._frames = _JsonLines(self.directory / "frames.jsonl")
         self._detections = _JsonLines(self.directory / "detections.jsonl")
