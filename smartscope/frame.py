@@ -26,7 +26,8 @@ class Frame:
     ready, `t_decided` when every policy had answered, `t_queued` when the
     resulting events were in the Scheduler's queue. `t_clock` is the acquisition
     time on the Scheduler's clock (the time base of ``min_start_time``), which
-    policies use to time the events they add.
+    policies use to time the events they add. `pixel_size_um` is the pixel
+    size the frame was taken at (it changes with the objective).
     """
 
     frame_index: int
@@ -45,6 +46,7 @@ class Frame:
     t_queued: float | None = None
     dropped: bool = False
     t_clock: float | None = None
+    pixel_size_um: float | None = None
 
     @property
     def stage_xy_um(self) -> tuple[float, float]:

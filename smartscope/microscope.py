@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -16,6 +17,8 @@ from smartscope._resources import default_config, hardware_configs_dir
 if TYPE_CHECKING:
     from pymmcore_plus import CMMCorePlus
     from useq import MDAEvent
+
+    from smartscope.scheduler import Objective
 
 __all__ = ["Microscope", "resolve_config"]
 
@@ -179,6 +182,45 @@ class Microscope:
             float(np.hypot(*(corners[2] - corners[0]))),
         )
 
+    def objectives(self, group: str = "Objective") -> dict[str, Objective]:
+        """The presets of the objective config `group` that have a pixel size.
+
+        Each maps to the device properties its preset sets and the pixel size
+        of the pixel-size configuration those properties select (matched
+        through state labels: a preset setting ``State`` selects a pixel size
+        defined on ``Label``). Empty if the config has no such group.
+        """
+        from smartscope.scheduler import Objective
+
+        core = self.core
+        if group not in core.getAvailableConfigGroups():
+            return {}
+
+        def canonical(device: str, prop: str, value: Any) -> tuple[str, str, str]:
+            if prop == "Label":
+                try:
+                    return (device, "State", str(core.getStateFromLabel(device, value)))
+                except Exception:  # not a state device
+                    pass
+            return (device, prop, str(value))
+
+        sizes = [
+            (
+                {canonical(*s) for s in core.getPixelSizeConfigData(cid)},
+                float(core.getPixelSizeUmByID(cid)),
+            )
+            for cid in core.getAvailablePixelSizeConfigs()
+        ]
+        out = {}
+        for preset in core.getAvailableConfigs(group):
+            data = core.getConfigData(group, preset)
+            props = tuple((d, p, str(v)) for d, p, v in data)
+            have = {canonical(*s) for s in props}
+            match = [ps for settings, ps in sizes if settings and settings <= have]
+            if match:
+                out[str(preset)] = Objective(props, match[0])
+        return out
+
     def image_center_px(self) -> np.ndarray:
         """``(x, y)`` of the full frame's center in pixel-index coordinates.
 
@@ -193,7 +235,10 @@ class Microscope:
         return d_px @ aff[:, :2].T + aff[:, 2]
 
     def pixel_to_stage(
-        self, px_xy: Sequence[float] | np.ndarray, stage_xy: Sequence[float]
+        self,
+        px_xy: Sequence[float] | np.ndarray,
+        stage_xy: Sequence[float],
+        pixel_size_um: float | None = None,
     ) -> np.ndarray:
         """Stage µm of pixel positions in an image taken with the stage at `stage_xy`.
 
@@ -203,11 +248,17 @@ class Microscope:
             Pixel ``(x, y)`` = ``(column, row)``; subpixel values allowed.
         stage_xy : (float, float)
             XY stage position (µm) at which the image was acquired.
+        pixel_size_um : float, optional
+            Pixel size the image was taken at, if not the current one (another
+            objective): the current calibration is scaled to it.
         """
         px = np.asarray(px_xy, dtype=float)
-        out = np.asarray(stage_xy, dtype=float) + self._offsets_um(
-            px.reshape(-1, 2) - self.image_center_px()
-        )
+        aff = self.affine  # read once: the objective may change meanwhile
+        d_um = (px.reshape(-1, 2) - self.image_center_px()) @ aff[:, :2].T + aff[:, 2]
+        if pixel_size_um is not None:
+            now = math.sqrt(abs(np.linalg.det(aff[:, :2])))
+            d_um = d_um * (float(pixel_size_um) / now)
+        out = np.asarray(stage_xy, dtype=float) + d_um
         return out.reshape(px.shape)
 
     def stage_to_pixel(

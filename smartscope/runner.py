@@ -217,6 +217,8 @@ class Runner:
         self.microscope = microscope
         try:
             prepare_hardware(experiment, microscope)
+            #: presets of the config's objective group (targets may switch)
+            self.objectives = microscope.objectives()
             self.plan = self._resolve_plan(experiment.sequence)
             # imports, caches and JIT of the model are paid before the first frame
             self.warmup_s = (
@@ -261,6 +263,7 @@ class Runner:
             pixel_size_um=self.microscope.pixel_size_um,
             channel_group=self.experiment.channel_group,
             clock=self.run_clock,
+            objectives=self.objectives,
         )
 
     def run_clock(self) -> float:
@@ -320,6 +323,7 @@ class Runner:
             max_analysis_lag=settings.max_analysis_lag,
             default_exposure_ms=float(core.getExposure()),
             sensor_size=self.microscope.sensor_shape[::-1],
+            property_value=core.getProperty,
             done_positions=self.resume_point.done_positions
             if self.resume_point
             else (),
@@ -349,6 +353,7 @@ class Runner:
             batch_size=exp.analysis.batch_size,
             num_threads=num_threads,
             approval=self.approval,
+            pixel_size_um=self.context.pixel_size_um,
         )
         if self.resume_point is not None:  # decision ids go on after the logged
             self.worker.n_decisions = self.resume_point.first_decision_id
@@ -406,6 +411,7 @@ class Runner:
             t_acquired=t,
             event_id=int(tag.get("event_id", -1)),
             t_clock=self.run_clock(),
+            pixel_size_um=_opt_float(meta.get("pixel_size_um")),
         )
         self._frame_count += 1
         if self._analyze(frame):
@@ -567,12 +573,14 @@ class Runner:
 
 
 def prepare_hardware(experiment: Experiment, microscope: Microscope) -> None:
-    """Apply the experiment's property settings and check its channel presets.
+    """Apply the experiment's property settings; check its presets.
 
     Raises
     ------
     ExperimentError
-        For a property that cannot be set or a channel that is not a preset.
+        For a property that cannot be set, a channel that is not a preset, or
+        an objective a policy names that is not a preset of the config's
+        ``Objective`` group with a pixel size.
     """
     core = microscope.core
     for device, prop, value in experiment.properties:
@@ -588,6 +596,24 @@ def prepare_hardware(experiment: Experiment, microscope: Microscope) -> None:
             raise ExperimentError(
                 f"channel {ch.config!r} is not a preset of config group {group!r} "
                 f"in {microscope.config_path}"
+            )
+    named = [spec.build() for spec in experiment.policies]
+    if any(getattr(p, "objective", None) for p in named):
+        _check_objectives(named, microscope.objectives(), microscope)
+
+
+def _check_objectives(
+    policies: list[Any], objectives: dict[str, Any], microscope: Microscope
+) -> None:
+    """Every objective a policy names is a preset of the config's objective group."""
+    for policy in policies:
+        name = getattr(policy, "objective", None)
+        if name is not None and name not in objectives:
+            have = ", ".join(objectives) or "none with a pixel size"
+            raise ExperimentError(
+                f"{getattr(policy, 'name', type(policy).__name__)}: objective "
+                f"{name!r} is not a preset of config group 'Objective' in "
+                f"{microscope.config_path} (presets: {have})"
             )
 
 

@@ -158,7 +158,10 @@ class PositionArrays:
                 if self.max_open is not None:
                     while len(self._streams) >= self.max_open:
                         self.finish(next(iter(self._streams)))
-                stream = self._streams[key] = self._create(key, image, nc, nz, order)
+                ps = event_meta.get("pixel_size_um") or self.pixel_size_um
+                stream = self._streams[key] = self._create(
+                    key, image, nc, nz, order, float(ps)
+                )
                 self._written[key] = 0
                 self.n_positions += 1
             else:
@@ -195,7 +198,13 @@ class PositionArrays:
         return self.root / f"{key}.ome.zarr"
 
     def _create(
-        self, key: str, image: np.ndarray, nc: int, nz: int, order: str
+        self,
+        key: str,
+        image: np.ndarray,
+        nc: int,
+        nz: int,
+        order: str,
+        pixel_size_um: float,
     ) -> OMEStream:
         from ome_writers import AcquisitionSettings, Dimension, create_stream
 
@@ -213,7 +222,7 @@ class PositionArrays:
                 count=height,
                 chunk_size=height,
                 type="space",
-                scale=self.pixel_size_um,
+                scale=pixel_size_um,
                 unit="micrometer",
             ),
             Dimension(
@@ -221,7 +230,7 @@ class PositionArrays:
                 count=width,
                 chunk_size=width,
                 type="space",
-                scale=self.pixel_size_um,
+                scale=pixel_size_um,
                 unit="micrometer",
             ),
         ]
@@ -336,7 +345,7 @@ class RunStorage:
 
     def write_frame(self, image: np.ndarray, frame: Frame) -> None:
         """Store an acquired frame and its index line (synchronously)."""
-        index = self.images.write(image, event_tag(frame.event))
+        index = self.images.write(image, _where(frame))
         record = frame.to_json()
         record["array"] = {"position": frame.position, **index}
         self._frames.write(record)
@@ -344,7 +353,7 @@ class RunStorage:
     # worker thread
     def write_labels(self, labels: np.ndarray, frame: Frame) -> None:
         """Store the instance labels of an analysed frame."""
-        self.labels.write(labels.astype(np.uint16, copy=False), event_tag(frame.event))
+        self.labels.write(labels.astype(np.uint16, copy=False), _where(frame))
 
     def log_detections(self, record: dict[str, Any]) -> None:
         """Append one analysed (or dropped) frame to ``detections.jsonl``."""
@@ -384,6 +393,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def _where(frame: Frame) -> dict[str, Any]:
+    """Where a frame goes (the Scheduler's tag) and the pixel size of its array."""
+    return {**event_tag(frame.event), "pixel_size_um": frame.pixel_size_um}
 
 
 def read_position(

@@ -37,6 +37,29 @@ if TYPE_CHECKING:
 __all__ = ["FrameStream", "InferenceWorker", "WorkerEvents", "warm_up"]
 
 
+def _segment_zoomed(
+    segmenter: PSegmenter, image: np.ndarray, factor: float
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Segment `image` resampled by `factor`; labels back at the image's shape."""
+    from skimage.transform import resize
+
+    height, width = image.shape
+    small = (max(8, round(height * factor)), max(8, round(width * factor)))
+    zoomed = resize(
+        image.astype(np.float32), small, anti_aliasing=factor < 1, preserve_range=True
+    ).astype(image.dtype)
+    result = segmenter.segment(zoomed[None])
+    rows = np.minimum((np.arange(height) * small[0] / height).astype(int), small[0] - 1)
+    cols = np.minimum((np.arange(width) * small[1] / width).astype(int), small[1] - 1)
+    found = np.asarray(result.labels[0])
+    labels = found[rows[:, None], cols[None, :]]
+    scores = result.scores[0] if result.scores else None
+    if scores is not None and factor > 1:  # shrinking labels may lose tiny ones
+        kept = np.isin(np.unique(found[found > 0]), np.unique(labels[labels > 0]))
+        scores = np.asarray(scores)[kept]
+    return labels, scores
+
+
 def warm_up(segmenter: PSegmenter, shape: tuple[int, int]) -> float:
     """Segment one synthetic frame so imports, caches and JIT are ready.
 
@@ -127,7 +150,8 @@ class InferenceWorker(threading.Thread):
     scheduler : Scheduler
         Receives the actions; told when each frame's analysis is finished.
     to_stage : callable
-        ``to_stage(px_xy (N, 2), stage_xy) -> (N, 2)`` stage µm.
+        ``to_stage(px_xy (N, 2), stage_xy, pixel_size_um) -> (N, 2)`` stage µm
+        (`pixel_size_um`: the frame's, None if unknown).
     context : PolicyContext
         Passed to the policies.
     clock : callable
@@ -138,6 +162,9 @@ class InferenceWorker(threading.Thread):
         Largest micro-batch of frames segmented together.
     num_threads : int, optional
         Thread count for torch-based segmenters (set on this thread).
+    pixel_size_um : float, optional
+        The run's pixel size: frames taken at another (another objective) are
+        resampled to it for the segmenter, and their labels back.
     approval : ApprovalGate, optional
         Operator approval mode: actions go to ``approval.propose`` (same
         signature as ``Scheduler.apply``) and wait there for the operator,
@@ -151,15 +178,17 @@ class InferenceWorker(threading.Thread):
         policies: Sequence[PPolicy],
         scheduler: Scheduler,
         *,
-        to_stage: Callable[[np.ndarray, tuple[float, float]], np.ndarray],
+        to_stage: Callable[[np.ndarray, tuple[float, float], float | None], np.ndarray],
         context: PolicyContext,
         clock: Callable[[], float],
         storage: RunStorage | None = None,
         batch_size: int = 4,
         num_threads: int | None = None,
         approval: Any | None = None,
+        pixel_size_um: float | None = None,
     ) -> None:
         super().__init__(name="smartscope-inference", daemon=True)
+        self.pixel_size_um = pixel_size_um
         self.events = WorkerEvents()
         self.stream = stream
         self.segmenter = segmenter
@@ -213,18 +242,34 @@ class InferenceWorker(threading.Thread):
     # ------------------------------------------------------------------ work
     def _process(self, batch: list[tuple[Frame, np.ndarray]]) -> None:
         images = [img for _, img in batch]
-        if len({im.shape for im in images}) == 1:
+        factors = [self._zoom(frame) for frame, _ in batch]
+        if len({im.shape for im in images}) == 1 and not any(factors):
             result = self.segmenter.segment(np.stack(images))
             all_labels, all_scores = list(result.labels), result.scores
-        else:  # mixed shapes (e.g. ROI change): one by one
+        else:  # mixed shapes (e.g. ROI change) or objectives: one by one
             all_labels, all_scores = [], []
-            for im in images:
-                r = self.segmenter.segment(im[None])
-                all_labels.append(r.labels[0])
-                all_scores.append(r.scores[0] if r.scores else None)
+            for im, factor in zip(images, factors, strict=True):
+                if factor:
+                    labels, score = _segment_zoomed(self.segmenter, im, factor)
+                else:
+                    r = self.segmenter.segment(im[None])
+                    labels, score = r.labels[0], r.scores[0] if r.scores else None
+                all_labels.append(labels)
+                all_scores.append(score)
         for k, (frame, image) in enumerate(batch):
             scores = all_scores[k] if all_scores else None
             self._handle(frame, image, np.asarray(all_labels[k]), scores)
+
+    def _zoom(self, frame: Frame) -> float | None:
+        """How much to shrink a frame taken through another objective, if at all.
+
+        The segmenter sees every frame at the run's pixel size (`pixel_size_um`),
+        the scale its parameters (or training) are for.
+        """
+        ps, base = frame.pixel_size_um, self.pixel_size_um
+        if not ps or not base or abs(ps / base - 1.0) < 0.05:
+            return None
+        return float(ps / base)
 
     def _handle(
         self,
@@ -244,7 +289,9 @@ class InferenceWorker(threading.Thread):
         det = Detections.from_labels(
             labels,
             image,
-            to_stage=lambda px: self._to_stage(px + offset, stage_xy),
+            to_stage=lambda px: self._to_stage(
+                px + offset, stage_xy, frame.pixel_size_um
+            ),
             scores=scores,
             frame_index=frame.frame_index,
             model_id=self.segmenter.model_id,

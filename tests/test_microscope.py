@@ -93,3 +93,27 @@ def test_unloadable_config_is_a_config_error(tmp_path):
             scope.load_config(bad)
     finally:
         scope.close()
+
+
+def test_objective_presets_with_their_pixel_sizes(microscope):
+    objectives = microscope.objectives()
+    assert {k: v.pixel_size_um for k, v in objectives.items()} == {
+        "10X": 1.0,
+        "20X": 0.5,
+        "40X": 0.25,
+    }
+    assert objectives["40X"].properties == (("Objective", "State", "0"),)
+    assert microscope.objectives("NoSuchGroup") == {}
+
+
+def test_pixels_of_a_frame_through_another_objective(microscope):
+    # taken at 0.25 µm/px while the microscope is back on 10X (1 µm/px)
+    assert microscope.pixel_size_um == 1.0
+    center = microscope.image_center_px()
+    px = center + np.array([[40.0, -8.0]])
+    np.testing.assert_allclose(
+        microscope.pixel_to_stage(px, (100.0, 50.0), 0.25), [[110.0, 48.0]]
+    )
+    np.testing.assert_allclose(
+        microscope.pixel_to_stage(px, (100.0, 50.0)), [[140.0, 42.0]]
+    )

@@ -266,7 +266,7 @@ def test_replay_queues_again_only_the_targets_not_stored(tmp_path):
         None,  # type: ignore[arg-type]  # replay segments nothing
         [policy],
         sched,
-        to_stage=lambda px, xy: px - 256 + np.asarray(xy),
+        to_stage=lambda px, xy, _ps: px - 256 + np.asarray(xy),
         context=PolicyContext(),
         clock=lambda: 0.0,
         storage=storage,

@@ -287,6 +287,37 @@ def test_set_focus_of_every_well_leaves_wells_with_their_own_focus():
     assert z == {"B2_0000": 3.0, "B2_0001": 3.0, "C3_0000": -2.0, "D4_0000": 3.0}
 
 
+def test_properties_an_event_changes_are_put_back_after_it():
+    """A hit target through the 40X: the next survey field is on the 10X again."""
+    state = {("Objective", "State"): "1"}  # the microscope: 10X
+    plan = MDASequence(
+        stage_positions=[
+            {"x": 0, "y": 0, "name": "B2_0000"},
+            {"x": 9, "y": 0, "name": "B2_0001"},
+        ]
+    )
+    sched = Scheduler(plan, property_value=lambda d, p: state[(d, p)])
+    first = next(sched)
+    assert not first.properties
+    zoom = [("Objective", "State", "0")]
+    targets = tuple(
+        MDAEvent(x_pos=1, y_pos=1, pos_name=f"hit_B2_{k:03d}", properties=zoom)
+        for k in range(2)
+    )
+    assert sched.apply(AddEvents(targets, priority=10)).applied
+    served = []
+    for event in sched:
+        served.append(event)
+        for d, p, v in event.properties or ():
+            state[(d, p)] = v  # what the engine does
+    assert [tuple(e.properties or ()) for e in served] == [
+        (("Objective", "State", "0"),),
+        (("Objective", "State", "0"),),  # still the 40X: nothing to put back
+        (("Objective", "State", "1"),),  # B2_0001: the 10X again
+    ]
+    assert state[("Objective", "State")] == "1"
+
+
 def test_screen_policies_are_registered():
     assert {"well_quota", "hit_detection", "object_autofocus"} <= set(
         available_policies()

@@ -7,9 +7,11 @@ run`` without a terminal and is checked against the plate's ground truth.
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 
 import pytest
+from _closed_loop import smartscope
 from typer.testing import CliRunner
 
 from smartscope.bench_screen import bench_screen, screen_experiment
@@ -75,6 +77,61 @@ def test_empty_wells_cost_one_field_and_quotas_hold(screen_run, truth):
             assert quota["wells"][well]["fields_after_stop"] == 0
     assert run["policy_reports"]["hit_detection"]["hits"] == ["E5"]
     assert run["summary"]["frames_dropped"] == 0
+
+
+def test_hit_cells_are_imaged_through_the_40x_objective(screen_run, truth):
+    _, out = screen_run
+    frames = read_jsonl(out / "frames.jsonl")
+    hits = [f for f in frames if f["kind"] == "hit"]
+    assert hits and {f["position"].split("_")[1] for f in hits} == {"E5"}
+    for f in hits:
+        assert f["pixel_size_um"] == 0.25  # the 40X of plate.cfg
+        roi = f["event"]["roi"]
+        assert roi["width"] == roi["height"] == 256  # still 64 µm
+    # the survey is back on the 10X right after the targets
+    after = [b for a, b in itertools.pairwise(frames) if a["kind"] == "hit"]
+    assert all(b["pixel_size_um"] == 1.0 for b in after if b["kind"] != "hit"), after
+    assert {f["pixel_size_um"] for f in frames if f["kind"] == "base"} == {1.0}
+    # the arrays say so, and each hit frame holds its one nucleus, whole: the
+    # segmenter saw it at the survey's scale
+    array = out / "images" / f"{hits[0]['position']}.ome.zarr"
+    meta = json.loads((array / "zarr.json").read_text())
+    scales = meta["attributes"]["ome"]["multiscales"][0]["datasets"][0][
+        "coordinateTransformations"
+    ][0]["scale"]
+    assert scales[-2:] == [0.25, 0.25]
+    detections = {d["frame_index"]: d for d in read_jsonl(out / "detections.jsonl")}
+    centered = [detections[f["frame_index"]] for f in hits if f["index"]["z"] == 1]
+    for d in centered:
+        objects = d["objects"]
+        middle = [
+            k
+            for k in range(d["n_detections"])
+            if max(abs(objects["x_px"][k] - 127.5), abs(objects["y_px"][k] - 127.5))
+            < 24
+        ]
+        assert len(middle) == 1, objects
+        assert objects["area_px"][middle[0]] > 16 * 40  # a nucleus at 0.25 µm
+
+
+def test_an_objective_the_config_lacks_is_one_error_line(tmp_path):
+    exp = screen_experiment("smart", wells=1)
+    spec = exp.model_dump(mode="json", exclude={"source"})
+    spec["sequence"] = exp.sequence.model_dump(mode="json", exclude_unset=True)
+    for policy in spec["policies"]:
+        if policy["name"] == "hit_detection":
+            policy["objective"] = "60X"
+    path = tmp_path / "screen.yaml"
+    path.write_text(type(exp).model_validate(spec).to_yaml())
+    out = tmp_path / "run"
+    for args in (["validate", str(path)], ["run", str(path), "--out", str(out)]):
+        result = smartscope(*args)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip() == (
+            "error: hit_detection: objective '60X' is not a preset of config group "
+            f"'Objective' in {exp.config_path()} (presets: 10X, 20X, 40X)"
+        )
+    assert not (out / "images").exists()
 
 
 def test_bench_screen_reports_the_screen_and_the_scheduler(tmp_path):

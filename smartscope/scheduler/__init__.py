@@ -22,6 +22,7 @@ from smartscope.scheduler._live import (
 from smartscope.scheduler._policies import (
     FindAndCenter,
     ObjectFilter,
+    Objective,
     PolicyContext,
     PPolicy,
     SkipEmpty,
@@ -54,6 +55,7 @@ __all__ = [
     "MovePosition",
     "ObjectAutofocus",
     "ObjectFilter",
+    "Objective",
     "PPolicy",
     "PolicyContext",
     "Scheduler",

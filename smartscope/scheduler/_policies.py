@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Literal,
+    NamedTuple,
+    Protocol,
+    runtime_checkable,
+)
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
@@ -22,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FindAndCenter",
     "ObjectFilter",
+    "Objective",
     "PPolicy",
     "PolicyContext",
     "SkipEmpty",
@@ -30,6 +38,13 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "smartscope.policies"
+
+
+class Objective(NamedTuple):
+    """An objective preset: the properties that select it, its pixel size."""
+
+    properties: tuple[tuple[str, str, str], ...]
+    pixel_size_um: float
 
 
 @dataclass(frozen=True)
@@ -41,18 +56,39 @@ class PolicyContext:
     fov_um : (float, float)
         Field of view (width, height) in µm.
     pixel_size_um : float
-        Pixel size at the sample.
+        Pixel size at the sample (of the objective the run starts with).
     channel_group : str
         The config group holding channel presets.
     clock : callable, optional
         The Scheduler's clock (seconds; the time base of ``min_start_time`` and
         of `Frame.t_clock`).
+    objectives : dict[str, Objective]
+        The presets of the objective config group (``"Objective"`` in the demo
+        configs: ``10X``, ``20X``, ``40X``) with the device properties that
+        select each and its calibrated pixel size; empty without such a group.
+        An added event that carries an objective's properties is imaged with
+        it; the Scheduler puts the run's objective back afterwards.
     """
 
     fov_um: tuple[float, float] = (512.0, 512.0)
     pixel_size_um: float = 1.0
     channel_group: str = "Channel"
     clock: Callable[[], float] | None = None
+    objectives: Mapping[str, Objective] = field(default_factory=dict)
+
+    def objective(self, name: str) -> Objective:
+        """The objective preset `name`.
+
+        Raises
+        ------
+        KeyError
+            If the config has no such preset (the message lists those it has).
+        """
+        try:
+            return self.objectives[name]
+        except KeyError:
+            have = ", ".join(self.objectives) or "none"
+            raise KeyError(f"no objective preset {name!r} (presets: {have})") from None
 
     @property
     def sensor_px(self) -> tuple[int, int]:

@@ -222,6 +222,12 @@ class Scheduler(Iterator[MDAEvent]):
     sensor_size : (int, int), optional
         Camera ``(width, height)``: after an event with a camera ROI, the next
         event without one is given the full frame back.
+    property_value : callable, optional
+        ``(device, property) -> value`` of the microscope now (e.g.
+        ``core.getProperty``). After an event that sets device properties
+        (e.g. a hit target through another objective), the next event that
+        does not set them gets the values they had before; without it such
+        properties stay as the event left them.
     idle_timeout_s : float
         With the base plan done and nothing queued or being analysed, how long
         a policy's pending-work check may hold the run open with nothing added.
@@ -252,6 +258,7 @@ class Scheduler(Iterator[MDAEvent]):
         dose_budget_ms: float | None = None,
         default_exposure_ms: float = 10.0,
         sensor_size: tuple[int, int] | None = None,
+        property_value: Callable[[str, str], str] | None = None,
         idle_timeout_s: float = 30.0,
         max_analysis_lag: int | None = None,
         done_positions: Iterable[str] = (),
@@ -278,6 +285,9 @@ class Scheduler(Iterator[MDAEvent]):
             else None
         )
         self._roi_active = False
+        self._property_value = property_value
+        #: properties an event changed -> their value before it (to restore)
+        self._changed: dict[tuple[str, str], str] = {}
         self._held = False
         self.idle_timeout_s = float(idle_timeout_s)
         self.max_analysis_lag = max_analysis_lag
@@ -893,6 +903,23 @@ class Scheduler(Iterator[MDAEvent]):
             out.append(ev)
         return out
 
+    def _restore_properties(self, event: MDAEvent) -> MDAEvent:
+        """Restore what earlier events changed and `event` does not set.
+
+        Remembers the values of the properties `event` changes, first.
+        """
+        sets = {(d, p) for d, p, _ in event.properties or ()}
+        back = [(d, p, v) for (d, p), v in self._changed.items() if (d, p) not in sets]
+        for d, p, _ in back:
+            del self._changed[(d, p)]
+        if self._property_value is not None:
+            for key in sets - set(self._changed):
+                self._changed[key] = str(self._property_value(*key))
+        if not back:
+            return event
+        props = [tuple(p) for p in event.properties or ()] + back
+        return event.model_copy(update={"properties": props})
+
     def _finish(self, reason: str) -> None:
         if self._finish_reason is None:
             self._finish_reason = reason
@@ -905,6 +932,8 @@ class Scheduler(Iterator[MDAEvent]):
         elif self._roi_active and self._full_roi is not None:
             event = event.model_copy(update={"roi": self._full_roi})
             self._roi_active = False
+        if event.properties or self._changed:
+            event = self._restore_properties(event)
         if event.x_pos is not None and event.y_pos is not None:
             xy = (float(event.x_pos), float(event.y_pos))
             if self._here is not None:

@@ -53,12 +53,17 @@ def well_of(position: str) -> str:
     return str(position).split("_", 1)[0]
 
 
-def _centered_roi(context: PolicyContext, field_um: float | None) -> CameraROI | None:
-    """A camera ROI of `field_um` (µm) at the sensor center (None: full frame)."""
+def _centered_roi(
+    context: PolicyContext, field_um: float | None, pixel_size_um: float | None = None
+) -> CameraROI | None:
+    """A camera ROI of `field_um` (µm) at the sensor center (None: full frame).
+
+    `pixel_size_um` is that of the objective the ROI is for (default: the run's).
+    """
     if field_um is None:
         return None
     width, height = context.sensor_px
-    side = max(8, round(field_um / context.pixel_size_um))
+    side = max(8, round(field_um / (pixel_size_um or context.pixel_size_um)))
     w, h = min(side, width), min(side, height)
     return CameraROI(
         offset_x=(width - w) // 2, offset_y=(height - h) // 2, width=w, height=h
@@ -199,7 +204,10 @@ class HitDetection(_PolicyBase):
     candidates and they are at least `min_fraction` of its objects. Then its
     candidates so far — and afterwards each new field's candidates — are
     imaged, up to `max_targets_per_well` per well: the stage centered on the
-    cell, a `field_um` camera ROI around it, optionally in `channel` at
+    cell, a `field_um` camera ROI around it, optionally through another
+    `objective` (a preset of the objective group, e.g. ``40X``: the ROI keeps
+    its size in µm, at that objective's pixel size; the Scheduler switches the
+    run's objective back for the next event without one), in `channel` at
     `exposure_ms`, as a Z-stack `z_plan` around the Z of the field where the
     cell was seen. One `AddEvents` per decision, cells in nearest-neighbour
     order; positions ``hit_<well>_<nnn>``, kind ``"hit"``.
@@ -224,6 +232,11 @@ class HitDetection(_PolicyBase):
     max_targets_per_well: int = Field(20, ge=0)
     field_um: float | None = Field(
         64.0, gt=0, description="Side of the ROI around a hit cell (None: full)."
+    )
+    objective: str | None = Field(
+        None,
+        description="Objective preset to image hit cells with (e.g. 40X; None: "
+        "the run's).",
     )
     channel: str | None = None
     exposure_ms: float | None = Field(None, gt=0)
@@ -345,7 +358,10 @@ class HitDetection(_PolicyBase):
         pts = np.asarray([c.xy for c in chosen])
         chosen = [chosen[k] for k in _nearest_neighbour_order(pts, frame.stage_xy_um)]
         offsets = list(self.z_plan.positions()) if self.z_plan else [0.0]
-        roi = _centered_roi(context, self.field_um)
+        objective = context.objective(self.objective) if self.objective else None
+        roi = _centered_roi(
+            context, self.field_um, objective.pixel_size_um if objective else None
+        )
         channel = (
             {"config": self.channel, "group": context.channel_group}
             if self.channel
@@ -364,6 +380,7 @@ class HitDetection(_PolicyBase):
                         channel=channel,
                         exposure=self.exposure_ms,
                         roi=roi,
+                        properties=list(objective.properties) if objective else None,
                         pos_name=key,
                         index={"t": 0, "c": 0, "z": k},
                         metadata={
