@@ -41,6 +41,7 @@ import yaml
 
 from smartscope._errors import SmartscopeError, first_line
 from smartscope.storage import PositionArrays, read_jsonl, read_position
+from smartscope.stream import zoom_factor
 
 if TYPE_CHECKING:
     from smartscope.segment import PSegmenter
@@ -197,12 +198,23 @@ def _worker_segmenter(key: str) -> Any:
         return seg
 
 
-def _segment_task(key: str, planes: np.ndarray) -> tuple[np.ndarray, str, str]:
-    """Segment a ``(B, Y, X)`` stack on a worker → labels, model id, worker."""
+def _segment_task(
+    key: str, planes: np.ndarray, zoom: float | None = None
+) -> tuple[np.ndarray, str, str]:
+    """Segment a ``(B, Y, X)`` stack on a worker → labels, model id, worker.
+
+    `zoom`: planes of another objective are segmented resampled to the run's
+    pixel size, as the live analysis did (`smartscope.stream.zoom_factor`).
+    """
     from distributed import get_worker
 
+    from smartscope.stream import segment_zoomed
+
     seg = _worker_segmenter(key)
-    labels = np.asarray(seg.segment(planes).labels)
+    if zoom:
+        labels = np.stack([segment_zoomed(seg, plane, zoom)[0] for plane in planes])
+    else:
+        labels = np.asarray(seg.segment(planes).labels)
     if labels.shape != planes.shape:
         raise ValueError(
             f"segmenter returned labels of shape {labels.shape} for images of "
@@ -322,6 +334,7 @@ def _positions(directory: Path, frames: list[dict[str, Any]]) -> list[_Position]
             "z": where[3],
             "kind": rec.get("kind"),
             "channel": rec.get("channel"),
+            "pixel_size_um": rec.get("pixel_size_um"),
         }
     by_pos: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for rec in sorted(latest.values(), key=lambda r: r["frame_index"]):
@@ -589,7 +602,8 @@ def _run_tasks(
             return False
         pos, chunk, planes, last = item
         data = client.scatter(planes, hash=False)
-        fut = client.submit(_segment_task, key, data, pure=False)
+        zoom = zoom_factor(chunk[0]["pixel_size_um"], writer.pixel_size_um)
+        fut = client.submit(_segment_task, key, data, zoom, pure=False)
         futures[fut] = (pos, chunk)
         left[pos.key] += 1
         if last:
@@ -645,6 +659,7 @@ def _finish_position(
                 "visit": rec["t"],
                 "c": rec["c"],
                 "z": rec["z"],
+                "pixel_size_um": rec["pixel_size_um"],
             },
         )
         row: dict[str, Any] = {

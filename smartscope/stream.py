@@ -34,10 +34,34 @@ if TYPE_CHECKING:
     from smartscope.segment import PSegmenter
     from smartscope.storage import RunStorage
 
-__all__ = ["FrameStream", "InferenceWorker", "WorkerEvents", "warm_up"]
+__all__ = [
+    "FrameStream",
+    "InferenceWorker",
+    "WorkerEvents",
+    "segment_zoomed",
+    "warm_up",
+    "zoom_factor",
+]
 
 
-def _segment_zoomed(
+def zoom_factor(
+    pixel_size_um: float | None, run_pixel_size_um: float | None
+) -> float | None:
+    """How much to resample a frame taken through another objective, if at all.
+
+    The segmenter sees every frame at the run's pixel size, the scale its
+    parameters (or training) are for: a 40X frame of a 10X run is shrunk by
+    0.25 and its labels are brought back to the frame's shape
+    (`segment_zoomed`). None when the pixel sizes agree within 5 % or one is
+    unknown.
+    """
+    ps, base = pixel_size_um, run_pixel_size_um
+    if not ps or not base or abs(ps / base - 1.0) < 0.05:
+        return None
+    return float(ps / base)
+
+
+def segment_zoomed(
     segmenter: PSegmenter, image: np.ndarray, factor: float
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Segment `image` resampled by `factor`; labels back at the image's shape."""
@@ -250,7 +274,7 @@ class InferenceWorker(threading.Thread):
             all_labels, all_scores = [], []
             for im, factor in zip(images, factors, strict=True):
                 if factor:
-                    labels, score = _segment_zoomed(self.segmenter, im, factor)
+                    labels, score = segment_zoomed(self.segmenter, im, factor)
                 else:
                     r = self.segmenter.segment(im[None])
                     labels, score = r.labels[0], r.scores[0] if r.scores else None
@@ -261,15 +285,7 @@ class InferenceWorker(threading.Thread):
             self._handle(frame, image, np.asarray(all_labels[k]), scores)
 
     def _zoom(self, frame: Frame) -> float | None:
-        """How much to shrink a frame taken through another objective, if at all.
-
-        The segmenter sees every frame at the run's pixel size (`pixel_size_um`),
-        the scale its parameters (or training) are for.
-        """
-        ps, base = frame.pixel_size_um, self.pixel_size_um
-        if not ps or not base or abs(ps / base - 1.0) < 0.05:
-            return None
-        return float(ps / base)
+        return zoom_factor(frame.pixel_size_um, self.pixel_size_um)
 
     def _handle(
         self,

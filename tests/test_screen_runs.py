@@ -114,6 +114,22 @@ def test_hit_cells_are_imaged_through_the_40x_objective(screen_run, truth):
         assert objects["area_px"][middle[0]] > 16 * 40  # a nucleus at 0.25 µm
 
 
+def test_reanalyze_reproduces_the_live_labels_of_40x_frames(screen_run, tmp_path):
+    import shutil
+
+    from smartscope.reanalyze import reanalyze
+
+    _, out = screen_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    result = reanalyze(run, workers=1, processes=False)  # the run's own model
+    gc.collect()
+    rows = {r["frame_index"]: r for r in result["frames"]}
+    hits = [f for f in read_jsonl(run / "frames.jsonl") if f["kind"] == "hit"]
+    assert hits and all(rows[f["frame_index"]]["identical"] for f in hits)
+    assert result["overall"]["identical_fraction"] == 1.0
+
+
 def test_an_objective_the_config_lacks_is_one_error_line(tmp_path):
     exp = screen_experiment("smart", wells=1)
     spec = exp.model_dump(mode="json", exclude={"source"})
