@@ -125,7 +125,8 @@ def resume(
     console.print(
         f"resuming {run_dir} ({state.status}): {len(state.finished)} fields "
         f"finished, {len(state.skipped)} skipped, {len(state.partial)} partial "
-        f"(moved aside, imaged again), {len(state.pending)} to image",
+        f"(moved aside, imaged again), {len(state.pending)} to image; "
+        f"{len(state.replay)} analysed frames given to the policies again",
         markup=False,
         highlight=False,
     )
@@ -1028,15 +1029,17 @@ def bench_screen_cmd(
         typer.Option(help="Keep the smart and fixed runs in this folder."),
     ] = None,
 ) -> None:
-    """Headless plate screen vs the fixed plan; the Scheduler on large plates.
+    """Headless plate screen vs fixed plans; the Scheduler on large plates.
 
     Runs demos/plate_screen.yaml on hardware_configs/plate.cfg and the same
-    wells as a fixed plan (every field, no analysis): fields imaged vs planned,
-    wall times, hits found vs the plate's ground truth (recall, precision),
-    wells meeting their quota, empty wells' fields, stage travel. Then iterates
-    a Scheduler alone (no hardware) over 96×9, 384×9 and 384×36 plate plans:
-    µs per event (goal ≤ 1 ms) and peak memory (tracemalloc) per field as the
-    plan grows (goal: flat).
+    wells as two fixed plans (every field: without analysis, and with software
+    autofocus per well): fields imaged vs planned, wall times, time saved and
+    time to analysed results, seconds per frame kind, fields imaged in focus,
+    hits found vs the plate's ground truth (recall, precision), wells meeting
+    their quota, empty wells' fields, stage travel. Then iterates a Scheduler
+    alone (no hardware) over 96×9, 384×9 and 384×36 plate plans: µs per event
+    (goal ≤ 1 ms) and its own peak memory (tracemalloc, apart from useq's
+    reading of the plan) as the plan grows (goal: flat, ≤ 1.5× the smallest).
     """
     from smartscope.bench_screen import bench_screen
 

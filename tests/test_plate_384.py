@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import useq
+from _closed_loop import smartscope
 
 from smartscope.experiment import Experiment
 
@@ -38,13 +36,6 @@ def test_plate_384_plans_every_well_as_a_serpentine():
 
 
 def test_plate_384_validates_against_its_config():
-    proc = subprocess.run(
-        [sys.executable, "-m", "smartscope.cli", "validate", str(PLATE_384)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "CI": "true", "COLUMNS": "200"},
-    )
+    proc = smartscope("validate", str(PLATE_384))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ok ") and "1536 base events" in proc.stdout

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,29 @@ sequence:
   axis_order: pcz
 segmenter: {{name: threshold, sigma_px: 1.0}}
 """
+
+
+def _run_and_kill_9(
+    experiment: Path, out: Path, far_enough: Callable[[list[dict]], bool]
+) -> None:
+    """`smartscope run` in a subprocess, SIGKILLed once `far_enough(frames)`."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smartscope.cli", "run", str(experiment)]
+        + ["--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "CI": "true"},
+    )
+    frames_log = out / "frames.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if frames_log.exists() and far_enough(read_jsonl(frames_log)):
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
 
 
 def _fields(run_dir: Path) -> Counter:
@@ -67,25 +91,10 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
     experiment, reference, tmp_path
 ):
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "smartscope.cli", "run", str(experiment)]
-        + ["--out", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "CI": "true"},
+    _run_and_kill_9(
+        experiment, out, lambda frames: len({f["position"] for f in frames}) >= 5
     )
     frames_log = out / "frames.jsonl"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if frames_log.exists():
-            imaged = {f["position"] for f in read_jsonl(frames_log)}
-            if len(imaged) >= 5:
-                break
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert json.loads((out / "run.json").read_text())["status"] == "running"
 
     # what a kill can leave: a log line cut off mid-write, a frame logged whose
     # chunk never reached the disk
@@ -196,27 +205,13 @@ def test_kill_9_mid_well_then_resume_keeps_the_policies_state(
     assert result.returncode == 0, result.stderr
 
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "smartscope.cli", "run", str(plate_experiment)]
-        + ["--out", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "CI": "true"},
-    )
-    frames_log = out / "frames.jsonl"
-    deadline = time.monotonic() + 120
     # in the middle of well E6: after its autofocus and its first fields, with
     # the hit well E5 (and its targets) behind
-    while time.monotonic() < deadline and proc.poll() is None:
-        if frames_log.exists() and any(
-            f["position"] == "E6_0002" for f in read_jsonl(frames_log)
-        ):
-            break
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    _run_and_kill_9(
+        plate_experiment,
+        out,
+        lambda frames: any(f["position"] == "E6_0002" for f in frames),
+    )
     state = inspect_run(out)
     assert {"E5_0000", "E6_0000", "hit_E5_000", "af_E6"} <= set(
         state.finished + state.skipped + state.kept_added
@@ -226,6 +221,8 @@ def test_kill_9_mid_well_then_resume_keeps_the_policies_state(
     result = smartscope("resume", str(out))
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
+    said = " ".join(result.stdout.split())  # the console wraps long lines
+    assert f"{len(state.replay)} analysed frames given to the policies" in said
 
     # the very same frames as the uninterrupted run, each stored once: no field
     # of E6 beyond its quota, no second autofocus of E6, the hit targets of E5

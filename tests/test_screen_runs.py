@@ -166,6 +166,12 @@ def test_bench_screen_reports_the_screen_and_the_scheduler(tmp_path):
     assert screen["base_fields_in_focus"]["smart"] > 0.8
     assert screen["base_fields_in_focus"]["fixed"] < 0.5
     assert set(screen["time_by_kind_s"]["smart"]) == {"base", "autofocus", "hit"}
+    # the fixed plan's fields still need their analysis: time to results
+    offline = screen["fixed_offline_analysis_s"]
+    assert offline > 0
+    assert screen["time_to_results_s"]["fixed"] == pytest.approx(
+        screen["fixed_wall_s"] + offline, abs=0.01
+    )
     for key in ("smart", "fixed", "fixed_row_major"):
         assert screen["travel_um"][key] > 0
     sched = result["scheduler"]
