@@ -599,15 +599,30 @@ def _shots(run: RunRecords) -> list[_Shot]:
 def _evenly(items: list[Any], n: int) -> list[Any]:
     if len(items) <= n:
         return items
+    if n <= 0:
+        return []
     picks = np.unique(np.linspace(0, len(items) - 1, n).round().astype(int))
     return [items[i] for i in picks]
+
+
+def _pick_shots(shots: list[_Shot], n: int) -> list[_Shot]:
+    """At most `n` shots spread over the run, targets before autofocus planes.
+
+    Hits, targeted cells and bursts first; autofocus planes fill what room is
+    left.
+    """
+    targets = [s for s in shots if s.record.get("kind") != "autofocus"]
+    focus = [s for s in shots if s.record.get("kind") == "autofocus"]
+    chosen = _evenly(targets, n)
+    chosen += _evenly(focus, n - len(chosen))
+    return sorted(chosen, key=lambda s: int(s.record.get("frame_index", 0)))
 
 
 def _gallery(run: RunRecords) -> tuple[list[dict[str, Any]], int]:
     shots = _shots(run)
     arrays = _Arrays(run.directory)
     items = []
-    for shot in _evenly(shots, GALLERY_MAX):
+    for shot in _pick_shots(shots, GALLERY_MAX):
         rec = shot.record
         item = {
             "position": shot.position,
@@ -1005,7 +1020,8 @@ frames{% if n_positions > max_bars %} (the first {{ max_bars }} of
 <h2>Targeted acquisitions</h2>
 {% if gallery %}
 <p class="note">{{ gallery|length }} of {{ n_shots }} targeted visits
-(frames whose kind is not "base"; middle Z plane, 1st&ndash;99.8th percentile
+(frames whose kind is not "base", autofocus planes only where room is left;
+middle Z plane, 1st&ndash;99.8th percentile
 contrast{% if any_labels %}, label outlines in yellow{% endif %}).</p>
 <div class="gallery" id="gallery">
 {% for g in gallery %}<figure>

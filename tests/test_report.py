@@ -306,3 +306,20 @@ def test_cli_report(plate_run, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "not a run directory" in lines[0]
+
+
+def test_gallery_shows_targets_before_autofocus_planes():
+    def shot(i: int, kind: str) -> report._Shot:
+        record = {"frame_index": i, "kind": kind}
+        return report._Shot(f"{kind}_{i}", 0, 0, 0, record, 1)
+
+    shots = [shot(i, "autofocus") for i in range(40)]
+    shots += [shot(100 + i, "hit") for i in range(5)]
+    picked = report._pick_shots(shots, 8)
+    assert [s.record["kind"] for s in picked].count("hit") == 5
+    assert len(picked) == 8
+    assert [s.record["frame_index"] for s in picked] == sorted(
+        s.record["frame_index"] for s in picked
+    )
+    only_hits = report._pick_shots([shot(i, "hit") for i in range(20)], 8)
+    assert len(only_hits) == 8
