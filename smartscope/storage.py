@@ -8,7 +8,8 @@ Layout of a run directory::
                                   layout (frames not analysed stay 0)
     frames.jsonl                  one line per acquired frame: index, position,
                                   (t, c, z) in its array, stage x/y/z, channel,
-                                  exposure, acquisition time, trigger decision
+                                  exposure, pixel size, acquisition time, trigger
+                                  decision, the MDAEvent
     detections.jsonl              one line per analysed frame: objects table,
                                   latencies, dropped frames are listed with
                                   ``"dropped": true``

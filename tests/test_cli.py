@@ -80,7 +80,8 @@ def test_demo_command_prints_summary(tmp_path):
     assert "already holds a run" in again.stderr
 
 
-def test_ctrl_c_leaves_a_readable_interrupted_run(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_leaves_a_readable_interrupted_run(tmp_path, sig):
     out = tmp_path / "run"
     env = {**os.environ, "CI": "true"}
     proc = subprocess.Popen(
@@ -105,13 +106,13 @@ def test_ctrl_c_leaves_a_readable_interrupted_run(tmp_path):
         if frames_log.exists() and len(read_jsonl(frames_log)) >= 4:
             break
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "interrupted"
-    assert "SIGINT" in info["summary"]["reason"]
+    assert sig.name in info["summary"]["reason"]
     frames = read_jsonl(frames_log)
     assert 4 <= len(frames) < 400
     for f in frames:
