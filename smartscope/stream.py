@@ -187,8 +187,9 @@ class InferenceWorker(threading.Thread):
     num_threads : int, optional
         Thread count for torch-based segmenters (set on this thread).
     pixel_size_um : float, optional
-        The run's pixel size: frames taken at another (another objective) are
-        resampled to it for the segmenter, and their labels back.
+        The run's pixel size: frames taken at another pixel size (another
+        objective) are resampled to it for the segmenter, and their labels
+        back.
     approval : ApprovalGate, optional
         Operator approval mode: actions go to ``approval.propose`` (same
         signature as ``Scheduler.apply``) and wait there for the operator,
