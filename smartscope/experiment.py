@@ -164,6 +164,40 @@ class OutputSettings(BaseModel):
     )
 
 
+WELL_ORDERS = ("serpentine", "row_major")
+
+
+def _order_wells(sequence: Any) -> Any:
+    """Resolve ``stage_positions.well_order`` of a plate plan into `selected_wells`.
+
+    ``well_order: serpentine`` images the selected wells (all of the plate when
+    `selected_wells` is left out) row by row, every other row backwards, so the
+    stage never crosses the plate back; ``row_major`` row by row, left to right.
+    useq keeps the order of `selected_wells`, so the order is written there.
+    """
+    positions = sequence.get("stage_positions") if isinstance(sequence, dict) else None
+    if not isinstance(positions, dict) or "well_order" not in positions:
+        return sequence
+    import useq
+
+    positions = dict(positions)
+    order = positions.pop("well_order")
+    if order not in WELL_ORDERS:
+        raise ValueError(
+            f"stage_positions.well_order must be one of {', '.join(WELL_ORDERS)}: "
+            f"{order!r}"
+        )
+    plan = useq.WellPlatePlan.model_validate(positions)
+    wells = [(int(r), int(c)) for r, c in plan.selected_well_indices]
+    rank = {r: k for k, r in enumerate(sorted({r for r, _ in wells}))}
+    if order == "serpentine":  # every other selected row backwards
+        wells.sort(key=lambda rc: (rc[0], -rc[1] if rank[rc[0]] % 2 else rc[1]))
+    else:
+        wells.sort()
+    positions["selected_wells"] = [[r for r, _ in wells], [c for _, c in wells]]
+    return {**sequence, "stage_positions": positions}
+
+
 class Experiment(BaseModel):
     """One experiment: hardware config, base plan, segmenter, policies, output.
 
@@ -197,6 +231,7 @@ class Experiment(BaseModel):
     @field_validator("sequence", mode="before")
     @classmethod
     def _check_grid(cls, value: Any) -> Any:
+        value = _order_wells(value)
         grid = value.get("grid_plan") if isinstance(value, dict) else None
         if isinstance(grid, dict) and ({"rows", "columns"} & set(grid)):
             for key in ("rows", "columns"):

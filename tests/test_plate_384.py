@@ -1,4 +1,4 @@
-"""demos/plate_384.yaml: a whole 384-well plate (validated here, not run)."""
+"""demos/plate_384.yaml (validated here, not run) and `well_order` of plate plans."""
 
 from __future__ import annotations
 
@@ -39,3 +39,34 @@ def test_plate_384_validates_against_its_config():
     proc = smartscope("validate", str(PLATE_384))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ok ") and "1536 base events" in proc.stdout
+
+
+def _plate_experiment(tmp_path: Path, stage_positions: str) -> Path:
+    path = tmp_path / "plate.yaml"
+    path.write_text(
+        "name: wells\nconfig: plate.cfg\nsequence:\n  stage_positions:\n"
+        f"{stage_positions}  channels: [DAPI]\n"
+    )
+    return path
+
+
+def test_well_order_of_selected_wells(tmp_path):
+    head = "    plate: 96-well\n    a1_center_xy: [0, 0]\n"
+    # B2, B5, D3, D4, F1 (rows 1, 3, 5): the 2nd selected row runs backwards
+    wells = "    selected_wells: [[5, 3, 1, 1, 3], [0, 3, 4, 1, 2]]\n"
+    names = {}
+    for order in ("serpentine", "row_major"):
+        exp = Experiment.from_file(
+            _plate_experiment(tmp_path, head + wells + f"    well_order: {order}\n")
+        )
+        names[order] = [p.name for p in exp.sequence.stage_positions]
+    assert names["serpentine"] == ["B2", "B5", "D4", "D3", "F1"]
+    assert names["row_major"] == ["B2", "B5", "D3", "D4", "F1"]
+
+
+def test_bad_well_order_is_one_error_line(tmp_path):
+    path = _plate_experiment(tmp_path, "    plate: 96-well\n    well_order: zigzag\n")
+    result = smartscope("validate", str(path))
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error:") and "well_order must be one of" in line
