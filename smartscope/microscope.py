@@ -230,8 +230,10 @@ class Microscope:
         height, width = self.sensor_shape
         return np.array([(width - 1) / 2.0, (height - 1) / 2.0])
 
-    def _offsets_um(self, d_px: np.ndarray) -> np.ndarray:
-        aff = self.affine
+    def _offsets_um(
+        self, d_px: np.ndarray, aff: np.ndarray | None = None
+    ) -> np.ndarray:
+        aff = self.affine if aff is None else aff
         return d_px @ aff[:, :2].T + aff[:, 2]
 
     def pixel_to_stage(
@@ -254,7 +256,7 @@ class Microscope:
         """
         px = np.asarray(px_xy, dtype=float)
         aff = self.affine  # read once: the objective may change meanwhile
-        d_um = (px.reshape(-1, 2) - self.image_center_px()) @ aff[:, :2].T + aff[:, 2]
+        d_um = self._offsets_um(px.reshape(-1, 2) - self.image_center_px(), aff)
         if pixel_size_um is not None:
             now = math.sqrt(abs(np.linalg.det(aff[:, :2])))
             d_um = d_um * (float(pixel_size_um) / now)

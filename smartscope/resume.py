@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from smartscope._errors import ExperimentError, SmartscopeError, first_line
-from smartscope.storage import dumps, read_jsonl
+from smartscope.storage import dumps, open_position, read_jsonl
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -224,7 +224,8 @@ def inspect_run(run_dir: str | Path) -> RunState:
             state.redo_added.append(name)
 
     kept = set(state.finished) | set(state.skipped) | set(state.kept_added)
-    state.replay, state.stored = _replay_records(info, frames, detections, kept)
+    state.replay = _replay_records(info, frames, detections, kept)
+    state.stored = {(name, *tcz) for name in kept for tcz in logged.get(name, ())}
 
     indices = [int(f["frame_index"]) for f in frames if "frame_index" in f]
     indices += list(analysed)
@@ -239,8 +240,8 @@ def _replay_records(
     frames: list[dict[str, Any]],
     detections: list[dict[str, Any]],
     kept: set[str],
-) -> tuple[list[dict[str, Any]], set[tuple[str, int, int, int]]]:
-    """The analysed frames of the kept arrays, in order, and where frames are.
+) -> list[dict[str, Any]]:
+    """The analysed frames of the kept arrays, in acquisition order.
 
     Each item is ``{"frame": <frames.jsonl line>, "detections": <its line>}``,
     the frame's ``t_clock`` moved onto one clock over every session, ending at
@@ -255,7 +256,6 @@ def _replay_records(
         int(r.get("first_frame_index") or 0) for r in info.get("resumed") or []
     ]
     session_end: dict[int, float] = defaultdict(float)
-    stored: set[tuple[str, int, int, int]] = set()
     chosen = []
     for f in frames:
         if "frame_index" not in f:
@@ -269,7 +269,6 @@ def _replay_records(
         name = str(where.get("position", f.get("position")))
         if f.get("partial") or name not in kept:
             continue
-        stored.add((name, *_tcz(where)))
         if i in by_index and not f.get("dropped"):
             chosen.append((i, session, f))
     offset, total = {}, 0.0
@@ -281,7 +280,7 @@ def _replay_records(
         t = f.get("t_clock")
         t_run = None if t is None else round(float(t) + offset[session] - total, 6)
         replay.append({"frame": {**f, "t_clock": t_run}, "detections": by_index[i]})
-    return replay, stored
+    return replay
 
 
 def _read_info(directory: Path) -> dict[str, Any]:
@@ -498,15 +497,10 @@ class _FrameReader:
         self._open: dict[tuple[str, bool], Any] = {}
 
     def read(self, name: str, tcz: tuple[int, int, int], *, labels: bool) -> np.ndarray:
-        import tensorstore as ts
-
         key = (name, labels)
         store = self._open.pop(key, None)
         if store is None:
-            folder = "labels" if labels else "images"
-            path = self.directory / folder / f"{name}.ome.zarr" / "0"
-            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
-            store = ts.open(spec).result()
+            store = open_position(self.directory, name, labels=labels)
             if len(self._open) >= self.keep:
                 self._open.pop(next(iter(self._open)))
         self._open[key] = store  # most recently used last

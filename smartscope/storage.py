@@ -45,7 +45,13 @@ if TYPE_CHECKING:
 
     from smartscope.frame import Frame
 
-__all__ = ["PositionArrays", "RunStorage", "read_jsonl", "read_position"]
+__all__ = [
+    "PositionArrays",
+    "RunStorage",
+    "open_position",
+    "read_jsonl",
+    "read_position",
+]
 
 #: Lossless compressions of the arrays' chunks (ome-writers' names for zarr).
 COMPRESSIONS = ("blosc-zstd", "blosc-lz4", "zstd", "none")
@@ -401,17 +407,28 @@ def _where(frame: Frame) -> dict[str, Any]:
     return {**event_tag(frame.event), "pixel_size_um": frame.pixel_size_um}
 
 
-def read_position(
-    run_dir: str | Path, position: str, *, labels: bool = False
-) -> np.ndarray:
-    """Read one position's ``(t, c, z, y, x)`` array from a run directory."""
+def open_position(run_dir: str | Path, position: str, *, labels: bool = False) -> Any:
+    """Open one position's ``(t, c, z, y, x)`` array (a tensorstore, read lazily).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the run has no such array.
+    """
     import tensorstore as ts
 
     folder = "labels" if labels else "images"
     path = Path(run_dir) / folder / f"{position}.ome.zarr" / "0"
     if not path.exists():
         raise FileNotFoundError(f"no {folder} array for position {position!r}")
-    store = ts.open(
+    return ts.open(
         {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
     ).result()
+
+
+def read_position(
+    run_dir: str | Path, position: str, *, labels: bool = False
+) -> np.ndarray:
+    """Read one position's ``(t, c, z, y, x)`` array from a run directory."""
+    store = open_position(run_dir, position, labels=labels)
     return np.asarray(store.read().result())
