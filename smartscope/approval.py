@@ -28,8 +28,8 @@ from psygnal import Signal, SignalGroup
 from smartscope.scheduler import ActionOutcome, AddEvents, event_summary
 
 if TYPE_CHECKING:
+    from smartscope.rundir import RunStorage
     from smartscope.scheduler import Action, Scheduler
-    from smartscope.storage import RunStorage
 
 __all__ = [
     "REFUSED_BY_OPERATOR",

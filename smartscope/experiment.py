@@ -17,7 +17,7 @@ from pydantic import (
 from useq import MDASequence
 
 from smartscope._errors import ExperimentError, SmartscopeError
-from smartscope.storage import Compression
+from smartscope.rundir import Compression
 
 __all__ = [
     "AnalysisSettings",
@@ -67,14 +67,14 @@ class PolicySpec(_Named):
 
     @model_validator(mode="after")
     def _check(self) -> PolicySpec:
-        from smartscope.scheduler import create_policy
+        from smartscope.policies import create_policy
 
         _build(create_policy, self.name, self.params)
         return self
 
     def build(self) -> Any:
         """Instantiate a fresh policy (policies keep per-run state)."""
-        from smartscope.scheduler import create_policy
+        from smartscope.policies import create_policy
 
         return create_policy(self.name, self.params)
 
@@ -285,6 +285,20 @@ class Experiment(BaseModel):
         data = self.model_dump(mode="json", exclude_unset=False)
         data["sequence"] = self.sequence.model_dump(mode="json", exclude_unset=True)
         return yaml.safe_dump(data, sort_keys=False)
+
+    def fast_interval_s(self) -> float:
+        """The experiment's fast imaging interval (run seconds).
+
+        Its `event_burst`'s ``interval_s``, else the base plan's interval (1 s
+        without one): what a simulated live specimen's division capture is
+        scored against.
+        """
+        for spec in self.policies:
+            if spec.name == "event_burst":
+                return float(spec.params.get("interval_s", 1.0))
+        interval = getattr(self.sequence.time_plan, "interval", None)
+        seconds = getattr(interval, "total_seconds", None)
+        return float(seconds()) if seconds else 1.0
 
     def config_path(self, override: str | Path | None = None) -> Path:
         """The hardware config to load (`override` wins), resolved to a file."""

@@ -2,13 +2,46 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from useq import MDAEvent
 
-__all__ = ["Frame", "event_tag"]
+__all__ = ["Frame", "base_position_key", "event_tag", "safe_name", "well_of"]
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def safe_name(name: str) -> str:
+    """`name` with every run of characters unsafe in a file name as ``"_"``."""
+    return _UNSAFE.sub("_", name).strip("_") or "pos"
+
+
+def base_position_key(event: MDAEvent) -> str:
+    """Stable key of the stage position of a base-plan event.
+
+    ``<pos_name or pNNN>`` plus ``_gNNN`` for a grid tile; the key names the
+    position's array in the dataset and is what `SkipPosition` refers to.
+    """
+    index = event.index
+    key = safe_name(event.pos_name) if event.pos_name else f"p{index.get('p', 0):03d}"
+    if "g" in index:
+        key += f"_g{index['g']:03d}"
+    return key
+
+
+def well_of(position: str) -> str:
+    """The well of a position key: the part before the first ``"_"``.
+
+    Plate plans name their positions ``<well>_<field>`` (``"B3_0004"``); on
+    other plans this is the position's name (grid tiles ``field_g000``,
+    ``field_g001`` form the "well" ``field``). Hit and autofocus acquisitions
+    keep their well's key as prefix (``hit_B3_002`` is not a well key: use the
+    frame's base position).
+    """
+    return str(position).split("_", 1)[0]
 
 
 def event_tag(event: MDAEvent) -> dict[str, Any]:

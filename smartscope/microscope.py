@@ -7,7 +7,7 @@ import math
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -18,9 +18,8 @@ if TYPE_CHECKING:
     from pymmcore_plus import CMMCorePlus
     from useq import MDAEvent
 
-    from smartscope.scheduler import Objective
 
-__all__ = ["Microscope", "resolve_config"]
+__all__ = ["Microscope", "Objective", "resolve_config"]
 
 
 def resolve_config(
@@ -58,6 +57,13 @@ def _needs_unicore(path: Path) -> bool:
     except OSError:
         return False
     return any(line.startswith("#py ") for line in text.splitlines())
+
+
+class Objective(NamedTuple):
+    """An objective preset: the properties that select it, its pixel size."""
+
+    properties: tuple[tuple[str, str, str], ...]
+    pixel_size_um: float
 
 
 class Microscope:
@@ -190,8 +196,6 @@ class Microscope:
         through state labels: a preset setting ``State`` selects a pixel size
         defined on ``Label``). Empty if the config has no such group.
         """
-        from smartscope.scheduler import Objective
-
         core = self.core
         if group not in core.getAvailableConfigGroups():
             return {}
@@ -219,6 +223,26 @@ class Microscope:
             match = [ps for settings, ps in sizes if settings and settings <= have]
             if match:
                 out[str(preset)] = Objective(props, match[0])
+        return out
+
+    def python_devices(self) -> dict[str, Any]:
+        """The Python (unicore ``#py``) device objects of the config, by label.
+
+        Empty on a plain `CMMCorePlus`. The runner asks them for run files
+        (see `smartscope.runner.Runner.finish`).
+        """
+        core = self.core
+        get = getattr(core, "_get_py_device_instance", None)
+        is_py = getattr(core, "isPyDevice", None)
+        if get is None or is_py is None:
+            return {}
+        out = {}
+        for label in core.getLoadedDevices():
+            try:
+                if is_py(label):
+                    out[str(label)] = get(label)
+            except Exception:  # a device that cannot be asked is not one of ours
+                continue
         return out
 
     def image_center_px(self) -> np.ndarray:

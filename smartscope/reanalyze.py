@@ -40,7 +40,7 @@ import numpy as np
 import yaml
 
 from smartscope._errors import SmartscopeError, first_line
-from smartscope.storage import PositionArrays, read_jsonl, read_position
+from smartscope.rundir import PositionArrays, read_jsonl, read_position
 from smartscope.stream import zoom_factor
 
 if TYPE_CHECKING:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import platform
 import sys
@@ -21,8 +22,9 @@ from smartscope._errors import ExperimentError, first_line
 from smartscope.approval import ApprovalGate
 from smartscope.frame import Frame, event_tag
 from smartscope.microscope import Microscope
-from smartscope.scheduler import PolicyContext, Scheduler
-from smartscope.storage import RunStorage
+from smartscope.policies import PolicyContext
+from smartscope.rundir import RunStorage
+from smartscope.scheduler import Scheduler
 from smartscope.stream import FrameStream, InferenceWorker, warm_up
 
 if TYPE_CHECKING:
@@ -235,6 +237,8 @@ class Runner:
         self.worker: InferenceWorker | None = None
         self.storage: RunStorage | None = None
         self.summary: RunSummary | None = None
+        #: Reports of the config's Python devices (a simulated specimen's score).
+        self.device_reports: dict[str, dict[str, Any]] = {}
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
         self._first_frame = resume_point.first_frame_index if resume_point else 0
@@ -374,7 +378,7 @@ class Runner:
 
     def _replay(self, point: ResumePoint) -> int:
         """Bring the policies up to where the earlier sessions left them."""
-        from smartscope.resume import event_location, replay_frames
+        from smartscope.rundir import event_location, replay_frames
 
         if not point.replay or not self.experiment.analysis.enabled:
             return 0
@@ -480,6 +484,7 @@ class Runner:
         if self.approval is not None:  # what the operator never answered
             self.approval.close()
         storage.close()
+        self.device_reports = self._device_run_files()
         error = self._mda_error or worker.error
         if storage.write_errors:
             error = error or f"writing frames failed: {storage.write_errors[0]}"
@@ -514,6 +519,31 @@ class Runner:
         storage.write_run_json(self._run_info(status))
         self.events.runFinished.emit(self.summary)
         return self.summary
+
+    def _device_run_files(self) -> dict[str, dict[str, Any]]:
+        """Let the config's Python devices write their files beside the data.
+
+        A device with a ``write_run_files(run_dir, fast_interval_s=...)``
+        method (the simulated live specimen's camera: ground truth, exposures,
+        its score) is called once the logs are closed; what it returns is kept
+        in `device_reports`. A device that fails is a warning, never the run's
+        result.
+        """
+        out = {}
+        for label, device in self.microscope.python_devices().items():
+            write = getattr(device, "write_run_files", None)
+            if not callable(write):
+                continue
+            try:
+                out[label] = write(
+                    self.directory,
+                    fast_interval_s=self.experiment.fast_interval_s(),
+                )
+            except Exception as e:
+                logging.getLogger("smartscope.run").warning(
+                    "device %s wrote no run files: %s", label, first_line(e)
+                )
+        return out
 
     def run(self) -> RunSummary:
         """Start, wait, finish. Ctrl-C cancels and still finishes cleanly."""

@@ -30,9 +30,10 @@ if TYPE_CHECKING:
     from useq import MDAEvent
 
     from smartscope.frame import Frame
-    from smartscope.scheduler import PolicyContext, PPolicy, Scheduler
+    from smartscope.policies import PolicyContext, PPolicy
+    from smartscope.rundir import RunStorage
+    from smartscope.scheduler import Scheduler
     from smartscope.segment import PSegmenter
-    from smartscope.storage import RunStorage
 
 __all__ = [
     "FrameStream",
@@ -247,22 +248,31 @@ class InferenceWorker(threading.Thread):
             batch = self.stream.get_batch(self.batch_size)
             if batch is None:
                 return
-            if not batch:
-                continue
-            try:
-                if self.error is None:
-                    self._process(batch)
-            except Exception as e:
-                self.error = f"analysis failed: {type(e).__name__}: {e}"
-                self.events.analysisFailed.emit(self.error)
-                self.scheduler.stop(self.error)
-                if self.storage is not None:
-                    self.storage.log_detections(
-                        {"error": self.error, "traceback": traceback.format_exc()}
-                    )
-            finally:
-                for _ in batch:
-                    self.scheduler.analysis_finished()
+            if batch:
+                self.process(batch)
+
+    def process(self, batch: list[tuple[Frame, np.ndarray]]) -> None:
+        """Analyse a batch of ``(frame, image)`` now, on the calling thread.
+
+        What the worker thread does with each batch it takes from the stream:
+        segment, measure, ask the policies, apply (or propose) their actions,
+        log; then tell the Scheduler each frame's analysis is finished. Tests
+        and deterministic simulations call it directly instead of `start`.
+        """
+        try:
+            if self.error is None:
+                self._process(batch)
+        except Exception as e:
+            self.error = f"analysis failed: {type(e).__name__}: {e}"
+            self.events.analysisFailed.emit(self.error)
+            self.scheduler.stop(self.error)
+            if self.storage is not None:
+                self.storage.log_detections(
+                    {"error": self.error, "traceback": traceback.format_exc()}
+                )
+        finally:
+            for _ in batch:
+                self.scheduler.analysis_finished()
 
     # ------------------------------------------------------------------ work
     def _process(self, batch: list[tuple[Frame, np.ndarray]]) -> None:

@@ -18,7 +18,8 @@ import numpy as np
 
 from smartscope.detections import Detections
 from smartscope.frame import Frame, event_tag
-from smartscope.scheduler import PolicyContext, Scheduler
+from smartscope.policies import PolicyContext
+from smartscope.scheduler import Scheduler
 
 
 def simulate(

@@ -9,8 +9,8 @@ import pytest
 
 from smartscope.approval import REFUSED_BY_OPERATOR, ApprovalGate
 from smartscope.experiment import Experiment
+from smartscope.rundir import read_jsonl
 from smartscope.runner import Runner
-from smartscope.storage import read_jsonl
 
 
 def small_experiment(loops: int = 3, max_targets: int = 2) -> Experiment:

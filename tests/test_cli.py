@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from _closed_loop import smartscope
 
-from smartscope.storage import read_jsonl, read_position
+from smartscope.rundir import read_jsonl, read_position
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BAD = sorted(

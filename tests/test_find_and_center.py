@@ -7,8 +7,8 @@ import json
 import numpy as np
 
 from smartscope.detections import Detections
+from smartscope.rundir import read_jsonl, read_position
 from smartscope.segment import ThresholdSegmenter
-from smartscope.storage import read_jsonl, read_position
 
 CENTER = np.array([255.5, 255.5])
 

@@ -22,7 +22,7 @@ from smartscope.approval import REFUSED_BY_OPERATOR
 from smartscope.experiment import Experiment
 from smartscope.gui import MainWindow
 from smartscope.gui._frame_view import OUTLINE_COLOR
-from smartscope.storage import read_jsonl
+from smartscope.rundir import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demos" / "find_and_center.yaml"

@@ -17,7 +17,7 @@ from useq import MDASequence
 
 from smartscope.detections import Detections
 from smartscope.frame import Frame
-from smartscope.scheduler import (
+from smartscope.policies import (
     AdaptiveInterval,
     EventBurst,
     PolicyContext,

@@ -8,12 +8,7 @@ import time
 import pytest
 from useq import CameraROI, MDAEvent, MDASequence
 
-from smartscope.scheduler import (
-    AddEvents,
-    MovePosition,
-    Scheduler,
-    SetInterval,
-)
+from smartscope.scheduler import AddEvents, MovePosition, Scheduler, SetInterval
 
 
 def _timelapse(positions, interval=0.0, loops=3, exposure=10.0):

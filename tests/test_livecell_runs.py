@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 from typer.testing import CliRunner
 
-from smartscope.bench_livecell import bench_livecell, live_experiment
+from smartscope.bench._livecell import bench_livecell, live_experiment
 from smartscope.cli import app
 from smartscope.experiment import Experiment
+from smartscope.rundir import read_jsonl, read_position
 from smartscope.runner import Runner
-from smartscope.storage import read_jsonl, read_position
 
 ROOT = Path(__file__).resolve().parents[1]
 

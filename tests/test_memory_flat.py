@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from smartscope._stats import StreamingPercentiles
-from smartscope.bench_screen import _big_plan, _count, _drive, _traced_peak
-from smartscope.storage import PositionArrays, read_position
+from smartscope.bench._screen import _big_plan, _count, _drive, _traced_peak
+from smartscope.rundir import PositionArrays, read_position
 
 
 def test_scheduler_peak_memory_is_flat_as_the_plate_grows():

@@ -21,7 +21,7 @@ from smartscope.reanalyze import (
     reanalysis_name,
     reanalyze,
 )
-from smartscope.storage import read_jsonl, read_position
+from smartscope.rundir import read_jsonl, read_position
 
 needs_dask = pytest.mark.skipif(
     importlib.util.find_spec("distributed") is None,

@@ -15,10 +15,10 @@ import pytest
 import useq
 from PIL import Image
 
-from smartscope import report
 from smartscope.frame import Frame
-from smartscope.report import NotARunError, write_report
-from smartscope.storage import RunStorage, read_jsonl
+from smartscope.report import _report as report
+from smartscope.report import write_report
+from smartscope.rundir import NotARunError, RunStorage, read_jsonl
 
 PNG = re.compile(r'<img id="(\w+)" src="data:image/png;base64,([^"]+)"')
 

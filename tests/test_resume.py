@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 from _closed_loop import smartscope
 
-from smartscope.resume import inspect_run
-from smartscope.storage import read_jsonl, read_position
+from smartscope.rundir import inspect_run, read_jsonl, read_position
 
 DEMO_CFG = Path(__file__).parents[1] / "hardware_configs" / "demo.cfg"
 N_POSITIONS = 12
@@ -250,9 +249,9 @@ def test_replay_queues_again_only_the_targets_not_stored(tmp_path):
 
     from smartscope.detections import Detections
     from smartscope.frame import Frame
-    from smartscope.resume import event_location
-    from smartscope.scheduler import FindAndCenter, PolicyContext, Scheduler
-    from smartscope.storage import RunStorage
+    from smartscope.policies import FindAndCenter, PolicyContext
+    from smartscope.rundir import RunStorage, event_location
+    from smartscope.scheduler import Scheduler
     from smartscope.stream import FrameStream, InferenceWorker
 
     sched = Scheduler(MDASequence(stage_positions=[(0.0, 0.0, 0.0)]), clock=lambda: 0)

@@ -9,9 +9,9 @@ import pytest
 from useq import MDAEvent, MDASequence
 
 from smartscope.experiment import Experiment
+from smartscope.rundir import read_jsonl
 from smartscope.runner import Runner
 from smartscope.scheduler import AddEvents, Scheduler, SkipPosition, Stop
-from smartscope.storage import read_jsonl
 
 
 def _plan(n=3):

@@ -17,19 +17,15 @@ import useq
 from _closed_loop import simulate
 from useq import MDAEvent, MDASequence
 
-from smartscope.frame import event_tag
-from smartscope.scheduler import (
-    AddEvents,
+from smartscope.frame import event_tag, well_of
+from smartscope.policies import (
     HitDetection,
     ObjectAutofocus,
-    Scheduler,
-    SetFocus,
-    SkipWell,
     WellQuota,
     available_policies,
     create_policy,
-    well_of,
 )
+from smartscope.scheduler import AddEvents, Scheduler, SetFocus, SkipWell
 from smartscope.segment import create_segmenter
 from smartscope.sim.plate import PlateSpecimen
 
@@ -335,8 +331,8 @@ def test_screen_runs_through_the_runner_on_plate_cfg(tmp_path, plate):
 
     from smartscope._resources import hardware_configs_dir
     from smartscope.experiment import Experiment
+    from smartscope.rundir import read_jsonl
     from smartscope.runner import Runner
-    from smartscope.storage import read_jsonl
 
     if not find_micromanager():
         pytest.fail(

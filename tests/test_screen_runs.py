@@ -14,10 +14,10 @@ import pytest
 from _closed_loop import smartscope
 from typer.testing import CliRunner
 
-from smartscope.bench_screen import bench_screen, screen_experiment
+from smartscope.bench._screen import bench_screen, screen_experiment
 from smartscope.cli import app
+from smartscope.rundir import read_jsonl
 from smartscope.sim.plate import PlateSpecimen
-from smartscope.storage import read_jsonl
 
 # E4 E5 E6 E7 E8 E9 of the demo: E5 is a hit well and E9 an empty one (seed 0)
 WELLS = 6

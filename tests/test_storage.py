@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smartscope.storage import PositionArrays, read_position
+from smartscope.rundir import PositionArrays, read_position
 
 
 def _chunk_bytes(run_dir, folder: str) -> int:

@@ -321,8 +321,8 @@ def test_live_loop_runs_with_the_builtin_model(tmp_path):
     from conftest import DEMO, _require_demo_adapters
 
     from smartscope.experiment import Experiment
+    from smartscope.rundir import read_jsonl
     from smartscope.runner import Runner
-    from smartscope.storage import read_jsonl
 
     _require_demo_adapters()
     spec = yaml.safe_load(DEMO.read_text())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -16,7 +15,7 @@ from psygnal import Signal, SignalGroup
 from useq import CameraROI, MDAEvent, MDASequence
 
 from smartscope._stats import StreamingPercentiles
-from smartscope.frame import event_tag
+from smartscope.frame import base_position_key, event_tag, safe_name, well_of
 from smartscope.scheduler._actions import (
     Action,
     ActionOutcome,
@@ -30,28 +29,9 @@ from smartscope.scheduler._actions import (
     event_summary,
 )
 
-__all__ = ["Scheduler", "SchedulerEvents", "base_position_key"]
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+__all__ = ["Scheduler", "SchedulerEvents"]
 
 TravelOrder = Literal["plan", "nearest"]
-
-
-def _safe(name: str) -> str:
-    return _UNSAFE.sub("_", name).strip("_") or "pos"
-
-
-def base_position_key(event: MDAEvent) -> str:
-    """Stable key of the stage position of a base-plan event.
-
-    ``<pos_name or pNNN>`` plus ``_gNNN`` for a grid tile; the key names the
-    position's array in the dataset and is what `SkipPosition` refers to.
-    """
-    index = event.index
-    key = _safe(event.pos_name) if event.pos_name else f"p{index.get('p', 0):03d}"
-    if "g" in index:
-        key += f"_g{index['g']:03d}"
-    return key
 
 
 class SchedulerEvents(SignalGroup):
@@ -537,7 +517,7 @@ class Scheduler(Iterator[MDAEvent]):
         accepted: list[tuple[MDAEvent, str | None, str]] = []
         refused = 0
         for event in action.events:
-            key = _safe(event.pos_name) if event.pos_name else None
+            key = safe_name(event.pos_name) if event.pos_name else None
             if key is not None and (key in self._skipped or self._well_skipped(key)):
                 refused += 1
                 continue
@@ -613,7 +593,7 @@ class Scheduler(Iterator[MDAEvent]):
         return ActionOutcome(action, True, n_dropped=dropped)
 
     def _well_skipped(self, key: str | None) -> bool:
-        return bool(key) and str(key).split("_", 1)[0] in self._skipped_wells
+        return bool(key) and well_of(key) in self._skipped_wells
 
     def _skip_well(self, action: SkipWell) -> ActionOutcome:
         well = action.well
@@ -646,7 +626,7 @@ class Scheduler(Iterator[MDAEvent]):
             self._well_focus[action.well] = z
 
         def applies(key: str) -> bool:
-            well = key.split("_", 1)[0]
+            well = well_of(key)
             return well == action.well or (
                 action.well == "*" and well not in self._well_focus
             )
@@ -982,7 +962,7 @@ class Scheduler(Iterator[MDAEvent]):
             if key in self._skipped or self._well_skipped(key):
                 self._count_skipped(key)
                 continue
-            z_focus = self._well_focus.get(key.split("_", 1)[0], self._default_focus)
+            z_focus = self._well_focus.get(well_of(key), self._default_focus)
             if z_focus is not None:
                 event = self._focused(event, z_focus)
             index = event.index

@@ -32,43 +32,6 @@ def bead_truth(clean: np.ndarray) -> np.ndarray:
     return basins.astype(np.uint16)
 
 
-def democam_bead_set(
-    n_fields: int = 4, defocus_um: tuple[float, ...] = (0.0, 2.0, 4.0), config=None
-) -> list[tuple[np.ndarray, np.ndarray, float]]:
-    """Frames of the real DemoCamera (demo config) with bead ground truth.
-
-    For each of `n_fields` stage positions, one frame per Z offset in
-    `defocus_um` (wider and dimmer with defocus). The DemoCamera renders beads
-    without noise, so each frame's truth is exact: `bead_truth` of the frame
-    itself, the rule the synthetic beads are labelled with. Returns
-    ``(image, truth, defocus)`` triples.
-    The core is released before returning.
-    """
-    from smartscope.microscope import Microscope
-
-    out = []
-    mic = Microscope()
-    try:
-        mic.load_config(config)
-        core = mic.core
-        core.setExposure(10.0)
-        x0, y0 = core.getXPosition(), core.getYPosition()
-        z0 = core.getPosition()
-        for i in range(n_fields):
-            core.setXYPosition(x0 + 700.0 * i, y0 + 350.0 * (i % 2))
-            for dz in defocus_um:
-                core.setPosition(z0 + dz)
-                core.waitForSystem()
-                image = core.snap().copy()
-                out.append((image, bead_truth(image), dz))
-        core.setPosition(z0)
-        core.setXYPosition(x0, y0)
-        core.waitForSystem()
-    finally:
-        mic.close()
-    return out
-
-
 def evaluate(
     segmenter: PSegmenter, images: list[np.ndarray], truths: list[np.ndarray]
 ) -> dict[str, float]:

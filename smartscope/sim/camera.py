@@ -15,10 +15,12 @@ previous snap times ``Acceleration``.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pymmcore_plus.experimental.unicore import pymm_property
@@ -165,6 +167,49 @@ class LiveCellCamera(SpecimenCamera):
     def simulated_time_s(self) -> float:
         """The specimen's clock, in simulated seconds."""
         return self.specimen.time_s
+
+    def write_run_files(
+        self, run_dir: Path, *, fast_interval_s: float
+    ) -> dict[str, Any]:
+        """Score the run just made against the specimen; write the truth beside it.
+
+        Writes ``ground_truth.json`` (the specimen's tracks, divisions, deaths
+        and doses), ``snaps.jsonl`` (every exposure this camera made) and
+        ``specimen_report.json`` (`smartscope.sim.evaluate.live_run_report`)
+        to `run_dir`, and returns the report. `fast_interval_s` is the run's
+        fast imaging interval in run seconds (a burst's). The runner calls
+        this at the end of every run on a live specimen.
+        """
+        from smartscope.sim.evaluate import live_run_report
+
+        def jsonl(name: str) -> list[dict[str, Any]]:
+            path = run_dir / name
+            if not path.is_file():
+                return []
+            out = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:  # a line cut off by a crash
+                    continue
+            return out
+
+        truth = self.specimen.ground_truth()
+        snaps = list(self.snap_log)
+        report = live_run_report(
+            truth,
+            snaps,
+            jsonl("frames.jsonl"),
+            jsonl("decisions.jsonl"),
+            fast_interval_s=fast_interval_s * self.acceleration,
+        )
+        report["acceleration"] = self.acceleration
+        report["fast_interval_run_s"] = fast_interval_s
+        (run_dir / "ground_truth.json").write_text(json.dumps(truth))
+        with open(run_dir / "snaps.jsonl", "w") as f:
+            f.writelines(json.dumps(s) + "\n" for s in snaps)
+        (run_dir / "specimen_report.json").write_text(json.dumps(report, indent=2))
+        return report
 
     def snap(self, buffer: np.ndarray) -> Mapping:
         """Render the specimen at the current stage position into `buffer`."""

@@ -20,8 +20,8 @@ import numpy as np
 
 from smartscope.experiment import Experiment
 from smartscope.microscope import Microscope
+from smartscope.rundir import read_jsonl, read_position
 from smartscope.runner import Runner, RunSummary, package_versions
-from smartscope.storage import read_jsonl, read_position
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -332,114 +332,3 @@ def _bench_loop(
 
 
 # ----------------------------------------------------------------- segment
-SEGMENT_GOAL_P50_MS_CPU_512 = 50.0
-SEGMENT_GOAL_P50_MS_GPU_2048 = 5.0
-SEGMENT_GOAL_F1 = 0.90
-
-
-def _latency_ms(segmenter: Any, image: np.ndarray, repeats: int) -> dict[str, float]:
-    segmenter.segment(image[None])  # warm-up (caches, JIT, allocator)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        segmenter.segment(image[None])
-        times.append((time.perf_counter() - t0) * 1000)
-    return {
-        "p50": round(float(np.percentile(times, 50)), 2),
-        "p99": round(float(np.percentile(times, 99)), 2),
-        "n": repeats,
-    }
-
-
-def bench_segment(
-    model: str = "builtin",
-    device: str = "auto",
-    sizes: tuple[int, ...] = (512, 2048),
-    repeats: int = 30,
-    n_val: int = 48,
-    bead_fields: int = 4,
-    threads: int | None = None,
-    scale: float = 1.0,
-    config: str | Path | None = None,
-) -> dict[str, Any]:
-    """Speed and accuracy of the built-in model against the rule-based baseline.
-
-    Latency: full ``segment`` calls (normalise, network, post-processing) on
-    one synthetic nuclei frame per size, p50/p99 over `repeats` (a third of
-    that at sizes above 1024). Accuracy: F1 at IoU 0.5 and DSB-2018 mean AP
-    on the fixed synthetic validation set (`validation_set`), on nuclei of
-    40-70 px radius (`large_nuclei_set`, a size stress test) and on real
-    DemoCamera bead frames at 0, 2 and 4 µm defocus.
-    """
-    import torch
-
-    from smartscope.segment import ThresholdSegmenter
-    from smartscope.segment._dl import UNetSegmenter
-    from smartscope.segment._evaluate import democam_bead_set, evaluate
-    from smartscope.segment._synth import (
-        large_nuclei_set,
-        synth_sample,
-        validation_set,
-    )
-
-    dl = UNetSegmenter(model=model, device=device, threads=threads, scale=scale)
-    baseline = ThresholdSegmenter()
-    segmenters = {
-        "builtin" if model == "builtin" else "model": dl,
-        "threshold": baseline,
-    }
-    latency: dict[str, dict[str, Any]] = {name: {} for name in segmenters}
-    for size in sizes:
-        image, _ = synth_sample(1000 + size, (size, size), kind="nuclei", depth="16")
-        n = repeats if size <= 1024 else max(5, repeats // 3)
-        for name, seg in segmenters.items():
-            latency[name][str(size)] = _latency_ms(seg, image, n)
-
-    val = validation_set(n_val)
-    large = large_nuclei_set(max(1, n_val // 8))
-    accuracy: dict[str, dict[str, Any]] = {
-        "synthetic_val": {},
-        "synthetic_large_nuclei": {},
-        "democam_beads": {},
-    }
-    for name, seg in segmenters.items():
-        for key, data in (("synthetic_val", val), ("synthetic_large_nuclei", large)):
-            accuracy[key][name] = evaluate(
-                seg, [v[0] for v in data], [v[1] for v in data]
-            )
-    beads = democam_bead_set(n_fields=bead_fields, config=config)
-    for name, seg in segmenters.items():
-        accuracy["democam_beads"][name] = evaluate(
-            seg, [b[0] for b in beads], [b[1] for b in beads]
-        )
-    main = next(iter(segmenters))
-    cpu = dl.device_name == "cpu"
-    p50_512 = latency[main].get("512", {}).get("p50")
-    p50_2048 = latency[main].get("2048", {}).get("p50")
-    f1 = accuracy["synthetic_val"][main]["f1@0.5"]
-    goals = {"f1@0.5_synthetic_val>=0.90": f1 >= SEGMENT_GOAL_F1}
-    if cpu and p50_512 is not None:
-        goals["p50_512_cpu<=50ms"] = p50_512 <= SEGMENT_GOAL_P50_MS_CPU_512
-    if not cpu and p50_2048 is not None:
-        goals["p50_2048_gpu<=5ms"] = p50_2048 <= SEGMENT_GOAL_P50_MS_GPU_2048
-    return {
-        "benchmark": "segment",
-        "device": dl.device_name,
-        "settings": {
-            "model_id": dl.model_id,
-            "precision": dl.dtype_name,
-            "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-            "scale": scale,
-            "tile": dl.tile,
-            "torch": torch.__version__,
-        },
-        "latency_ms": latency,
-        "accuracy": accuracy,
-        "validation": {
-            "synthetic_images": len(val),
-            "large_nuclei_images": len(large),
-            "bead_frames": len(beads),
-        },
-        "goals_met": goals,
-    }

@@ -34,62 +34,23 @@ import queue
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from smartscope.frame import event_tag
+from smartscope.rundir._records import JsonLines, jsonable
 
 if TYPE_CHECKING:
     from ome_writers import OMEStream
 
     from smartscope.frame import Frame
 
-__all__ = [
-    "PositionArrays",
-    "RunStorage",
-    "open_position",
-    "read_jsonl",
-    "read_position",
-]
+__all__ = ["PositionArrays", "RunStorage", "open_position", "read_position"]
 
 #: Lossless compressions of the arrays' chunks (ome-writers' names for zarr).
 COMPRESSIONS = ("blosc-zstd", "blosc-lz4", "zstd", "none")
 Compression = Literal["blosc-zstd", "blosc-lz4", "zstd", "none"]
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
-
-
-def dumps(obj: Any) -> str:
-    """Compact JSON (numpy-aware, NaN/inf as null-safe strings are avoided)."""
-    return json.dumps(obj, default=_jsonable, separators=(",", ":"))
-
-
-class _JsonLines:
-    """Append-only JSON-lines file, flushed per line so a crash loses nothing."""
-
-    def __init__(self, path: Path) -> None:
-        self._fh: IO[str] = path.open("a", encoding="utf-8")
-        self._lock = threading.Lock()
-
-    def write(self, record: dict[str, Any]) -> None:
-        line = dumps(record) + "\n"
-        with self._lock:
-            if not self._fh.closed:
-                self._fh.write(line)
-                self._fh.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            self._fh.close()
 
 
 class PositionArrays:
@@ -303,9 +264,9 @@ class RunStorage:
             max_open=max_open_arrays,
             compression=compression,
         )
-        self._frames = _JsonLines(self.directory / "frames.jsonl")
-        self._detections = _JsonLines(self.directory / "detections.jsonl")
-        self._decisions = _JsonLines(self.directory / "decisions.jsonl")
+        self._frames = JsonLines(self.directory / "frames.jsonl")
+        self._detections = JsonLines(self.directory / "detections.jsonl")
+        self._decisions = JsonLines(self.directory / "decisions.jsonl")
         self._closed = False
         self._pending: queue.SimpleQueue[tuple[np.ndarray, Frame] | str | None] = (
             queue.SimpleQueue()
@@ -374,7 +335,7 @@ class RunStorage:
         """(Re)write ``run.json`` atomically."""
         path = self.directory / "run.json"
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(info, indent=2, default=_jsonable) + "\n")
+        tmp.write_text(json.dumps(info, indent=2, default=jsonable) + "\n")
         tmp.replace(path)
 
     def close(self) -> None:
@@ -389,17 +350,6 @@ class RunStorage:
         self.labels.close()
         for log in (self._frames, self._detections, self._decisions):
             log.close()
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSON-lines log; a truncated last line (crash) is ignored."""
-    records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def _where(frame: Frame) -> dict[str, Any]:

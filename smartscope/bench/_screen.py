@@ -24,9 +24,10 @@ import useq
 from useq import MDAEvent, MDASequence
 
 from smartscope.experiment import Experiment
+from smartscope.frame import well_of
+from smartscope.rundir import read_jsonl, read_position
 from smartscope.runner import Runner, package_versions
 from smartscope.scheduler import AddEvents, Scheduler, SkipWell
-from smartscope.storage import read_jsonl, read_position
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -111,7 +112,7 @@ def _plan_fields(exp: Experiment) -> dict[str, list[tuple[float, float]]]:
     """Per well, in plan order: the stage XY of each field."""
     out: dict[str, list[tuple[float, float]]] = {}
     for pos in exp.sequence.stage_positions:
-        well = str(pos.name).split("_", 1)[0]
+        well = well_of(pos.name)
         out.setdefault(well, []).append((float(pos.x), float(pos.y)))
     return out
 
@@ -145,7 +146,7 @@ def _plate_screen(
     base = [f for f in smart["frames"] if f["kind"] == "base"]
     imaged: dict[str, set[str]] = {w: set() for w in selected}
     for f in base:
-        imaged.setdefault(f["position"].split("_", 1)[0], set()).add(f["position"])
+        imaged.setdefault(well_of(f["position"]), set()).add(f["position"])
     n_imaged = sum(len(v) for v in imaged.values())
     kinds: dict[str, int] = {}
     for f in smart["frames"]:
@@ -283,7 +284,7 @@ def _in_focus_fraction(
     ok = [
         abs(float(f["stage_z_um"] or 0.0) - truth[well]["focus_um"]) <= IN_FOCUS_UM
         for f in base
-        if (well := f["position"].split("_", 1)[0]) in truth
+        if (well := well_of(f["position"])) in truth
     ]
     return round(sum(ok) / len(ok), 4) if ok else None
 
@@ -328,7 +329,7 @@ def _drive(plan: MDASequence) -> tuple[int, int, int]:
     for event in sched:
         served += 1
         key = str(event.metadata["smartscope"]["position"])
-        well = key.split("_", 1)[0]
+        well = well_of(key)
         if event.metadata["smartscope"]["kind"] == "base" and well != last_well:
             last_well = well
             n_wells += 1

@@ -9,7 +9,6 @@ over the same simulated time and compares them (``smartscope bench livecell``).
 from __future__ import annotations
 
 import gc
-import json
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from smartscope._errors import ExperimentError
 from smartscope.experiment import Experiment
 from smartscope.runner import Runner, package_versions
-from smartscope.storage import read_jsonl
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -55,57 +53,25 @@ def live_specimen_camera(runner: Runner) -> LiveCellCamera | None:
         return None
 
 
-def burst_interval_s(experiment: Experiment) -> float:
-    """The experiment's fast rate (run seconds): its bursts', else its plan's."""
-    for spec in experiment.policies:
-        if spec.name == "event_burst":
-            return float(spec.params.get("interval_s", 1.0))
-    tp = experiment.sequence.time_plan
-    interval = getattr(tp, "interval", None)
-    seconds = getattr(interval, "total_seconds", None)
-    return float(seconds()) if seconds else 1.0
-
-
 def live_specimen_report(
     runner: Runner, *, fast_interval_s_run: float | None = None
 ) -> dict[str, Any] | None:
-    """Score a finished run on a live specimen; write the truth beside the data.
+    """Score a finished run on a live specimen (see `LiveCellCamera.write_run_files`).
 
-    Writes ``ground_truth.json`` (the specimen's tracks, divisions, deaths and
-    doses), ``snaps.jsonl`` (every exposure the camera made) and
-    ``specimen_report.json`` (`smartscope.sim.evaluate.live_run_report`) to the
-    run directory. Call it after the run, before the microscope is closed.
+    The runner already wrote the files with the experiment's own fast interval
+    (`Experiment.fast_interval_s`); this rewrites them with `fast_interval_s_run`. Call it
+    after the run, before the microscope is closed.
 
     Returns
     -------
     dict | None
         The report, or None when the run's camera is not a `LiveCellCamera`.
     """
-    from smartscope.sim.evaluate import live_run_report
-
     camera = live_specimen_camera(runner)
     if camera is None:
         return None
-    run_dir = runner.directory
-    truth = camera.specimen.ground_truth()
-    snaps = list(camera.snap_log)
-    frames = read_jsonl(run_dir / "frames.jsonl")
-    decisions = read_jsonl(run_dir / "decisions.jsonl")
-    fast = fast_interval_s_run or burst_interval_s(runner.experiment)
-    report = live_run_report(
-        truth,
-        snaps,
-        frames,
-        decisions,
-        fast_interval_s=fast * camera.acceleration,
-    )
-    report["acceleration"] = camera.acceleration
-    report["fast_interval_run_s"] = fast
-    (run_dir / "ground_truth.json").write_text(json.dumps(truth))
-    with open(run_dir / "snaps.jsonl", "w") as f:
-        f.writelines(json.dumps(s) + "\n" for s in snaps)
-    (run_dir / "specimen_report.json").write_text(json.dumps(report, indent=2))
-    return report
+    fast = fast_interval_s_run or runner.experiment.fast_interval_s()
+    return camera.write_run_files(runner.directory, fast_interval_s=fast)
 
 
 def live_experiment(

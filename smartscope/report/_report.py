@@ -35,20 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from smartscope._errors import SmartscopeError
-from smartscope.storage import read_jsonl
+from smartscope.frame import well_of
+from smartscope.rundir import RunRecords, load_run
 
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = [
-    "NotARunError",
-    "RunRecords",
-    "load_run",
-    "render_report",
-    "thumbnail",
-    "write_report",
-]
+__all__ = ["render_report", "thumbnail", "write_report"]
 
 GALLERY_MAX = 48
 """Most thumbnails in the gallery (chosen evenly over the run)."""
@@ -69,87 +62,6 @@ _VIRIDIS = np.array(
     [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]],
     dtype=float,
 )
-
-
-class NotARunError(SmartscopeError):
-    """A directory holds no run (neither ``run.json`` nor ``frames.jsonl``)."""
-
-
-# ----------------------------------------------------------------- loading
-@dataclass
-class RunRecords:
-    """What a run directory holds, read back (missing parts are empty).
-
-    ``detections`` are the analysed frames of ``detections.jsonl``;
-    analysis errors logged there are in ``analysis_errors``. ``notes`` says
-    which parts are missing or unreadable.
-    """
-
-    directory: Path
-    info: dict[str, Any]
-    frames: list[dict[str, Any]]
-    detections: list[dict[str, Any]]
-    decisions: list[dict[str, Any]]
-    analysis_errors: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def summary(self) -> dict[str, Any]:
-        """``run.json["summary"]`` (empty while the run was never finished)."""
-        return self.info.get("summary") or {}
-
-    @property
-    def frame_kinds(self) -> dict[int, str]:
-        """Kind of each frame (``"base"``, ``"target"``, ...) by frame index."""
-        return {
-            int(f["frame_index"]): str(f.get("kind", "base"))
-            for f in self.frames
-            if "frame_index" in f
-        }
-
-
-def load_run(run_dir: str | Path) -> RunRecords:
-    """Read ``run.json`` and the JSON-lines logs of a run directory.
-
-    Raises
-    ------
-    NotARunError
-        If the directory does not exist or holds neither ``run.json`` nor
-        ``frames.jsonl``.
-    """
-    directory = Path(run_dir)
-    if not directory.is_dir():
-        raise NotARunError(f"no run directory at {directory}")
-    has_info = (directory / "run.json").is_file()
-    if not has_info and not (directory / "frames.jsonl").is_file():
-        raise NotARunError(
-            f"{directory} is not a run directory (no run.json and no frames.jsonl)"
-        )
-    notes: list[str] = []
-    info: dict[str, Any] = {}
-    if has_info:
-        try:
-            info = json.loads((directory / "run.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            notes.append(f"run.json is unreadable ({e})")
-    else:
-        notes.append("no run.json: the run's set-up and counts are unknown")
-
-    def log(name: str) -> list[dict[str, Any]]:
-        path = directory / name
-        if not path.is_file():
-            notes.append(f"no {name}")
-            return []
-        return [r for r in read_jsonl(path) if isinstance(r, dict)]
-
-    frames = log("frames.jsonl")
-    raw = log("detections.jsonl")
-    decisions = log("decisions.jsonl")
-    detections = [r for r in raw if "frame_index" in r]
-    errors = [str(r["error"]) for r in raw if "error" in r]
-    if frames and not (directory / "images").is_dir():
-        notes.append("no images folder: the gallery is empty")
-    return RunRecords(directory, info, frames, detections, decisions, errors, notes)
 
 
 # ----------------------------------------------------------------- numbers
@@ -211,36 +123,11 @@ _COUNT_ROWS = (
 )
 
 
-def _is_primary(record: dict[str, Any]) -> bool:
-    """A policy's decision line (not an operator's approval line)."""
-    return record.get("decision_id") is not None and "approval" not in record
-
-
-def _counts_from_logs(run: RunRecords) -> dict[str, int]:
-    applied = [
-        a
-        for d in run.decisions
-        for a in d.get("actions", [])
-        if a.get("status") == "applied"
-    ]
-    return {
-        "frames_acquired": len(run.frames),
-        "frames_analysed": len(run.detections),
-        "frames_dropped": sum(bool(f.get("dropped")) for f in run.frames),
-        "detections": sum(int(r.get("n_detections", 0)) for r in run.detections),
-        "decisions": sum(_is_primary(d) for d in run.decisions),
-        "events_scheduled": sum(len(a.get("events", [])) for a in applied),
-        "events_skipped": sum(int(a.get("n_dropped", 0)) for a in applied),
-        "base_events": sum(f.get("kind", "base") == "base" for f in run.frames),
-        "positions": len({f.get("position") for f in run.frames}),
-    }
-
-
 def _counts(run: RunRecords) -> tuple[list[tuple[str, str]], str]:
     source = run.summary
     note = ""
     if not source:
-        source = _counts_from_logs(run)
+        source = run.counts()
         note = "run.json has no summary (the run never finished): counted from the logs"
     rows = [(label, _num(source.get(key))) for key, label in _COUNT_ROWS]
     kinds = Counter(str(f.get("kind", "base")) for f in run.frames)
@@ -303,7 +190,7 @@ def _skipped_positions(run: RunRecords) -> set[str]:
 
 def _well(position: str) -> tuple[int, int] | None:
     """``(row, column)``, 0-based, of a plate position such as ``"B12_0003"``."""
-    m = _WELL.match(position.split("_", 1)[0])
+    m = _WELL.match(well_of(position))
     return (ord(m.group(1)) - ord("A"), int(m.group(2)) - 1) if m else None
 
 
@@ -941,158 +828,8 @@ def _decisions(run: RunRecords) -> list[dict[str, Any]]:
 
 
 # -------------------------------------------------------------------- page
-_TEMPLATE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{{ name }} &ndash; smartscope run report</title>
-<style>
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; color: #222;
-       max-width: 1180px; margin: 1.5em auto; padding: 0 1em; line-height: 1.35; }
-h1 { margin-bottom: 0.1em; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.6em; }
-table { border-collapse: collapse; margin: 0.5em 0; }
-td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left;
-         vertical-align: top; }
-th { background: #f3f3f3; }
-td.n { text-align: right; font-variant-numeric: tabular-nums; }
-.status { display: inline-block; padding: 2px 10px; border-radius: 10px;
-          color: white; background: #777; }
-.status.completed { background: #2e7d32; } .status.failed { background: #c62828; }
-.status.interrupted, .status.running { background: #ef6c00; }
-.note { color: #666; font-size: 0.9em; }
-.cols { display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }
-.gallery { display: flex; flex-wrap: wrap; gap: 10px; }
-.gallery figure { margin: 0; width: {{ thumb }}px; font-size: 0.78em; }
-.gallery img { display: block; width: {{ thumb }}px; image-rendering: pixelated;
-               background: #000; }
-.gallery .missing { width: {{ thumb }}px; height: {{ thumb // 2 }}px; background: #eee;
-                    display: flex; align-items: center; justify-content: center; }
-figure.chart-box { margin: 0; } figcaption { font-size: 0.9em; }
-svg.chart text { font-family: system-ui, sans-serif; fill: #222; }
-pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; font-size: 0.85em; }
-</style>
-</head>
-<body>
-<h1>{{ name }}</h1>
-{% if description %}<p>{{ description }}</p>{% endif %}
-<p><span class="status {{ status }}">{{ status }}</span> {{ reason }}</p>
-{% if error %}<p><b>error:</b> {{ error }}</p>{% endif %}
-{% for note in notes %}<p class="note">{{ note }}</p>{% endfor %}
-
-<table id="run">
-{% for key, value in header %}<tr><th>{{ key }}</th><td>{{ value }}</td></tr>
-{% endfor %}</table>
-
-<h2>Counts</h2>
-{% if counts_note %}<p class="note">{{ counts_note }}</p>{% endif %}
-<div class="cols">
-<table id="counts">
-{% for key, value in counts %}<tr><th>{{ key }}</th><td class="n">{{ value }}</td></tr>
-{% endfor %}</table>
-{% if schedule %}
-<table id="schedule"><tr><th colspan="2">Scheduler</th></tr>
-{% for key, value in schedule %}
-<tr><th>{{ key }}</th><td class="n">{{ value }}</td></tr>
-{% endfor %}</table>
-{% endif %}
-</div>
-
-{% if plate %}
-<h2>Cells per well</h2>
-<p class="note">Detections summed over each well's analysed base frames
-({{ plate.rows }}&times;{{ plate.cols }} plate, {{ plate.imaged }} wells imaged,
-{{ plate.skipped }} with skipped positions).</p>
-<img id="heatmap" src="{{ plate.src }}" alt="cells per well">
-<details><summary>per-well table</summary>
-<table id="wells"><tr><th>well</th><th>detections</th><th>analysed frames</th>
-<th>positions</th><th>skipped</th></tr>
-{% for w in plate.table %}<tr><td>{{ w.well }}</td><td class="n">{{ w.count }}</td>
-<td class="n">{{ w.frames }}</td><td>{{ w.positions }}</td><td>{{ w.skipped }}</td></tr>
-{% endfor %}</table></details>
-{% elif position_bars %}
-<h2>Detections per position</h2>
-<p class="note">Detections summed over each base position's analysed
-frames{% if n_positions > max_bars %} (the first {{ max_bars }} of
-{{ n_positions }} positions){% endif %}.</p>
-<div id="position-counts">{{ position_bars }}</div>
-{% endif %}
-
-<h2>Targeted acquisitions</h2>
-{% if gallery %}
-<p class="note">{{ gallery|length }} of {{ n_shots }} targeted visits
-(frames whose kind is not "base", autofocus planes only where room is left;
-middle Z plane, 1st&ndash;99.8th percentile
-contrast{% if any_labels %}, label outlines in yellow{% endif %}).</p>
-<div class="gallery" id="gallery">
-{% for g in gallery %}<figure>
-{% if g.src %}<img src="{{ g.src }}" alt="{{ g.position }}">{% else %}
-<div class="missing">{{ g.problem }}</div>{% endif %}
-<figcaption><b>{{ g.position }}</b>
-({{ g.kind }}{% if g.channel %}, {{ g.channel }}{% endif %})<br>
-frame {{ g.frame_index }}, trigger frame {{ g.trigger_frame }},
-decision {{ g.decision_id }}<br>
-{{ g.where }}{% if g.labels %}, labels{% endif %}</figcaption></figure>
-{% endfor %}</div>
-{% else %}<p>No targeted acquisitions in this run.</p>{% endif %}
-
-<h2>Timing</h2>
-<div class="cols">
-{% for h in histograms %}<figure class="chart-box" id="{{ h.id }}">
-<figcaption><b>{{ h.title }}</b> <span class="note">{{ h.note }}</span><br>
-{{ h.stats or "no data" }}</figcaption>
-{{ h.svg }}</figure>
-{% endfor %}</div>
-
-<h2>Light dose</h2>
-{% if dose_rows %}
-<p class="note">Total exposure of the frames acquired at each position (frames.jsonl);
-"scheduler" is the dose the Scheduler attributed to each base position, targeted
-events included (run.json).</p>
-<div id="dose">{{ dose_bars }}</div>
-{% if dose_rows|length > max_bars %}<p class="note">First {{ max_bars }} of
-{{ dose_rows|length }} positions shown; all are in the table.</p>{% endif %}
-<details><summary>per-position table</summary>
-<table id="dose-table"><tr><th>position</th><th>kind</th><th>frames</th>
-<th>exposure (ms)</th><th>scheduler (ms)</th></tr>
-{% for r in dose_rows %}<tr><td>{{ r.position }}</td><td>{{ r.kinds }}</td>
-<td class="n">{{ r.frames }}</td><td class="n">{{ r.exposure }}</td>
-<td class="n">{{ r.scheduler }}</td></tr>
-{% endfor %}</table></details>
-{% else %}<p>No frames.</p>{% endif %}
-
-<h2>Decisions</h2>
-{% if decisions %}
-<table id="decisions"><tr><th>policy</th><th>decisions</th><th>action</th>
-<th>applied</th><th>refused</th><th>other</th><th>events scheduled</th></tr>
-{% for p in decisions %}{% for r in p.rows %}<tr>
-{% if loop.first %}<td rowspan="{{ p.rows|length }}"><b>{{ p.policy }}</b></td>
-<td class="n" rowspan="{{ p.rows|length }}">{{ p.decisions }}</td>{% endif %}
-<td>{{ r.type }}</td><td class="n">{{ r.applied }}</td>
-<td class="n">{{ r.refused }}</td>
-<td>{{ r.other }}</td><td class="n">{{ r.events }}</td></tr>
-{% endfor %}{% endfor %}</table>
-{% for p in decisions %}{% if p.refusals or p.approval %}
-<p><b>{{ p.policy }}</b>{% if p.approval %} — operator: {{ p.approval }}{% endif %}
-{% if p.refusals %}<br>most common refusals:{% endif %}</p>
-{% if p.refusals %}<ul>{% for reason, n in p.refusals %}
-<li>{{ n }} &times; {{ reason }}</li>{% endfor %}</ul>{% endif %}
-{% endif %}{% endfor %}
-{% else %}<p>No decisions.</p>{% endif %}
-{% for e in analysis_errors %}<p><b>analysis error:</b> {{ e }}</p>{% endfor %}
-
-{% if policy_reports %}
-<details><summary>Policy reports (run.json)</summary>
-<pre>{{ policy_reports }}</pre></details>
-{% endif %}
-{% if versions %}
-<details><summary>Versions</summary><table id="versions">
-{% for k, v in versions %}<tr><th>{{ k }}</th><td>{{ v }}</td></tr>{% endfor %}
-</table></details>
-{% endif %}
-<p class="note">Written by smartscope {{ smartscope_version }} from {{ directory }}.</p>
-</body>
-</html>
-"""
+#: The page's Jinja template, a file beside this module.
+TEMPLATE = Path(__file__).with_name("template.html.j2")
 
 
 def _context(run: RunRecords) -> dict[str, Any]:
@@ -1202,12 +939,13 @@ def render_report(run_dir: str | Path) -> str:
     import jinja2
 
     env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATE.parent),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    return env.from_string(_TEMPLATE).render(**_context(load_run(run_dir)))
+    return env.get_template(TEMPLATE.name).render(**_context(load_run(run_dir)))
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:

@@ -18,39 +18,24 @@ import numpy as np
 from pydantic import Field, PrivateAttr, model_validator
 from useq import CameraROI, MDAEvent, ZRangeAround
 
-from smartscope.frame import event_tag
-from smartscope.scheduler._actions import Action, AddEvents, SetFocus, SkipWell
-from smartscope.scheduler._live import (
+from smartscope.frame import event_tag, well_of
+from smartscope.policies._features import (
     Bounds,
     Criterion,
-    _test,
     field_medians,
+    matches,
+    nearest_neighbour_order,
     object_features,
+    object_sharpness,
 )
-from smartscope.scheduler._policies import (
-    _BUILTINS,
-    ObjectFilter,
-    PolicyContext,
-    _nearest_neighbour_order,
-    _PolicyBase,
-)
+from smartscope.policies._protocol import ObjectFilter, PolicyBase, PolicyContext
+from smartscope.scheduler import Action, AddEvents, SetFocus, SkipWell
 
 if TYPE_CHECKING:
     from smartscope.detections import Detections
     from smartscope.frame import Frame
 
-__all__ = [
-    "HitDetection",
-    "ObjectAutofocus",
-    "WellQuota",
-    "object_sharpness",
-    "well_of",
-]
-
-
-def well_of(position: str) -> str:
-    """The well of a base position key: the part before the first ``"_"``."""
-    return str(position).split("_", 1)[0]
+__all__ = ["HitDetection", "ObjectAutofocus", "WellQuota"]
 
 
 def _centered_roi(
@@ -71,7 +56,7 @@ def _centered_roi(
 
 
 # -------------------------------------------------------------------- well quota
-class WellQuota(_PolicyBase):
+class WellQuota(PolicyBase):
     """Stop imaging a well once it has given enough cells or fields.
 
     On every base-plan frame the objects passing `filter` are counted for the
@@ -186,7 +171,7 @@ class _HitWell:
         return self.candidates / self.objects if self.objects else 0.0
 
 
-class HitDetection(_PolicyBase):
+class HitDetection(PolicyBase):
     """Find hit wells from their cells' phenotype; image the hit cells up close.
 
     On every base-plan frame, objects passing `filter` whose `object_features`
@@ -297,7 +282,7 @@ class HitDetection(_PolicyBase):
         if not keep.any():
             return []
         feats = object_features(detections, reference=medians)
-        cand = keep & _test(self.criterion, feats, n)
+        cand = keep & matches(self.criterion, feats, n)
         st.objects += int(keep.sum())
         st.candidates += int(cand.sum())
         pts = detections.centroids_um
@@ -356,7 +341,7 @@ class HitDetection(_PolicyBase):
         if not chosen:
             return []
         pts = np.asarray([c.xy for c in chosen])
-        chosen = [chosen[k] for k in _nearest_neighbour_order(pts, frame.stage_xy_um)]
+        chosen = [chosen[k] for k in nearest_neighbour_order(pts, frame.stage_xy_um)]
         offsets = list(self.z_plan.positions()) if self.z_plan else [0.0]
         objective = context.objective(self.objective) if self.objective else None
         roi = _centered_roi(
@@ -435,34 +420,7 @@ class _Search:
         return len(self.sharpness) == len(self.planes)
 
 
-def object_sharpness(
-    image: np.ndarray, labels: np.ndarray, keep_labels: np.ndarray | None = None
-) -> tuple[float, int]:
-    """Gradient energy inside the object masks, normalised by their brightness.
-
-    ``mean(|∇I|²) / mean(I)²`` over the pixels of the labelled objects (those in
-    `keep_labels`, or all), with the image minimum as its background: scale-free,
-    so planes of different brightness compare; blur lowers it.
-
-    Returns
-    -------
-    (float, int)
-        The sharpness (NaN without objects) and the number of objects.
-    """
-    lab = np.asarray(labels)
-    mask = lab > 0 if keep_labels is None else np.isin(lab, keep_labels)
-    n = int(np.unique(lab[mask]).size) if mask.any() else 0
-    if not n:
-        return math.nan, 0
-    img = np.asarray(image, np.float32)
-    img = img - float(img.min())
-    gy, gx = np.gradient(img)
-    energy = float(np.mean((gx * gx + gy * gy)[mask]))
-    level = float(np.mean(img[mask]))
-    return (energy / (level * level) if level > 0 else math.nan), n
-
-
-class ObjectAutofocus(_PolicyBase):
+class ObjectAutofocus(PolicyBase):
     """Focus each well on its cells: a Z search at its first field, then `SetFocus`.
 
     At the first base-plan frame of a well with at least `min_objects` objects
@@ -710,10 +668,3 @@ class ObjectAutofocus(_PolicyBase):
         return {"wells": wells}
 
 
-_BUILTINS.update(
-    {
-        "well_quota": WellQuota,
-        "hit_detection": HitDetection,
-        "object_autofocus": ObjectAutofocus,
-    }
-)

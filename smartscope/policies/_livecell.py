@@ -13,131 +13,25 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 from useq import CameraROI, MDAEvent, ZRangeAround
 
-from smartscope.scheduler._actions import Action, AddEvents, MovePosition, SetInterval
-from smartscope.scheduler._policies import (
-    _BUILTINS,
-    ObjectFilter,
-    PolicyContext,
-    _PolicyBase,
+from smartscope.policies._features import (
+    Bounds,
+    Criterion,
+    field_medians,
+    matches,
+    nearest,
+    object_features,
 )
+from smartscope.policies._protocol import ObjectFilter, PolicyBase, PolicyContext
+from smartscope.scheduler import Action, AddEvents, MovePosition, SetInterval
 
 if TYPE_CHECKING:
     from smartscope.detections import Detections
     from smartscope.frame import Frame
 
-__all__ = [
-    "AdaptiveInterval",
-    "Bounds",
-    "EventBurst",
-    "TrackAndFollow",
-    "object_features",
-]
-
-#: Per-object features a criterion can test (see `object_features`).
-Feature = Literal[
-    "area_px",
-    "mean_intensity",
-    "aspect",
-    "score",
-    "relative_intensity",
-    "relative_area",
-    "intensity_change",
-    "area_change",
-]
-
-
-class Bounds(BaseModel):
-    """An inclusive range ``[min, max]``; a missing end is open."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    min: float | None = None
-    max: float | None = None
-
-    def test(self, values: np.ndarray) -> np.ndarray:
-        ok = np.ones(values.shape, bool)
-        if self.min is not None:
-            ok &= values >= self.min
-        if self.max is not None:
-            ok &= values <= self.max
-        return ok
-
-
-Criterion = dict[Feature, Bounds]
-
-
-def object_features(
-    detections: Detections,
-    previous: Detections | None = None,
-    *,
-    match_um: float = 10,
-    reference: dict[str, float] | None = None,
-) -> dict[str, np.ndarray]:
-    """The features a criterion can test, one value per object.
-
-    Besides the detection columns (``area_px``, ``mean_intensity``, ``aspect``,
-    ``score``): ``relative_intensity`` and ``relative_area`` (to the median of
-    the frame's objects, so bleaching and drift cancel — or to the medians in
-    `reference`, e.g. those of a whole field when the frame is a small ROI),
-    and ``intensity_change`` and ``area_change`` (ratio to the nearest object of
-    `previous` within `match_um` stage µm; NaN without one).
-    """
-    o = detections.objects
-    n = len(detections)
-    feats = {k: np.asarray(o[k], float) for k in ("area_px", "mean_intensity", "score")}
-    feats["aspect"] = np.asarray(o.get("aspect", np.ones(n)), float)
-    for name, col in (
-        ("relative_intensity", "mean_intensity"),
-        ("relative_area", "area_px"),
-    ):
-        med = (reference or field_medians(detections))[col]
-        feats[name] = np.asarray(o[col], float) / (med if med > 0 else 1.0)
-    feats["intensity_change"] = np.full(n, np.nan)
-    feats["area_change"] = np.full(n, np.nan)
-    if previous is not None and n and len(previous):
-        j, d = _nearest(detections.centroids_um, previous.centroids_um)
-        ok = d <= match_um
-        po = previous.objects
-        feats["intensity_change"][ok] = feats["mean_intensity"][ok] / np.maximum(
-            po["mean_intensity"][j[ok]], 1e-9
-        )
-        feats["area_change"][ok] = feats["area_px"][ok] / np.maximum(
-            po["area_px"][j[ok]], 1e-9
-        )
-    return feats
-
-
-def field_medians(detections: Detections) -> dict[str, float]:
-    """Median object intensity and area of a frame (1.0 without objects)."""
-    o = detections.objects
-    if not len(detections):
-        return {"mean_intensity": 1.0, "area_px": 1.0}
-    return {k: float(np.median(o[k])) for k in ("mean_intensity", "area_px")}
-
-
-def _test(
-    criterion: Criterion | list[Criterion], feats: dict[str, np.ndarray], n: int
-) -> np.ndarray:
-    """Objects inside every bounds of the criterion (of any, for a list)."""
-    if isinstance(criterion, list):
-        ok = np.zeros(n, bool)
-        for one in criterion:
-            ok |= _test(one, feats, n)
-        return ok
-    ok = np.ones(n, bool)
-    for name, bounds in criterion.items():
-        ok &= bounds.test(feats[name])
-    return ok
-
-
-def _nearest(points: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index in `ref` of the nearest point to each of `points`, and its distance."""
-    d = np.hypot(*(points[:, None, :] - ref[None, :, :]).transpose(2, 0, 1))
-    j = np.argmin(d, axis=1)
-    return j, d[np.arange(len(points)), j]
+__all__ = ["AdaptiveInterval", "EventBurst", "TrackAndFollow"]
 
 
 # ------------------------------------------------------------------ event burst
@@ -160,7 +54,7 @@ class _Burst:
     ended_at: float = math.inf
 
 
-class EventBurst(_PolicyBase):
+class EventBurst(PolicyBase):
     """When a cell shows an event's signature, image it fast, then go back.
 
     On every base-plan frame, objects are tested against `trigger`: bounds on
@@ -319,7 +213,7 @@ class EventBurst(_PolicyBase):
         self, frame: Frame, det: Detections, context: PolicyContext
     ) -> list[Action]:
         feats = object_features(det)
-        hit = _test(self.trigger, feats, len(det)) & self.filter.mask(det)
+        hit = matches(self.trigger, feats, len(det)) & self.filter.mask(det)
         if not hit.any():
             return []
         pts = det.centroids_um[hit]
@@ -377,13 +271,13 @@ class EventBurst(_PolicyBase):
             return []
         still = confirmed = False
         if len(det):
-            j, d = _nearest(np.array([burst.xy]), det.centroids_um)
+            j, d = nearest(np.array([burst.xy]), det.centroids_um)
             if d[0] <= self.match_radius_um:
                 burst.xy = tuple(float(v) for v in det.centroids_um[j[0]])  # type: ignore[assignment]
                 feats = object_features(det, reference=burst.reference)
                 crit = self.sustain or self.trigger
-                still = bool(_test(crit, feats, len(det))[j[0]])
-                confirmed = bool(_test(self.trigger, feats, len(det))[j[0]])
+                still = bool(matches(crit, feats, len(det))[j[0]])
+                confirmed = bool(matches(self.trigger, feats, len(det))[j[0]])
         burst.seen += 1
         burst.confirmed += confirmed
         if burst.seen == self.confirm_frames and not burst.confirmed:
@@ -468,7 +362,7 @@ class EventBurst(_PolicyBase):
 
 
 # -------------------------------------------------------------- adaptive interval
-class AdaptiveInterval(_PolicyBase):
+class AdaptiveInterval(PolicyBase):
     """Set each time-lapse position's interval from the activity measured there.
 
     Activity, per base-plan frame of a position, is one of:
@@ -535,7 +429,7 @@ class AdaptiveInterval(_PolicyBase):
         if self.measure == "objects":
             feats = object_features(detections) if len(detections) else {}
             value = (
-                float(_test(self.criterion, feats, len(detections))[sel].sum())
+                float(matches(self.criterion, feats, len(detections))[sel].sum())
                 if len(detections)
                 else 0.0
             )
@@ -546,7 +440,7 @@ class AdaptiveInterval(_PolicyBase):
         else:
             value = 0.0
             if len(pts) and len(prev_pts) and t > prev_t:
-                _, d = _nearest(pts, prev_pts)
+                _, d = nearest(pts, prev_pts)
                 d = d[d <= self.match_um]
                 value = float(np.median(d)) / (t - prev_t) if d.size else 0.0
         st.update(pts=pts, t=t)
@@ -574,7 +468,7 @@ class AdaptiveInterval(_PolicyBase):
 
 
 # ---------------------------------------------------------------- track & follow
-class TrackAndFollow(_PolicyBase):
+class TrackAndFollow(PolicyBase):
     """Keep one chosen cell centered at each followed time-lapse position.
 
     At a position's first frame the cell to follow is chosen (`select`: nearest
@@ -642,7 +536,7 @@ class TrackAndFollow(_PolicyBase):
         guess = tr["xy"] + (tr["v"] * dt if self.predict else 0)
         found = None
         if len(pts):
-            j, d = _nearest(guess[None], pts)
+            j, d = nearest(guess[None], pts)
             if d[0] <= self.max_jump_um:
                 found = pts[j[0]]
         if found is None:
@@ -695,10 +589,3 @@ class TrackAndFollow(_PolicyBase):
         ]
 
 
-_BUILTINS.update(
-    {
-        "event_burst": EventBurst,
-        "adaptive_interval": AdaptiveInterval,
-        "track_and_follow": TrackAndFollow,
-    }
-)

@@ -1,0 +1,120 @@
+"""The ``smartscope`` Typer app, its shared options, consoles and exit codes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from smartscope import __version__
+from smartscope._errors import SmartscopeError
+
+if TYPE_CHECKING:
+    pass
+
+app = typer.Typer(
+    name="smartscope",
+    help="Acquisition-coupled smart microscopy on Micro-Manager: frames stream to "
+    "a segmentation model whose detections drive the next acquisition events.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks (JSON with --json).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"smartscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version."
+        ),
+    ] = False,
+) -> None:
+    """smartscope: smart microscopy controller."""
+
+
+# ------------------------------------------------------------------- run/demo
+ExperimentArg = Annotated[
+    Path, typer.Argument(help="Experiment YAML file.", show_default=False)
+]
+ConfigOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option("--config", "-c", help="Micro-Manager .cfg overriding the file's."),
+]
+OutOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option("--out", "-o", help="Run directory (default: runs/<name>-<time>)."),
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace a run already in --out.")
+]
+
+
+# ------------------------------------------------------------- segment/train
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", help="'builtin' or a model file from `smartscope train`."
+    ),
+]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto | cpu | cuda (auto: CUDA if available).")
+]
+
+
+
+class user_errors:
+    """Turn bad input into one ``error:`` line and exit code 2."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or not isinstance(exc, SmartscopeError):
+            return False
+        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def check_device(device: str) -> None:
+    if device not in ("auto", "cpu", "cuda"):
+        bad_input(f"--device must be auto, cpu or cuda, not {device!r}")
+
+
+def bad_input(message: str) -> None:
+    err_console.print(f"error: {message}", markup=False, highlight=False)
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+# ---------------------------------------------------------------------- bench
+def emit(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    table = Table(title=f"bench {result.get('benchmark', '')}", show_header=False)
+    for k, v in result.items():
+        table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+    console.print(table)
+
+

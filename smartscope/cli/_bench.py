@@ -1,0 +1,183 @@
+"""``smartscope bench ...``: the benchmarks, JSON with ``--json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+from smartscope.cli._app import (
+    ConfigOpt,
+    DeviceOpt,
+    ModelOpt,
+    bad_input,
+    bench_app,
+    check_device,
+    emit,
+    err_console,
+    user_errors,
+)
+
+if TYPE_CHECKING:
+    pass
+
+
+@bench_app.command("loop")
+def bench_loop_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    frames: Annotated[int, typer.Option(min=1, help="Frames in the base plan.")] = 60,
+    exposure_ms: Annotated[float, typer.Option(min=0.1)] = 10.0,
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    config: ConfigOpt = None,
+    gui: Annotated[
+        bool,
+        typer.Option(
+            "--gui",
+            help="Also time smart runs with the live window attached (offscreen).",
+        ),
+    ] = False,
+) -> None:
+    """Plain pymmcore-plus MDA vs smartscope with analysis attached (policies inert).
+
+    Reports the wall-time ratio, frames in the dataset, frames analysed and
+    dropped, and frame→decision latency p50/p99. Goal: ratio ≤ 1.05, zero frames
+    missing. With --gui, also runs with the live window attached and reports
+    gui_wall_s and gui_ratio (window / headless; goal ≤ 1.05).
+    """
+    from smartscope.bench import bench_loop
+
+    attach = None
+    if gui:
+        try:
+            from smartscope.gui import attach_window
+        except ImportError as e:
+            bad_input(f'--gui needs Qt ({e}): pip install "smartscope[gui]"')
+        attach = attach_window
+    with user_errors():
+        result = bench_loop(
+            config=config,
+            frames=frames,
+            exposure_ms=exposure_ms,
+            repeats=repeats,
+            attach=attach,
+        )
+    emit(result, as_json)
+
+
+@bench_app.command("segment")
+def bench_segment_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    model: ModelOpt = "builtin",
+    device: DeviceOpt = "auto",
+    repeats: Annotated[int, typer.Option(min=3, help="Timed calls per size.")] = 30,
+    threads: Annotated[Optional[int], typer.Option(min=1)] = None,  # noqa: UP045
+    scale: Annotated[float, typer.Option(help="Input scale of the model.")] = 1.0,
+    config: ConfigOpt = None,
+) -> None:
+    """Segmentation speed and accuracy: the model vs the rule-based baseline.
+
+    p50/p99 ms/frame at 512² and 2048²; F1@0.5 and mean AP on the synthetic
+    validation set and on DemoCamera beads.
+
+    Goals: F1@0.5 ≥ 0.90 (synthetic validation); 512² p50 ≤ 50 ms on CPU;
+    2048² p50 ≤ 5 ms on a GPU.
+    """
+    from smartscope.bench import bench_segment
+
+    check_device(device)
+    with user_errors():
+        result = bench_segment(
+            model=model,
+            device=device,
+            repeats=repeats,
+            threads=threads,
+            scale=scale,
+            config=config,
+        )
+    emit(result, as_json)
+
+
+@bench_app.command("livecell")
+def bench_livecell_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    seconds: Annotated[
+        float, typer.Option(min=5, help="Run seconds of each of the three runs.")
+    ] = 60.0,
+    seed: Annotated[int, typer.Option(help="Seed of the specimen.")] = 7,
+    acceleration: Annotated[
+        float, typer.Option(min=1, help="Simulated seconds per run second.")
+    ] = 120.0,
+    slow: Annotated[float, typer.Option(min=0.1, help="Slow interval (s).")] = 2.5,
+    fast: Annotated[float, typer.Option(min=0.05, help="Fast interval (s).")] = 0.5,
+    keep: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Keep the three runs (data, ground truth) in this folder."),
+    ] = None,
+) -> None:
+    """Adaptive live-cell imaging vs fixed slow and fixed fast time-lapses.
+
+    Runs demos/live_mitosis.yaml (event-triggered bursts, adaptive interval,
+    cell following, dose budget) and fixed slow / fast time-lapses of the same
+    fixed-seed simulated specimen over the same simulated time, and scores each
+    against the specimen's ground truth: divisions imaged at the fast rate
+    inside their pre-division window, light dose received by the cells, frames,
+    cells harmed, tracking of the followed cell and timepoint lateness. Goals:
+    adaptive catches ≥ 95 % of divisions with ≤ 30 % of the fixed-fast dose; the
+    followed cell stays within 10 % of the field width of the center in ≥ 95 %
+    of its frames. About 3 × SECONDS of wall time.
+    """
+    from smartscope.bench import bench_livecell
+
+    def progress(msg: str) -> None:
+        if not as_json:
+            err_console.print(msg, markup=False, highlight=False)
+
+    with user_errors():
+        result = bench_livecell(
+            duration_s=seconds,
+            seed=seed,
+            acceleration=acceleration,
+            slow_interval_s=slow,
+            fast_interval_s=fast,
+            out_dir=keep,
+            progress=progress,
+        )
+    emit(result, as_json)
+
+
+@bench_app.command("screen")
+def bench_screen_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    wells: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="First wells of the demo's 12 (default: all)."),
+    ] = None,
+    keep: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Keep the smart and fixed runs in this folder."),
+    ] = None,
+) -> None:
+    """Headless plate screen vs fixed plans; the Scheduler on large plates.
+
+    Runs demos/plate_screen.yaml on hardware_configs/plate.cfg and the same
+    wells as two fixed plans (every field: without analysis, and with software
+    autofocus per well): fields imaged vs planned, wall times, time saved and
+    time to analysed results, seconds per frame kind, fields imaged in focus,
+    hits found vs the plate's ground truth (recall, precision), wells meeting
+    their quota, empty wells' fields, stage travel. Then iterates a Scheduler
+    alone (no hardware) over 96×9, 384×9 and 384×36 plate plans: µs per event
+    (goal ≤ 1 ms) and its own peak memory (tracemalloc, apart from useq's
+    reading of the plan) as the plan grows (goal: flat, ≤ 1.5× the smallest).
+    """
+    from smartscope.bench import bench_screen
+
+    def progress(msg: str) -> None:
+        if not as_json:
+            err_console.print(msg, markup=False, highlight=False)
+
+    with user_errors():
+        result = bench_screen(wells=wells, out_dir=keep, progress=progress)
+    emit(result, as_json)
+
+

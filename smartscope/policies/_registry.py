@@ -1,0 +1,78 @@
+"""Policies by name: the built-ins, entry points, and ``module:Class`` paths."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from importlib.metadata import entry_points
+from typing import Any
+
+from smartscope._errors import RegistryError
+from smartscope.policies._protocol import PPolicy
+
+__all__ = ["available_policies", "create_policy", "policy_class"]
+
+#: Entry point group under which installed distributions register policies.
+ENTRY_POINT_GROUP = "smartscope.policies"
+
+#: The built-in policies, registered here only (not as entry points).
+_BUILTINS: dict[str, str] = {
+    "find_and_center": "smartscope.policies._survey:FindAndCenter",
+    "skip_empty": "smartscope.policies._survey:SkipEmpty",
+    "event_burst": "smartscope.policies._livecell:EventBurst",
+    "adaptive_interval": "smartscope.policies._livecell:AdaptiveInterval",
+    "track_and_follow": "smartscope.policies._livecell:TrackAndFollow",
+    "well_quota": "smartscope.policies._screening:WellQuota",
+    "hit_detection": "smartscope.policies._screening:HitDetection",
+    "object_autofocus": "smartscope.policies._screening:ObjectAutofocus",
+}
+
+
+def available_policies() -> list[str]:
+    """Names accepted by `create_policy` (besides ``module:Class`` paths)."""
+    names = set(_BUILTINS)
+    names.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    return sorted(names)
+
+
+def _load(path: str, name: str) -> Any:
+    module, _, attr = path.partition(":")
+    try:
+        obj = import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise RegistryError(f"policy {name!r}: cannot import {path!r} ({e})") from e
+    return obj
+
+
+def policy_class(name: str) -> Any:
+    """The class registered as policy `name`.
+
+    `name` is a built-in name, the name of a ``smartscope.policies`` entry
+    point, or an import path ``package.module:ClassName`` (a user's own policy
+    in any importable module).
+
+    Raises
+    ------
+    RegistryError
+        If nothing of that name is registered or the path does not import.
+    """
+    if name in _BUILTINS:
+        return _load(_BUILTINS[name], name)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            return ep.load()
+    if ":" in name:
+        return _load(name, name)
+    raise RegistryError(
+        f"unknown policy {name!r} (available: {', '.join(available_policies())}; "
+        "or an import path 'package.module:ClassName')"
+    )
+
+
+def create_policy(name: str, params: dict[str, Any] | None = None) -> PPolicy:
+    """Build policy `name` with keyword `params` (validated by the policy)."""
+    policy = policy_class(name)(**(params or {}))
+    if not isinstance(policy, PPolicy):
+        raise RegistryError(f"policy {name!r} does not implement PPolicy")
+    return policy

@@ -1,0 +1,165 @@
+"""ONNX export of a smartscope model (the built-in one or one from ``smartscope train``).
+
+The exported graph is the network as a consumer outside smartscope needs it:
+
+* input ``raw``: ``(B, 1, Y, X)`` float32, percentile-scaled per image
+  (1st percentile → 0, 99.8th → 1; the standard bioimage.io ``scale_range``),
+  Y and X multiples of 16;
+* inside: the rest of smartscope's normalisation (values above 1 compressed
+  as ``1 + log1p(x - 1)``, values below -1 clipped), the U-Net and a softmax;
+* output ``probabilities``: ``(B, 3, Y, X)`` background / interior / boundary.
+
+So percentile scaling outside plus this graph gives exactly the probabilities
+of `UNetSegmenter` (fp32), and instances follow from
+`smartscope.segment._postprocess.probabilities_to_labels`. The file's
+``metadata_props`` say so (``smartscope.*`` keys), which the
+``smartscope-onnx`` plugin reads.
+
+The legacy TorchScript-based exporter (``dynamo=False``) is used: it needs only
+the ``onnx`` package, where torch's default exporter also needs ``onnxscript``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from smartscope._errors import SmartscopeError
+from smartscope.segment._model import ModelFile, load_model_file
+from smartscope.segment._postprocess import NORM_PERCENTILES
+
+if TYPE_CHECKING:
+    from torch import nn
+
+#: ONNX operator set of the export (ONNX Runtime ≥ 1.12 runs it)
+OPSET = 17
+INPUT_NAME = "raw"
+OUTPUT_NAME = "probabilities"
+CLASSES = ("background", "interior", "boundary")
+
+
+class ExportError(SmartscopeError):
+    """A model cannot be exported (missing package, unknown format, bad path)."""
+
+
+def _require(module: str, purpose: str) -> Any:
+    try:
+        return __import__(module)
+    except ImportError:
+        raise ExportError(
+            f"{purpose} needs the {module!r} package: pip install {module}"
+        ) from None
+
+
+def packaged_network(model: str | Path = "builtin") -> tuple[nn.Module, ModelFile]:
+    """The exported network of `model` (eval mode, fp32, CPU) and its model file.
+
+    ``percentile-scaled image → compression → SmartUNet → softmax``; see the
+    module docstring for the contract.
+    """
+    import torch
+    from torch import nn
+
+    from smartscope.segment._model import ModelFileError
+    from smartscope.segment._net import SmartUNet
+
+    mf = load_model_file(model)
+    arch = mf.meta.get("arch", {})
+    try:
+        net = SmartUNet(tuple(arch["widths"]), int(arch["depth"]))
+        net.load_state_dict(mf.state_dict)
+    except (KeyError, RuntimeError, TypeError) as exc:
+        msg = str(exc).strip().splitlines()[0]
+        raise ModelFileError(
+            f"{mf.path} does not match the SmartUNet architecture: {msg}"
+        ) from None
+
+    class PackagedUNet(nn.Module):
+        """`SmartUNet` with smartscope's input compression and a softmax."""
+
+        def __init__(self, unet: nn.Module) -> None:
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            # normalize(): above 1 → 1 + log1p(x - 1); below -1 → -1
+            high = 1 + torch.log1p(torch.clamp(x - 1, min=0.0))
+            x = torch.clamp(torch.where(x > 1, high, x), min=-1.0)
+            return torch.softmax(self.unet(x), dim=1)
+
+    return PackagedUNet(net).eval(), mf
+
+
+@contextlib.contextmanager
+def quiet_onnx_export() -> Iterator[None]:
+    """Silence torch 2.13's deprecation warnings for the legacy ONNX exporter."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX")
+        yield
+
+
+def metadata(mf: ModelFile) -> dict[str, str]:
+    """The ``smartscope.*`` metadata written into exported ONNX files."""
+    return {
+        "smartscope.model_id": mf.model_id,
+        "smartscope.source_sha256": mf.sha256,
+        "smartscope.normalize": "percentile {:g} {:g}".format(*NORM_PERCENTILES),
+        "smartscope.output": "boundary3",
+        "smartscope.activation": "none",
+        "smartscope.classes": ",".join(CLASSES),
+        "smartscope.multiple": "16",
+    }
+
+
+def export_onnx(model: str | Path, out: str | Path, opset: int = OPSET) -> Path:
+    """Write `model` (``"builtin"`` or a ``.pt`` model file) as an ONNX file.
+
+    Batch, Y and X are dynamic axes; the file passes ``onnx.checker``.
+
+    Raises
+    ------
+    ModelFileError
+        If `model` is missing, corrupt or not a smartscope model.
+    ExportError
+        If the ``onnx`` package is not installed or `out` cannot be written.
+    """
+    onnx = _require("onnx", "ONNX export")
+    import torch
+
+    net, mf = packaged_network(model)
+    out = Path(out)
+    if out.is_dir():
+        raise ExportError(f"{out} is a folder; give the .onnx file to write")
+    if not out.parent.exists():
+        raise ExportError(f"folder {out.parent} does not exist")
+    dummy = torch.zeros(1, 1, 64, 64)
+    axes = {0: "batch", 2: "y", 3: "x"}
+    with quiet_onnx_export(), torch.no_grad():
+        torch.onnx.export(
+            net,
+            (dummy,),
+            str(out),
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+    proto = onnx.load(str(out))
+    proto.doc_string = (
+        f"smartscope model {mf.model_id}: (B,1,Y,X) percentile-scaled image "
+        "(1st->0, 99.8th->1), Y and X multiples of 16 -> (B,3,Y,X) "
+        "background/interior/boundary probabilities"
+    )
+    del proto.metadata_props[:]
+    for key, value in metadata(mf).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(out))
+    return out
