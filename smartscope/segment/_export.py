@@ -1,4 +1,8 @@
-"""Finishing a trained model: TorchScript export, metrics, sha256 card."""
+"""Finishing a trained model: exports (TorchScript, ONNX, bioimage.io), metrics, card.
+
+`export_model` is what ``smartscope export`` calls; the ONNX and bioimage.io
+exports live in `_export_onnx` and `_export_bioimageio`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,44 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from smartscope.segment._export_bioimageio import export_bioimageio
+from smartscope.segment._export_onnx import ExportError, export_onnx
 from smartscope.segment._model import load_model_file, sha256_of
+
+#: formats `export_model` writes, and the suffix of their default file name
+EXPORT_FORMATS = {"onnx": ".onnx", "bioimageio": ".bioimageio.zip"}
+
+
+def default_export_path(model: str | Path, fmt: str) -> Path:
+    """``<model stem><suffix of fmt>`` in the working folder (``builtin.onnx``)."""
+    stem = "builtin" if str(model) == "builtin" else Path(model).stem
+    return Path(stem + EXPORT_FORMATS.get(fmt, f".{fmt}"))
+
+
+def export_model(model: str | Path, fmt: str, out: str | Path | None = None) -> Path:
+    """Export `model` (``"builtin"`` or a ``.pt`` model file) in format `fmt`.
+
+    ``onnx``: one ``.onnx`` file (`export_onnx`); ``bioimageio``: a
+    bioimage.io model package, zipped when `out` ends in ``.zip``, else a
+    folder (`export_bioimageio`). `out` defaults to `default_export_path`.
+    Returns the path written.
+
+    Raises
+    ------
+    ExportError
+        Unknown format, missing optional package (``onnx``,
+        ``bioimageio.spec``) or an output path that cannot be written.
+    ModelFileError
+        Missing, corrupt or foreign model file.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(
+            f"unknown export format {fmt!r} (formats: {', '.join(EXPORT_FORMATS)})"
+        )
+    out = Path(out) if out is not None else default_export_path(model, fmt)
+    if fmt == "onnx":
+        return export_onnx(model, out)
+    return export_bioimageio(model, out)
 
 
 def export_torchscript(model_pt: str | Path, out: str | Path) -> Path:

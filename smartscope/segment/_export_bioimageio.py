@@ -83,9 +83,10 @@ def _metrics_table(mf: ModelFile) -> str:
     import json
 
     card_path = mf.path.with_suffix(".json")
-    if not card_path.exists() and mf.path.resolve() == BUILTIN_CARD.with_suffix(
-        ".pt"
-    ).resolve():
+    if (
+        not card_path.exists()
+        and mf.path.resolve() == BUILTIN_CARD.with_suffix(".pt").resolve()
+    ):
         card_path = BUILTIN_CARD
     try:
         val = json.loads(card_path.read_text())["metrics"]["synthetic_val"]
@@ -99,8 +100,7 @@ def _metrics_table(mf: ModelFile) -> str:
     return (
         f"Synthetic validation set of smartscope ({val.get('images')} images "
         "of 256², seeds never used in training):\n\n"
-        "| segmenter | F1@0.5 | mean AP (DSB 2018) |\n|---|---|---|\n"
-        + "\n".join(rows)
+        "| segmenter | F1@0.5 | mean AP (DSB 2018) |\n|---|---|---|\n" + "\n".join(rows)
     )
 
 
@@ -139,6 +139,15 @@ simulated cameras), generated in process by smartscope; nothing downloaded.
 
 {_metrics_table(mf)}
 
+## Validation
+The package carries a test input (a synthetic 16-bit nuclei image,
+`test_input.npy`) and the probabilities the TorchScript weights give for it
+(`test_output.npy`); `bioimageio test` reproduces them with either weights
+format. The ONNX weights are exported from the same network and agree with it
+to about 1e-6. In smartscope, the `smartscope-onnx` and `smartscope-bioimageio`
+plugins are tested to give the same instances as the built-in PyTorch path
+(F1 ≥ 0.99 on synthetic images).
+
 ## Limitations
 Not trained on real images; bright-field, H&E and other transmitted-light
 images are out of scope. Very large nuclei (> 40 px radius) are segmented
@@ -170,6 +179,7 @@ def _describe(mf: ModelFile, files: dict[str, Path]) -> Any:
             *spatial,
         ],
         test_tensor=bio.FileDescr(source=files["test_input"]),
+        sample_tensor=bio.FileDescr(source=files["sample_input"]),
         data=bio.IntervalOrRatioDataDescr(type="float32"),
         preprocessing=[
             bio.ScaleRangeDescr(
@@ -196,6 +206,7 @@ def _describe(mf: ModelFile, files: dict[str, Path]) -> Any:
             ],
         ],
         test_tensor=bio.FileDescr(source=files["test_output"]),
+        sample_tensor=bio.FileDescr(source=files["sample_output"]),
         data=bio.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
     )
     torch_version = bio.Version(torch.__version__.split("+")[0])
@@ -289,6 +300,7 @@ def export_bioimageio(model: str | Path, out: str | Path) -> Path:
         If ``bioimageio.spec`` or ``onnx`` is missing, or the package is invalid.
     """
     _require("bioimageio.spec", "bioimage.io export")
+    import tifffile
     import torch
     from bioimageio.spec import (
         save_bioimageio_package,
@@ -312,6 +324,8 @@ def export_bioimageio(model: str | Path, out: str | Path) -> Path:
             "test_output": work / "test_output.npy",
             "cover": work / "cover.png",
             "documentation": work / "README.md",
+            "sample_input": work / "sample_input.tif",
+            "sample_output": work / "sample_output.tif",
         }
         with quiet_torchscript():
             torch.jit.script(net).save(str(files["torchscript"]))
@@ -322,6 +336,8 @@ def export_bioimageio(model: str | Path, out: str | Path) -> Path:
             probs = net(torch.from_numpy(x)).numpy()
         np.save(files["test_input"], image[None, None])
         np.save(files["test_output"], probs)
+        tifffile.imwrite(files["sample_input"], image.astype(np.uint16))
+        tifffile.imwrite(files["sample_output"], probs[0], photometric="minisblack")
         _cover(image, probs[0], files["cover"])
         _documentation(mf, files["documentation"])
         descr = _describe(mf, files)

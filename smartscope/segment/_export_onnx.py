@@ -1,4 +1,4 @@
-"""ONNX export of a smartscope model (the built-in one or one from ``smartscope train``).
+"""ONNX export of a smartscope model (the built-in one or a trained one).
 
 The exported graph is the network as a consumer outside smartscope needs it:
 
