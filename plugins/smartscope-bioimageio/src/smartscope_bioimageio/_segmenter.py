@@ -1,0 +1,495 @@
+"""`BioimageioSegmenter`: a bioimage.io model package run by ``bioimageio.core``."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from smartscope._errors import SmartscopeError
+from smartscope.segment import Segmentation, as_batch
+
+OutputKind = Literal["boundary3", "fg_boundary", "foreground", "distance"]
+_DEFAULTS = {"fg_threshold": 0.5, "seed_threshold": 0.5, "min_area_px": 8}
+
+
+class BioimageioModelError(SmartscopeError):
+    """The package is missing, invalid, remote, or its tensors do not fit."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _first_error(descr: Any) -> str:
+    summary = getattr(descr, "validation_summary", None)
+    for detail in getattr(summary, "details", []):
+        for err in detail.errors:
+            loc = ".".join(str(p) for p in err.loc)
+            return f"{loc}: {_first_line(ValueError(err.msg))}" if loc else err.msg
+    return "not a valid bioimage.io model description"
+
+
+@contextlib.contextmanager
+def _quiet_torchscript() -> Iterator[None]:
+    """Silence torch 2.13's ``torch.jit`` deprecation (bioimageio.core uses it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning
+        )
+        yield
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class BioimageioSegmenter(BaseModel):
+    """A bioimage.io model package as a smartscope segmenter (``bioimageio``).
+
+    The package (a ``.zip``, a folder holding ``rdf.yaml`` /
+    ``bioimageio.yaml``, or that file) is read offline and run with
+    ``bioimageio.core`` and its own pre- and post-processing. Its output
+    becomes instance labels according to `output`.
+
+    Parameters
+    ----------
+    model : path
+        The local package. URLs and bioimage.io ids are refused: nothing is
+        downloaded.
+    weights_format : "auto" | "torchscript" | "onnx" | "pytorch_state_dict"
+        Which weights of the package to run. ``auto``: ONNX (ONNX Runtime) on
+        CPU when installed, TorchScript first on CUDA.
+    device : "auto" | "cpu" | "cuda"
+    output : "auto" | "boundary3" | "fg_boundary" | "foreground" | "distance"
+        ``boundary3``: background/interior/boundary channels (smartscope's
+        post-processing: interior seeds grown over the foreground);
+        ``fg_boundary``: foreground and boundary channels (turned into the
+        three classes, then as ``boundary3``); ``foreground``: one probability
+        channel (or background/foreground), thresholded, touching objects
+        split by a watershed; ``distance``: a distance map, thresholded at
+        `fg_threshold`, split at its maxima. ``auto``: the package's
+        ``config.smartscope.output`` (written by ``smartscope export``), else
+        from the output's channel names and count.
+    output_tensor : str, optional
+        Id of the output tensor to use (default: the first).
+    fg_threshold, seed_threshold : float, optional
+        Foreground (or distance) and seed thresholds (default: the package's
+        ``config.smartscope.postprocess``, else 0.5).
+    min_area_px : int, optional
+        Smaller objects are dropped (default: package config, else 8).
+    split_touching : bool
+        ``foreground`` output: split touching objects.
+    min_distance_px : int
+        ``foreground`` / ``distance`` output: minimum distance between seeds.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    model: str
+    weights_format: Literal["auto", "torchscript", "onnx", "pytorch_state_dict"] = (
+        "auto"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output: Literal["auto", "boundary3", "fg_boundary", "foreground", "distance"] = (
+        "auto"
+    )
+    output_tensor: str | None = None
+    fg_threshold: float | None = Field(None, gt=0)
+    seed_threshold: float | None = Field(None, gt=0, lt=1)
+    min_area_px: int | None = Field(None, ge=0)
+    split_touching: bool = True
+    min_distance_px: int = Field(3, ge=1)
+
+    _descr: Any = PrivateAttr(None)
+    _pipeline: Any = PrivateAttr(None)
+    _lock: Any = PrivateAttr(default_factory=threading.Lock)
+    _sha256: str = PrivateAttr("")
+    _axes: list[tuple[str, str, Any]] = PrivateAttr(default_factory=list)
+    _out: Any = PrivateAttr(None)
+    _config: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    def model_post_init(self, __context: Any) -> None:
+        if "://" in self.model:
+            raise BioimageioModelError(
+                f"only local bioimage.io packages are loaded (nothing is "
+                f"downloaded): {self.model}"
+            )
+        path = Path(self.model).expanduser()
+        if not path.exists():
+            raise BioimageioModelError(f"bioimage.io package not found: {path}")
+        source = path
+        if path.is_dir():
+            found = [p for p in ("rdf.yaml", "bioimageio.yaml") if (path / p).exists()]
+            if not found:
+                raise BioimageioModelError(
+                    f"{path} holds no rdf.yaml or bioimageio.yaml: not a "
+                    "bioimage.io package folder"
+                )
+            source = path / found[0]
+        self._descr = self._load(source)
+        self._sha256 = _digest(source)
+        self._check_tensors()
+        self._config = dict(
+            (self._descr.config.model_extra or {}).get("smartscope") or {}
+        )
+        self._pipeline = self._create_pipeline()
+        # warm-up: TorchScript's profiling executor optimises the graph on its
+        # first calls (the first frames would otherwise take seconds)
+        for _ in range(2):
+            self.predict(np.zeros((1, 128, 128), np.float32))
+
+    # -- loading -----------------------------------------------------------------
+    def _load(self, source: Path) -> Any:
+        from bioimageio.spec import load_description
+        from bioimageio.spec.model import v0_5
+
+        try:
+            # offline: no URL is checked; "latest" turns 0.4 descriptions into 0.5
+            descr = load_description(
+                source, perform_io_checks=False, format_version="latest"
+            )
+        except Exception as exc:  # a bad zip, unreadable YAML, ...
+            raise BioimageioModelError(
+                f"cannot read bioimage.io package {source.name}: {_first_line(exc)}"
+            ) from None
+        if not isinstance(descr, v0_5.ModelDescr):
+            if getattr(descr, "type", "model") not in ("model", None):
+                raise BioimageioModelError(
+                    f"{source.name} describes a {descr.type}, not a model"
+                )
+            raise BioimageioModelError(
+                f"invalid bioimage.io model {source.name}: {_first_error(descr)}"
+            )
+        return descr
+
+    def _weights(self) -> list[str]:
+        """Weight formats to try, the chosen one first; refuses remote weights."""
+        from bioimageio.spec._internal.url import HttpUrl
+
+        if self.weights_format != "auto":
+            formats = [self.weights_format]
+        elif self._cuda() or importlib.util.find_spec("onnxruntime") is None:
+            formats = ["torchscript", "pytorch_state_dict", "onnx"]
+        else:  # on CPU, ONNX Runtime is the fastest and loads in a blink
+            formats = ["onnx", "torchscript", "pytorch_state_dict"]
+        present = [f for f in formats if getattr(self._descr.weights, f, None)]
+        if not present:
+            weights = self._descr.weights
+            have = ", ".join(
+                f for f in type(weights).model_fields if getattr(weights, f, None)
+            )
+            raise BioimageioModelError(
+                f"the package has no {self.weights_format} weights (it has: {have})"
+            )
+        for f in present:
+            if isinstance(getattr(self._descr.weights, f).source, HttpUrl):
+                raise BioimageioModelError(
+                    f"the package's {f} weights are a URL; download the package "
+                    "first (smartscope loads local files only)"
+                )
+        return present
+
+    def _cuda(self) -> bool:
+        if self.device == "cpu":
+            return False
+        import torch
+
+        return bool(torch.cuda.is_available())
+
+    def _create_pipeline(self) -> Any:
+        from bioimageio.core import create_prediction_pipeline
+
+        devices = None if self.device == "auto" else [self.device]
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise BioimageioModelError(
+                    "device 'cuda' requested but CUDA is not available"
+                )
+        formats = self._weights()
+        try:
+            with _quiet_torchscript():
+                return create_prediction_pipeline(
+                    self._descr, weights_format=formats[0], devices=devices
+                )
+        except Exception as exc:
+            raise BioimageioModelError(
+                f"cannot load the {formats[0]} weights of {Path(self.model).name}: "
+                f"{_first_line(exc)}"
+            ) from None
+
+    def _check_tensors(self) -> None:
+        """One image input (batch, one channel, y, x) and a per-pixel output."""
+        from bioimageio.spec.model import v0_5
+
+        d = self._descr
+        if len(d.inputs) != 1:
+            raise BioimageioModelError(
+                f"the model has {len(d.inputs)} inputs; smartscope feeds one image"
+            )
+        inp = d.inputs[0]
+        if any(i.output_of for i in d.inputs if hasattr(i, "output_of")):
+            raise BioimageioModelError(
+                "models chained to other models are not supported"
+            )
+        axes: list[tuple[str, str, Any]] = []
+        for a in inp.axes:
+            kind = a.type
+            if kind == "channel" and a.size != 1:
+                raise BioimageioModelError(
+                    f"the model's input has {a.size} channels; smartscope segments "
+                    "single-channel images"
+                )
+            if kind == "space" and str(a.id) not in ("y", "x"):
+                size = a.size
+                if not (
+                    size == 1
+                    or (isinstance(size, v0_5.ParameterizedSize) and size.min == 1)
+                ):
+                    raise BioimageioModelError(
+                        f"the model's input has a {a.id} axis; smartscope segments "
+                        "2D images"
+                    )
+            elif kind not in ("batch", "channel", "space"):
+                raise BioimageioModelError(
+                    f"the model's input has a {kind} axis {a.id}; not supported"
+                )
+            axes.append((str(a.id), kind, getattr(a, "size", None)))
+        if {"y", "x"} - {name for name, _, _ in axes}:
+            raise BioimageioModelError("the model's input has no y and x axes")
+        self._axes = axes
+        outs = {str(o.id): o for o in d.outputs}
+        oid = self.output_tensor or str(d.outputs[0].id)
+        if oid not in outs:
+            raise BioimageioModelError(
+                f"no output tensor {oid!r} (outputs: {', '.join(outs)})"
+            )
+        self._out = outs[oid]
+
+    # -- identity ----------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        """``bioimageio:<id or name>-<sha256 prefix of the package>``."""
+        name = str(self._descr.id or self._descr.name).replace(" ", "_")
+        return f"bioimageio:{name}-{self._sha256[:12]}"
+
+    @property
+    def description(self) -> Any:
+        """The loaded ``bioimageio.spec`` model description."""
+        return self._descr
+
+    # -- settings ------------------------------------------------------------------
+    def _setting(self, name: str) -> Any:
+        value = getattr(self, name)
+        if value is None:
+            value = (self._config.get("postprocess") or {}).get(name, _DEFAULTS[name])
+        return value
+
+    def _channel_names(self) -> list[str]:
+        for a in self._out.axes:
+            if a.type == "channel":
+                return [str(c).lower() for c in a.channel_names]
+        return []
+
+    def output_kind(self, channels: int) -> OutputKind:
+        """How an output of `channels` channels is read (see `output`)."""
+        kind = self.output
+        if kind == "auto":
+            kind = self._config.get("output", "auto")
+        if kind == "auto":
+            names = self._channel_names()
+            bound = any("bound" in n or "contour" in n for n in names)
+            dist = any("dist" in n for n in names) or "dist" in str(self._out.id)
+            if channels == 3 and bound:
+                kind = "boundary3"
+            elif channels == 2 and bound:
+                kind = "fg_boundary"
+            elif channels == 1 and dist:
+                kind = "distance"
+            elif channels in (1, 2):
+                kind = "foreground"
+            else:
+                raise BioimageioModelError(
+                    f"cannot tell what the model's {channels}-channel output means; "
+                    "set output: boundary3, fg_boundary, foreground or distance"
+                )
+        need = {"boundary3": (3,), "fg_boundary": (2,), "distance": (1,)}
+        if kind in need and channels not in need[kind]:
+            raise BioimageioModelError(
+                f"output {kind} needs {need[kind][0]} channel(s), the model gives "
+                f"{channels}"
+            )
+        return kind  # type: ignore[return-value]
+
+    # -- inference -------------------------------------------------------------------
+    def _valid_size(self, size: Any, n: int) -> int:
+        from bioimageio.spec.model import v0_5
+
+        if isinstance(size, int):
+            if n > size:
+                raise BioimageioModelError(
+                    f"the model takes images of at most {size} pixels per side, got {n}"
+                )
+            return size
+        if isinstance(size, v0_5.ParameterizedSize):
+            k = max(0, -(-(n - size.min) // size.step))
+            return size.min + k * size.step
+        return n
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """The package's output for a ``(B, Y, X)`` batch: ``(B, C, Y, X)`` float32."""
+        from bioimageio.core import Sample, Tensor
+        from bioimageio.core.common import MemberId
+
+        batch = as_batch(images).astype(np.float32)
+        b, h, w = batch.shape
+        sizes = {name: size for name, _, size in self._axes}
+        ph = self._valid_size(sizes["y"], h) - h
+        pw = self._valid_size(sizes["x"], w) - w
+        if ph or pw:
+            batch = np.pad(batch, ((0, 0), (0, ph), (0, pw)), mode="reflect")
+        has_batch = any(kind == "batch" for _, kind, _ in self._axes)
+        step = b if has_batch else 1
+        order = [name for name, _, _ in self._axes]
+        in_id = MemberId(str(self._descr.inputs[0].id))
+        out_id = MemberId(str(self._out.id))
+        results = []
+        for i in range(0, b, step):
+            chunk = batch[i : i + step]
+            arr = chunk.reshape(
+                [
+                    len(chunk)
+                    if kind == "batch"
+                    else (chunk.shape[1] if name == "y" else chunk.shape[2])
+                    if name in ("y", "x")
+                    else 1
+                    for name, kind, _ in self._axes
+                ]
+            )
+            sample = Sample(
+                members={in_id: Tensor.from_numpy(arr, dims=order)}, stat={}, id=i
+            )
+            with self._lock, _quiet_torchscript():
+                try:
+                    out = self._pipeline.predict_sample_without_blocking(sample)
+                except Exception as exc:
+                    raise BioimageioModelError(
+                        f"the model failed on a {arr.shape} input: {_first_line(exc)}"
+                    ) from None
+            data = out.members[out_id].data
+            dims = [str(d) for d in data.dims]
+            extra = [d for d in dims if d not in ("batch", "channel", "y", "x")]
+            if extra:
+                data = data.squeeze(extra)
+                dims = [str(d) for d in data.dims]
+            arr_out = data.values.astype(np.float32)
+            if "channel" not in dims:
+                arr_out, dims = arr_out[..., None], [*dims, "channel"]
+            if "batch" not in dims:
+                arr_out, dims = arr_out[None], ["batch", *dims]
+            arr_out = np.transpose(
+                arr_out, [dims.index(d) for d in ("batch", "channel", "y", "x")]
+            )
+            results.append(arr_out)
+        out = np.concatenate(results)
+        if out.shape[-2:] != batch.shape[-2:]:
+            raise BioimageioModelError(
+                f"model output {out.shape} is not a per-pixel map of the input "
+                f"{batch.shape}"
+            )
+        return out[:, :, :h, :w]
+
+    def segment(self, images: np.ndarray) -> Segmentation:
+        """Segment a ``(B, Y, X)`` batch (or one ``(Y, X)`` image)."""
+        from smartscope.segment._postprocess import probabilities_to_labels
+
+        from smartscope_bioimageio._instances import foreground_to_labels
+
+        out = self.predict(images)
+        kind = self.output_kind(out.shape[1])
+        fg_t = float(self._setting("fg_threshold"))
+        seed_t = float(self._setting("seed_threshold"))
+        min_area = int(self._setting("min_area_px"))
+        if kind != "distance":
+            out = _as_probabilities(out)
+        labels = np.zeros((out.shape[0], *out.shape[2:]), np.uint16)
+        scores = []
+        for i, p in enumerate(out):
+            if kind in ("boundary3", "fg_boundary"):
+                probs = self._three_classes(p, kind)
+                labels[i], s = probabilities_to_labels(
+                    probs,
+                    fg_threshold=fg_t,
+                    seed_threshold=seed_t,
+                    min_area_px=min_area,
+                )
+            elif kind == "distance":
+                labels[i], s = foreground_to_labels(
+                    p[0],
+                    threshold=fg_t,
+                    min_area_px=min_area,
+                    split_touching=True,
+                    min_distance_px=self.min_distance_px,
+                    height=p[0],
+                )
+            else:
+                fg = p[0] if p.shape[0] == 1 else 1 - p[0]
+                labels[i], s = foreground_to_labels(
+                    fg,
+                    threshold=fg_t,
+                    min_area_px=min_area,
+                    split_touching=self.split_touching,
+                    min_distance_px=self.min_distance_px,
+                )
+            scores.append(s)
+        return Segmentation(labels, scores)
+
+    def _three_classes(self, p: np.ndarray, kind: str) -> np.ndarray:
+        """``(3, Y, X)`` background/interior/boundary from the model's channels."""
+        names = self._channel_names()
+
+        def index(*keys: str, default: int) -> int:
+            for k, n in enumerate(names):
+                if any(key in n for key in keys):
+                    return k
+            return default
+
+        if kind == "boundary3":
+            order = [
+                index("background", "bg", default=0),
+                index("interior", "foreground", "fg", "inside", default=1),
+                index("bound", "contour", default=2),
+            ]
+            if sorted(order) != [0, 1, 2]:
+                order = [0, 1, 2]
+            return p[order]
+        b = index("bound", "contour", default=1)
+        fg, bd = p[1 - b], p[b]
+        return np.stack([1 - fg, fg * (1 - bd), fg * bd])
+
+
+def _as_probabilities(out: np.ndarray) -> np.ndarray:
+    """Logits become probabilities; probabilities are kept."""
+    if out.min() >= 0 and out.max() <= 1:
+        return out
+    return _softmax(out) if out.shape[1] > 1 else 1 / (1 + np.exp(-out))
+
+
+def _digest(source: Path) -> str:
+    """sha256 of a zip package, or of the description file of a folder."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,310 @@
+"""smartscope-bioimageio: smartscope's exported package, foreign packages, errors."""
+
+from __future__ import annotations
+
+import gc
+import socket
+import zipfile
+
+import numpy as np
+import pytest
+
+pytest.importorskip("bioimageio.core")
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper  # noqa: E402
+from smartscope.segment import PSegmenter, create_segmenter  # noqa: E402
+from smartscope.segment._metrics import scores  # noqa: E402
+from smartscope.segment._synth import synth_sample  # noqa: E402
+
+from smartscope_bioimageio import (  # noqa: E402
+    BioimageioModelError,
+    BioimageioSegmenter,
+)
+
+# bioimageio.spec leaves file handles to the garbage collector
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    yield
+    gc.collect()  # its unclosed files are reported here, under this module's filters
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    """The built-in model as written by ``smartscope export --format bioimageio``."""
+    from smartscope.segment._export import export_model
+
+    out = tmp_path_factory.mktemp("bioimageio") / "builtin.bioimageio.zip"
+    path = export_model("builtin", "bioimageio", out)
+    gc.collect()
+    return path
+
+
+@pytest.fixture(scope="module")
+def torch_unet():
+    from smartscope.segment import UNetSegmenter
+
+    return UNetSegmenter(device="cpu", precision="fp32", threads=2)
+
+
+def _images():
+    out = [synth_sample(s, (256, 256), "nuclei")[0] for s in (21, 22, 23)]
+    out.append(synth_sample(24, (256, 256), "beads")[0])
+    out.append(synth_sample(25, (200, 312), "nuclei")[0])
+    return out
+
+
+# -- the package smartscope exports --------------------------------------------------
+@pytest.mark.parametrize("weights", ["torchscript", "onnx"])
+def test_exported_package_matches_torch(package, torch_unet, weights):
+    seg = BioimageioSegmenter(model=str(package), weights_format=weights, device="cpu")
+    assert isinstance(seg, PSegmenter)
+    pairs = []
+    for img in _images():
+        got = seg.segment(img)
+        assert got.labels.shape == (1, *img.shape)
+        assert len(got.scores[0]) == got.labels.max()
+        pairs.append((torch_unet.segment(img).labels[0], got.labels[0]))
+    result = scores(pairs)
+    assert result["n_true"] > 100
+    assert result["f1@0.5"] >= 0.99, result
+    batch = seg.segment(np.stack(_images()[:3])).labels
+    for i in range(3):
+        np.testing.assert_array_equal(batch[i], pairs[i][1])
+
+
+def test_package_settings_are_read(package):
+    seg = BioimageioSegmenter(model=str(package), device="cpu")
+    assert seg.output_kind(3) == "boundary3"  # from config.smartscope
+    assert seg._setting("fg_threshold") == 0.6  # config.smartscope.postprocess
+    assert seg.model_id.startswith("bioimageio:smartscope_3-class_U-Net-")
+    # a looser threshold than the package's finds more foreground
+    img = _images()[0]
+    loose = BioimageioSegmenter(model=str(package), device="cpu", fg_threshold=0.2)
+    assert (loose.segment(img).labels > 0).sum() > (seg.segment(img).labels > 0).sum()
+
+
+def test_folder_and_rdf_give_the_zip_labels(package, tmp_path):
+    folder = tmp_path / "unpacked"
+    with zipfile.ZipFile(package) as z:
+        z.extractall(folder)
+    img = _images()[1]
+    ref = BioimageioSegmenter(model=str(package), device="cpu").segment(img).labels
+    for source in (folder, folder / "rdf.yaml"):
+        seg = BioimageioSegmenter(model=str(source), device="cpu")
+        np.testing.assert_array_equal(seg.segment(img).labels, ref)
+
+
+def test_registered_as_entry_point(package):
+    from smartscope.segment import available_segmenters
+
+    assert "bioimageio" in available_segmenters()
+    seg = create_segmenter("bioimageio", {"model": str(package), "device": "cpu"})
+    assert isinstance(seg, BioimageioSegmenter)
+
+
+# -- foreign packages: other outputs ------------------------------------------------
+def _pointwise_onnx(path, op: str):
+    """A per-pixel ONNX model: ``sigmoid`` (foreground) or ``identity`` (distance).
+
+    ``sigmoid``: sigmoid(12 (x - 0.1)) of the scaled input: above 0.5 wherever
+    the input is above a tenth of its range.
+    """
+    x = helper.make_tensor_value_info("raw", TensorProto.FLOAT, ["b", 1, "y", "x"])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", 1, "y", "x"])
+    consts = [
+        helper.make_tensor("offset", TensorProto.FLOAT, [], [0.1]),
+        helper.make_tensor("gain", TensorProto.FLOAT, [], [12.0]),
+    ]
+    if op == "sigmoid":
+        nodes = [
+            helper.make_node("Sub", ["raw", "offset"], ["c"]),
+            helper.make_node("Mul", ["c", "gain"], ["logit"]),
+            helper.make_node("Sigmoid", ["logit"], ["out"]),
+        ]
+    else:
+        nodes = [helper.make_node("Identity", ["raw"], ["out"])]
+    graph = helper.make_graph(nodes, op, [x], [y], initializer=consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return path
+
+
+def _foreign_package(tmp_path, op: str, channel: str):
+    """A bioimage.io package of a per-pixel ONNX model, as another tool writes it."""
+    import onnxruntime as ort
+    from bioimageio.spec import save_bioimageio_package
+    from bioimageio.spec.model import v0_5 as bio
+
+    weights = _pointwise_onnx(tmp_path / "model.onnx", op)
+    image, _ = _cones()
+    x = image[None, None]
+    scaled = (x - x.min()) / (x.max() - x.min() + 1e-6)
+    sess = ort.InferenceSession(str(weights), providers=["CPUExecutionProvider"])
+    np.save(tmp_path / "in.npy", x)
+    np.save(tmp_path / "out.npy", sess.run(None, {"raw": scaled})[0])
+    ref = bio.TensorId("raw")
+    space = [
+        bio.SpaceInputAxis(id=bio.AxisId(a), size=bio.ParameterizedSize(min=8, step=8))
+        for a in ("y", "x")
+    ]
+    descr = bio.ModelDescr(
+        name=f"pointwise {op}",
+        description="test model",
+        authors=[bio.Author(name="test")],
+        cite=[bio.CiteEntry(text="test", doi=bio.Doi("10.1002/cyto.a.23863"))],
+        license=bio.LicenseId("MIT"),
+        inputs=[
+            bio.InputTensorDescr(
+                id=ref,
+                axes=[bio.BatchAxis(), bio.ChannelAxis(channel_names=["c"]), *space],
+                test_tensor=bio.FileDescr(source=tmp_path / "in.npy"),
+                preprocessing=[
+                    bio.ScaleRangeDescr(
+                        kwargs=bio.ScaleRangeKwargs(
+                            axes=[bio.AxisId("y"), bio.AxisId("x")],
+                            min_percentile=0.0,
+                            max_percentile=100.0,
+                        )
+                    )
+                ],
+            )
+        ],
+        outputs=[
+            bio.OutputTensorDescr(
+                id=bio.TensorId("out"),
+                axes=[
+                    bio.BatchAxis(),
+                    bio.ChannelAxis(channel_names=[channel]),
+                    *[
+                        bio.SpaceOutputAxis(
+                            id=bio.AxisId(a),
+                            size=bio.SizeReference(
+                                tensor_id=ref, axis_id=bio.AxisId(a)
+                            ),
+                        )
+                        for a in ("y", "x")
+                    ],
+                ],
+                test_tensor=bio.FileDescr(source=tmp_path / "out.npy"),
+            )
+        ],
+        weights=bio.WeightsDescr(
+            onnx=bio.OnnxWeightsDescr(source=weights, opset_version=17)
+        ),
+    )
+    return save_bioimageio_package(descr, output_path=tmp_path / f"{op}.zip")
+
+
+def _cones():
+    """Two touching cones and one apart (bright centres), with their labels."""
+    yy, xx = np.mgrid[0:128, 0:128].astype(np.float32)
+    truth = np.zeros((128, 128), np.uint16)
+    image = np.zeros((128, 128), np.float32)
+    for k, (cy, cx) in enumerate([(40, 40), (40, 64), (96, 90)], start=1):
+        d = np.hypot(yy - cy, xx - cx)
+        inside = (d <= 13) & (image < 14 - d)
+        truth[inside] = k
+        image = np.maximum(image, np.clip(14 - d, 0, None))
+    truth[image < 1.0] = 0
+    return image, truth
+
+
+def test_foreign_foreground_package(tmp_path):
+    path = _foreign_package(tmp_path, "sigmoid", "foreground")
+    image, truth = _cones()
+    seg = BioimageioSegmenter(model=str(path), device="cpu")
+    assert seg.output_kind(1) == "foreground"  # no config: from the channel name
+    labels = seg.segment(image).labels[0]
+    assert scores([(truth, labels)], thresholds=(0.5,))["f1@0.5"] == 1.0
+    merged = BioimageioSegmenter(model=str(path), device="cpu", split_touching=False)
+    assert merged.segment(image).labels.max() == 2
+
+
+def test_foreign_distance_package(tmp_path):
+    path = _foreign_package(tmp_path, "identity", "distance")
+    image, truth = _cones()
+    seg = BioimageioSegmenter(model=str(path), device="cpu", fg_threshold=0.05)
+    assert seg.output_kind(1) == "distance"
+    labels = seg.segment(image).labels[0]
+    assert scores([(truth, labels)], thresholds=(0.5,))["f1@0.5"] == 1.0
+    # the same map read as a foreground probability: the watershed on the
+    # distance transform of the mask, not on the map; still three objects
+    fg = BioimageioSegmenter(
+        model=str(path), device="cpu", fg_threshold=0.05, output="foreground"
+    )
+    assert fg.segment(image).labels.max() == 3
+    with pytest.raises(BioimageioModelError, match="needs 3 channel"):
+        BioimageioSegmenter(model=str(path), output="boundary3").segment(image)
+
+
+# -- errors: one line each -----------------------------------------------------------
+def _one_line(exc_info) -> str:
+    text = str(exc_info.value)
+    assert "\n" not in text
+    return text
+
+
+def test_missing_remote_and_foreign_sources(tmp_path):
+    with pytest.raises(BioimageioModelError) as exc:
+        BioimageioSegmenter(model=str(tmp_path / "none.zip"))
+    assert "not found" in _one_line(exc)
+    with pytest.raises(BioimageioModelError) as exc:
+        BioimageioSegmenter(model="https://example.org/rdf.yaml")
+    assert "only local" in _one_line(exc)
+    with pytest.raises(BioimageioModelError) as exc:
+        BioimageioSegmenter(model=str(tmp_path))
+    assert "no rdf.yaml" in _one_line(exc)
+
+
+def test_corrupt_or_invalid_package(tmp_path, package):
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"this is no zip file")
+    with pytest.raises(BioimageioModelError) as exc:
+        BioimageioSegmenter(model=str(bad))
+    assert "bad.zip" in _one_line(exc)
+    # a package whose description lost a required field
+    broken = tmp_path / "broken.zip"
+    with zipfile.ZipFile(package) as src, zipfile.ZipFile(broken, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "rdf.yaml":
+                data = data.replace(b"\ninputs:", b"\nnot_inputs:")
+            dst.writestr(item.filename, data)
+    with pytest.raises(BioimageioModelError) as exc:
+        BioimageioSegmenter(model=str(broken))
+    assert "invalid bioimage.io model broken.zip" in _one_line(exc)
+
+
+def test_wrong_image_rank(package):
+    seg = BioimageioSegmenter(model=str(package), device="cpu")
+    with pytest.raises(ValueError) as exc:
+        seg.segment(np.zeros((2, 2, 32, 32), np.float32))
+    assert "(B, Y, X)" in _one_line(exc)
+
+
+def test_missing_or_damaged_weights(tmp_path, package):
+    with pytest.raises(BioimageioModelError) as exc:
+        BioimageioSegmenter(model=str(package), weights_format="pytorch_state_dict")
+    assert "no pytorch_state_dict weights (it has: onnx, torchscript)" in _one_line(exc)
+    damaged = tmp_path / "damaged.zip"
+    with zipfile.ZipFile(package) as src, zipfile.ZipFile(damaged, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "weights_torchscript.pt":
+                data = data[:1000]
+            dst.writestr(item.filename, data)
+    with pytest.raises(BioimageioModelError) as exc:
+        BioimageioSegmenter(model=str(damaged), weights_format="torchscript")
+    assert "cannot load the torchscript weights of damaged.zip" in _one_line(exc)
