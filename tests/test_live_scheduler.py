@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
-import time
 
+import numpy as np
 import pytest
+from _closed_loop import FakeClock, next_due
 from useq import CameraROI, MDAEvent, MDASequence
 
 from smartscope.scheduler import AddEvents, MovePosition, Scheduler, SetInterval
@@ -23,10 +24,24 @@ def _tag(event):
     return event.metadata["smartscope"]
 
 
+def _serve_all(sched, clock, frame_s):
+    """Serve every event on the fake clock; each frame takes `frame_s`."""
+    served = []
+    while True:
+        try:
+            event = next_due(sched, clock)
+        except StopIteration:
+            return served
+        served.append((clock.t, event))
+        clock.advance(frame_s)
+
+
 def test_timepoints_are_served_on_time_and_lateness_is_reported():
-    sched = Scheduler(_timelapse([(0, 0, 0), (100, 0, 0)], interval=0.15, loops=3))
-    t0 = time.perf_counter()
-    served = [(time.perf_counter() - t0, e) for e in sched]
+    clock = FakeClock()
+    plan = _timelapse([(0, 0, 0), (100, 0, 0)], interval=0.15, loops=3)
+    sched = Scheduler(plan, clock=clock)
+    # a frame takes 0.05 s: p001 is always one frame (0.05 s) late, p000 never
+    served = _serve_all(sched, clock, frame_s=0.05)
     assert [(_tag(e)["position"], _tag(e)["visit"]) for _, e in served] == [
         ("p000", 0),
         ("p001", 0),
@@ -35,18 +50,40 @@ def test_timepoints_are_served_on_time_and_lateness_is_reported():
         ("p000", 2),
         ("p001", 2),
     ]
-    for t, e in served:  # never served before its due time (poll slack)
-        assert t >= e.min_start_time - 0.03
+    assert [t for t, _ in served] == pytest.approx([0, 0.05, 0.15, 0.2, 0.3, 0.35])
+    for t, e in served:  # never before its due time
+        assert t >= e.min_start_time
     stats = sched.stats()
-    assert stats["lateness_s"]["base"]["n"] == 6
-    assert stats["lateness_s"]["base"]["p99"] < 0.1
+    late = stats["lateness_s"]["base"]
+    assert late["n"] == 6
+    expected = [0.0, 0.05] * 3
+    assert late["max"] == pytest.approx(0.05)
+    for q in (50, 99):
+        assert late[f"p{q}"] == pytest.approx(np.percentile(expected, q), rel=0.02)
+    # 0.05 s is within half the interval (0.075 s): no deadline missed
     assert stats["missed_deadlines"] == 0
     assert stats["travel_um"] == 500.0  # 0 -> 100 -> 0 -> 100 -> 0 -> 100
 
 
+def test_visits_later_than_half_the_interval_miss_their_deadline():
+    clock = FakeClock()
+    plan = _timelapse([(0, 0, 0), (100, 0, 0)], interval=0.15, loops=3)
+    sched = Scheduler(plan, clock=clock)
+    # a frame takes 0.1 s: p001's first visit is 0.1 s late (> 0.075 s)
+    served = _serve_all(sched, clock, frame_s=0.1)
+    late = [t - e.min_start_time for t, e in served]
+    assert [_tag(e)["position"] for _, e in served] == ["p000", "p001"] * 3
+    assert sched.stats()["missed_deadlines"] == sum(x > 0.075 + 1e-9 for x in late)
+    assert sched.stats()["missed_deadlines"] >= 1
+    assert sched.stats()["lateness_s"]["base"]["max"] == pytest.approx(max(late))
+
+
 def test_a_burst_preempts_slow_imaging_without_starving_it():
+    clock = FakeClock()
     sched = Scheduler(
-        _timelapse([(0, 0, 0), (500, 0, 0)], interval=0.3, loops=3), max_delay_s=0.1
+        _timelapse([(0, 0, 0), (500, 0, 0)], interval=0.3, loops=3),
+        max_delay_s=0.1,
+        clock=clock,
     )
     first = next(sched)
     assert _tag(first)["position"] == "p000"
@@ -54,27 +91,49 @@ def test_a_burst_preempts_slow_imaging_without_starving_it():
     burst = tuple(MDAEvent(x_pos=10, y_pos=0, pos_name="burst") for _ in range(400))
     sched.apply(AddEvents(burst, priority=20))
     assert _tag(next(sched))["position"] == "burst"  # pre-empts p001's due visit
-    kinds = []
-    for event in sched:
-        kinds.append(_tag(event)["kind"])
-        time.sleep(0.002)  # each frame takes time
+    clock.advance(0.002)
+    served = _serve_all(sched, clock, frame_s=0.002)  # each frame takes 2 ms
+    kinds = [_tag(e)["kind"] for _, e in served]
     assert kinds.count("added") == 399
     assert kinds.count("base") == 5  # the slow plan went on during the burst
-    assert kinds.index("base") < 100  # and was not starved until its end
+    # p001 waited for the burst until it was max_delay_s late, not to its end
+    t_first_base, event = next((t, e) for t, e in served if _tag(e)["kind"] == "base")
+    assert _tag(event)["position"] == "p001"
+    assert 0.1 < t_first_base <= 0.1 + 0.002 + 1e-9
     late = sched.stats()["lateness_s"]["base"]
-    assert late["max"] < 0.1 + 0.05
+    assert late["max"] <= 0.1 + 0.002 + 1e-9
+
+
+def _next_in_thread(sched) -> tuple[threading.Thread, list]:
+    """``next(sched)`` on another thread; the list gets the event (or None)."""
+    got: list = []
+
+    def serve() -> None:
+        try:
+            got.append(next(sched))
+        except StopIteration:
+            got.append(None)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread, got
 
 
 def test_added_events_wait_for_their_min_start_time():
-    sched = Scheduler(_timelapse([(0, 0, 0)], interval=0.5, loops=2))
+    clock = FakeClock()
+    sched = Scheduler(_timelapse([(0, 0, 0)], interval=0.5, loops=2), clock=clock)
     next(sched)
     sched.apply(
         AddEvents((MDAEvent(pos_name="later", min_start_time=0.2),), priority=20)
     )
-    t0 = sched.now()
-    event = next(sched)
-    assert _tag(event)["position"] == "later"
-    assert sched.now() >= 0.2 - 0.03 and sched.now() - t0 > 0.1
+    clock.t = 0.1  # 0.1 s before it is due
+    reads = clock.reads
+    thread, got = _next_in_thread(sched)
+    assert clock.wait_reads(reads + 3)  # looked at the time again and again
+    assert thread.is_alive() and not got  # and waits
+    clock.t = 0.2
+    thread.join(30)
+    assert _tag(got[0])["position"] == "later"
 
 
 def test_nearest_travel_order_between_due_positions():
@@ -138,11 +197,20 @@ def test_full_frame_is_restored_after_a_roi_event():
 
 
 def test_a_policy_that_never_finishes_cannot_hold_the_run_forever():
-    sched = Scheduler(_timelapse([(0, 0, 0)], loops=1), idle_timeout_s=0.3)
+    clock = FakeClock()
+    sched = Scheduler(_timelapse([(0, 0, 0)], loops=1), idle_timeout_s=0.3, clock=clock)
     sched.add_pending_check(lambda: True)
-    t0 = time.perf_counter()
-    assert len(list(sched)) == 1
-    assert 0.25 < time.perf_counter() - t0 < 2
+    next(sched)
+    reads = clock.reads
+    thread, got = _next_in_thread(sched)
+    assert clock.wait_reads(reads + 3)  # idle since t = 0
+    clock.t = 0.29
+    reads = clock.reads
+    assert clock.wait_reads(reads + 3)
+    assert thread.is_alive() and sched.finish_reason is None  # still waits
+    clock.t = 0.31  # idle longer than idle_timeout_s
+    thread.join(30)
+    assert got == [None]
     assert "pending work" in sched.finish_reason
 
 
@@ -170,7 +238,7 @@ def test_hold_pauses_at_the_event_boundary_and_stop_still_ends():
     t.join(0.3)
     assert t.is_alive() and not got  # held: nothing served
     sched.hold(False)
-    t.join(2)
+    t.join(30)
     assert len(got) == 1
     sched.hold(True)
     sched.stop("cancelled")

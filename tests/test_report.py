@@ -20,6 +20,9 @@ from smartscope.report import _report as report
 from smartscope.report import write_report
 from smartscope.rundir import NotARunError, RunStorage, read_jsonl
 
+# viridis at 0 and 1 (matplotlib's colormap)
+VIRIDIS_0 = (68, 1, 84)
+VIRIDIS_1 = (253, 231, 37)
 PNG = re.compile(r'<img id="(\w+)" src="data:image/png;base64,([^"]+)"')
 
 
@@ -192,9 +195,11 @@ def test_plate_report_heat_map_gallery_and_decisions(plate_run):
         x0, y0, _, y1 = layout.box(ord(well[0]) - 65, int(well[1:]) - 1)
         return tuple(heat[(y0 + y1) // 2, x0 + 3])
 
-    assert color("A1") == report._viridis(1.0)
-    assert color("D2") == report._viridis(0.0)
-    assert color("B3") == report._viridis(2 / 7)
+    assert color("A1") == VIRIDIS_1  # the maximum count
+    assert color("D2") == VIRIDIS_0  # imaged, no cells
+    # B3: 2 of 7 cells, 2/7 of the way up viridis: 1/7 from its 1/4 anchor
+    # (59, 82, 139) to its 1/2 anchor (33, 145, 140)
+    assert np.abs(np.subtract(color("B3"), (55.3, 91.0, 139.1))).max() <= 1
     assert color("H12") == color("C5") == report.NOT_IMAGED_RGB
     x0, y0, x1, y1 = layout.box(2, 4)  # C5: crossed out
     assert (heat[y0:y1, x0:x1] == report.SKIPPED_RGB).all(axis=-1).any()

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from _closed_loop import FakeClock, paused_with_nothing_under_way
 from useq import MDAEvent, MDASequence
 
 from smartscope.experiment import Experiment
@@ -47,20 +48,28 @@ def test_skip_position_drops_remaining_base_events():
 
 
 def test_scheduler_waits_for_analysis_in_flight_before_ending():
-    sched = Scheduler(MDASequence(time_plan={"interval": 0, "loops": 1}))
+    clock = FakeClock()
+    sched = Scheduler(MDASequence(time_plan={"interval": 0, "loops": 1}), clock=clock)
     next(sched)
     sched.analysis_started()  # a frame is being analysed
+    got = []
 
-    def decide():
-        time.sleep(0.2)
-        sched.apply(AddEvents((MDAEvent(pos_name="late"),)))
-        sched.analysis_finished()
+    def acquire():
+        try:
+            got.append(next(sched))
+        except StopIteration:
+            got.append(None)
 
-    threading.Thread(target=decide).start()
-    t0 = time.perf_counter()
-    late = next(sched)  # must wait for the decision, not end
-    assert late.pos_name == "late"
-    assert time.perf_counter() - t0 >= 0.15
+    reads = clock.reads
+    thread = threading.Thread(target=acquire, daemon=True)
+    thread.start()
+    # the plan is done, but the Scheduler keeps looking instead of ending
+    assert clock.wait_reads(reads + 3)
+    assert thread.is_alive() and not got and sched.finish_reason is None
+    sched.apply(AddEvents((MDAEvent(pos_name="late"),)))  # the decision
+    sched.analysis_finished()
+    thread.join(30)
+    assert got[0] is not None and got[0].pos_name == "late"
     with pytest.raises(StopIteration):
         next(sched)
     assert sched.finish_reason == "completed"
@@ -124,26 +133,30 @@ def test_skip_empty_keeps_fields_with_objects(microscope, tmp_path):
     assert read_jsonl(tmp_path / "decisions.jsonl") == []
 
 
+def _wait_until(condition, timeout: float = 60.0) -> None:
+    """Poll `condition` until true; the timeout only guards against a hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
 def test_pause_resume_and_cancel_a_run(microscope, tmp_path):
     exp = Experiment.from_file(
         __import__("pathlib").Path(__file__).parent / "fixtures" / "timelapse.yaml"
     )
     with Runner(exp, microscope=microscope, out_dir=tmp_path) as runner:
         runner.start()
-        deadline = time.monotonic() + 30
-        while runner._frame_count < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_until(lambda: runner._frame_count >= 2)
         runner.pause()
-        time.sleep(0.7)  # let the current event finish
-        paused_at = runner._frame_count
-        time.sleep(1.2)  # two intervals: nothing may be acquired while paused
+        _wait_until(lambda: paused_with_nothing_under_way(runner))
+        paused_at, served = runner._frame_count, runner.scheduler.n_served
+        time.sleep(1.2)  # two intervals of the plan: nothing may happen meanwhile
         assert runner._frame_count == paused_at
-        assert microscope.is_paused()
+        assert runner.scheduler.n_served == served
+        assert runner.is_paused()
         runner.resume()
-        deadline = time.monotonic() + 30
-        while runner._frame_count <= paused_at and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert runner._frame_count > paused_at
+        _wait_until(lambda: runner._frame_count > paused_at)
         runner.cancel("test cancel")
         summary = runner.finish()
     assert summary.status == "interrupted"
