@@ -40,7 +40,7 @@ import numpy as np
 import yaml
 
 from smartscope._errors import SmartscopeError, first_line
-from smartscope.rundir import PositionArrays, read_jsonl, read_position
+from smartscope.rundir import PositionArrays, load_run, read_position
 from smartscope.stream import zoom_factor
 
 if TYPE_CHECKING:
@@ -271,25 +271,19 @@ class _Position:
 def _load_run(directory: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     if not directory.is_dir():
         raise ReanalysisError(f"no run directory at {directory}")
-    frames_path = directory / "frames.jsonl"
-    if not frames_path.is_file() or not (directory / "images").is_dir():
+    has_frames = (directory / "frames.jsonl").is_file()
+    if not has_frames or not (directory / "images").is_dir():
         raise ReanalysisError(
             f"{directory} is not a run directory (no frames.jsonl or images/)"
         )
-    info: dict[str, Any] = {}
-    if (directory / "run.json").is_file():
-        try:
-            info = json.loads((directory / "run.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ReanalysisError(f"{directory}/run.json is unreadable: {e}") from None
-    frames = [
-        r
-        for r in read_jsonl(frames_path)
-        if isinstance(r, dict) and isinstance(r.get("array"), dict)
-    ]
+    run = load_run(directory)
+    unreadable = [n for n in run.notes if n.startswith("run.json is unreadable")]
+    if unreadable:
+        raise ReanalysisError(f"{directory}/{unreadable[0]}")
+    frames = [r for r in run.frames if isinstance(r.get("array"), dict)]
     if not frames:
         raise ReanalysisError(f"{directory} has no acquired frames")
-    return info, frames
+    return run.info, frames
 
 
 def _run_segmenter(directory: Path, info: dict[str, Any]) -> dict[str, Any]:
@@ -347,12 +341,9 @@ def _positions(directory: Path, frames: list[dict[str, Any]]) -> list[_Position]
 
 
 def _analysed_live(directory: Path) -> tuple[set[int], set[str]]:
-    path = directory / "detections.jsonl"
-    if not path.is_file():
-        return set(), set()
     analysed, model_ids = set(), set()
-    for r in read_jsonl(path):
-        if isinstance(r, dict) and "frame_index" in r and not r.get("dropped"):
+    for r in load_run(directory).detections:
+        if not r.get("dropped"):
             analysed.add(int(r["frame_index"]))
             if r.get("model_id"):
                 model_ids.add(str(r["model_id"]))

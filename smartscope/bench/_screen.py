@@ -25,7 +25,7 @@ from useq import MDAEvent, MDASequence
 
 from smartscope.experiment import Experiment
 from smartscope.frame import well_of
-from smartscope.rundir import read_jsonl, read_position
+from smartscope.rundir import load_run, read_position
 from smartscope.runner import Runner, package_versions
 from smartscope.scheduler import AddEvents, Scheduler, SkipWell
 
@@ -99,7 +99,7 @@ def _run(exp: Experiment, out: Path) -> dict[str, Any]:
         runner.close()
         del runner
         gc.collect()
-    frames = read_jsonl(out / "frames.jsonl")
+    frames = load_run(out).frames
     return {
         "summary": summary,
         "reports": reports,
