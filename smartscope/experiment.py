@@ -101,10 +101,40 @@ class AnalysisSettings(BaseModel):
         description="Frames to analyse: every frame, or only base-plan frames "
         "(survey tiles) so targeted acquisitions do not compete for the model.",
     )
-    queue_size: int = Field(16, ge=1, description="Frames waiting before drops.")
+    queue_size: int = Field(
+        16,
+        ge=1,
+        description="Frames waiting for analysis beyond which the oldest frame no "
+        "policy needs is skipped ('overflow').",
+    )
     batch_size: int = Field(4, ge=1, description="Largest micro-batch.")
+    max_frame_age_ms: float | None = Field(
+        100.0,
+        gt=0,
+        description="Frames no policy needs (burst and follow frames; every frame "
+        "when no policy asks for it) that are older than this when the model is "
+        "free, with a newer frame waiting, are skipped ('stale'): decisions are "
+        "made on fresh frames. None: only superseded frames are skipped. Frames "
+        "a policy needs are never skipped.",
+    )
     num_threads: int | None = Field(
-        None, ge=1, description="Threads for torch segmenters (default: 1 on ≤2 cores)."
+        None,
+        ge=1,
+        description="Threads for torch segmenters (default: the cores acquisition "
+        "and writing leave: 1 on up to 3 cores, cores - 2 above).",
+    )
+    worker: Literal["auto", "process", "thread"] = Field(
+        "auto",
+        description="Where the segmenter runs: in a child process (frames through "
+        "shared memory; acquisition keeps its GIL and cores), or on the analysis "
+        "thread. auto: a process for every segmenter but the rule-based threshold.",
+    )
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How much lower the analysis' OS priority (its process or "
+        "thread) is than acquisition's (Linux nice; 0: the same).",
     )
 
 

@@ -71,6 +71,8 @@ class RunSummary:
     """Counts and timings of a finished run (also stored in ``run.json``).
 
     ``latency_ms`` holds p50/p99 of frame→detections, →decision and →queued;
+    ``analysis`` the frames analysed and skipped by reason (``superseded``,
+    ``stale``, ``overflow``: see `FrameStream`) and the frame age at decision;
     ``schedule`` the Scheduler's `Scheduler.stats`: lateness (s) of base visits
     and of added events, missed timepoint deadlines, stage travel (µm) and
     light dose (exposure ms) per position.
@@ -92,6 +94,7 @@ class RunSummary:
     latency_ms: dict[str, dict[str, float | None]] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    analysis: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,16 +211,17 @@ class Runner:
             _clear_run_dir(self.directory)
 
         # build everything that can fail on bad input before touching hardware
-        self.segmenter = experiment.segmenter.build()
         self.policies = [spec.build() for spec in experiment.policies]
+        self.segmenter = _build_segmenter(experiment)
 
         self._owns_microscope = microscope is None
-        if microscope is None:
-            microscope = Microscope(experiment.config_path(config))
-        elif config is not None:
-            microscope.load_config(experiment.config_path(config))
-        self.microscope = microscope
+        self.microscope = None  # type: ignore[assignment]
         try:
+            if microscope is None:
+                microscope = Microscope(experiment.config_path(config))
+            elif config is not None:
+                microscope.load_config(experiment.config_path(config))
+            self.microscope = microscope
             prepare_hardware(experiment, microscope)
             #: presets of the config's objective group (targets may switch)
             self.objectives = microscope.objectives()
@@ -341,10 +345,14 @@ class Runner:
         self.scheduler.events.eventsScheduled.connect(self.events.eventsScheduled)
         if self.approval is not None:
             self.approval.bind(self.scheduler, storage=self.storage, clock=self.clock)
-        self.stream = FrameStream(exp.analysis.queue_size)
-        num_threads = exp.analysis.num_threads or (
-            1 if (os.cpu_count() or 1) <= 2 else 2
+        self.stream = FrameStream(
+            exp.analysis.queue_size,
+            max_frame_age_s=None
+            if exp.analysis.max_frame_age_ms is None
+            else exp.analysis.max_frame_age_ms / 1000.0,
+            clock=self.clock,
         )
+        num_threads = analysis_threads(exp)
         self.worker = InferenceWorker(
             self.stream,
             self.segmenter,
@@ -358,6 +366,7 @@ class Runner:
             num_threads=num_threads,
             approval=self.approval,
             pixel_size_um=self.context.pixel_size_um,
+            nice=exp.analysis.nice,
         )
         if self.resume_point is not None:  # decision ids go on after the logged
             self.worker.n_decisions = self.resume_point.first_decision_id
@@ -420,14 +429,28 @@ class Runner:
         self._frame_count += 1
         if self._analyze(frame):
             self.scheduler.analysis_started()  # type: ignore[union-attr]
-            if not self.stream.put(frame, img):  # type: ignore[union-attr]
-                self.scheduler.analysis_finished()  # type: ignore[union-attr]
+            # skipped frames end their analysis through the worker's on_skip
+            needed = self._needed(frame)
+            self.stream.put(frame, img, required=needed)  # type: ignore[union-attr]
         self.storage.submit_frame(img, frame)  # type: ignore[union-attr]
         self.events.frameAcquired.emit(frame)
 
     def _analyze(self, frame: Frame) -> bool:
         analysis = self.experiment.analysis
         return analysis.enabled and (analysis.analyze == "all" or frame.kind == "base")
+
+    def _needed(self, frame: Frame) -> bool:
+        """Whether a policy needs this frame analysed (then it is never skipped).
+
+        A policy says so with ``needs(frame)``; one without that method needs
+        every frame. Without policies no frame is needed: the newest ones are
+        analysed for the record.
+        """
+        for policy in self.policies:
+            needs = getattr(policy, "needs", None)
+            if needs is None or needs(frame):
+                return True
+        return False
 
     def is_running(self) -> bool:
         """Whether acquisition is still going."""
@@ -515,6 +538,7 @@ class Runner:
             latency_ms=worker.latency_percentiles(),
             schedule=sched.stats(),
             error=error,
+            analysis=worker.analysis_summary(),
         )
         storage.write_run_json(self._run_info(status))
         self.events.runFinished.emit(self.summary)
@@ -588,7 +612,10 @@ class Runner:
 
     # -------------------------------------------------------------- cleanup
     def close(self) -> None:
-        """Release the microscope if this runner created it."""
+        """Stop the segmenter's process; release a microscope this runner made."""
+        close_segmenter = getattr(getattr(self, "segmenter", None), "close", None)
+        if callable(close_segmenter):
+            close_segmenter()
         if self._owns_microscope and getattr(self, "microscope", None) is not None:
             self.microscope.close()
 
@@ -600,6 +627,38 @@ class Runner:
             self.cancel("aborted")
             self.finish()
         self.close()
+
+
+def analysis_threads(experiment: Experiment) -> int:
+    """Torch threads for the segmenter: the cores acquisition and writing leave.
+
+    ``analysis.num_threads`` if set; else 1 on up to 3 cores, cores - 2 above.
+    """
+    cores = os.cpu_count() or 1
+    return experiment.analysis.num_threads or (1 if cores <= 3 else cores - 2)
+
+
+def _build_segmenter(experiment: Experiment) -> Any:
+    """The experiment's segmenter, in a child process where ``analysis.worker`` says.
+
+    ``auto`` runs every segmenter but the rule-based ``threshold`` in a process:
+    a model then never competes with acquisition for the GIL, and runs at
+    ``analysis.nice`` lower priority.
+    """
+    spec, analysis = experiment.segmenter, experiment.analysis
+    worker = analysis.worker
+    if worker == "auto":
+        worker = "thread" if spec.name == "threshold" else "process"
+    if worker == "thread" or not analysis.enabled:
+        return spec.build()
+    from smartscope.segment import ProcessSegmenter
+
+    return ProcessSegmenter(
+        spec.name,
+        spec.params,
+        nice=analysis.nice,
+        num_threads=analysis_threads(experiment),
+    )
 
 
 def prepare_hardware(experiment: Experiment, microscope: Microscope) -> None:

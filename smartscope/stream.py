@@ -1,17 +1,19 @@
 """`FrameStream` and `InferenceWorker`: analysis that never blocks acquisition.
 
 ``frameReady`` (acquisition thread) only calls `FrameStream.put`, which never
-waits: when the bounded queue is full the frame is counted as dropped from
-*analysis* (it is still stored). The `InferenceWorker` thread takes frames in
-acquisition order, micro-batches whatever has queued up, segments, measures
-`Detections`, asks every policy, applies their actions to the `Scheduler` and
-logs each decision. Its interface (`submit` frames, receive callbacks) is
-deliberately narrow so it can move to a subprocess later.
+waits. The `InferenceWorker` thread takes the frames worth analysing in
+acquisition order (frames no policy needs are skipped when a newer one
+supersedes them or they are older than ``analysis.max_frame_age_ms``, so
+decisions are made on fresh frames at any frame rate; skipped frames are
+counted by reason, logged and still stored), micro-batches them, segments,
+measures `Detections`, asks every policy, applies their actions to the
+`Scheduler` and logs each decision. The worker runs at a lower OS priority
+than acquisition (``analysis.nice``), with the torch thread count set on it.
 """
 
 from __future__ import annotations
 
-import queue
+import os
 import sys
 import threading
 import traceback
@@ -36,9 +38,11 @@ if TYPE_CHECKING:
     from smartscope.segment import PSegmenter
 
 __all__ = [
+    "SKIP_REASONS",
     "FrameStream",
     "InferenceWorker",
     "WorkerEvents",
+    "lower_thread_priority",
     "segment_zoomed",
     "warm_up",
     "zoom_factor",
@@ -99,58 +103,136 @@ def warm_up(segmenter: PSegmenter, shape: tuple[int, int]) -> float:
     return time.perf_counter() - t0
 
 
+#: Why a frame was not analysed (counted per reason; the frame is still stored).
+SKIP_REASONS = ("superseded", "stale", "overflow")
+
+
 class FrameStream:
-    """Bounded, non-blocking hand-off of frames from acquisition to analysis."""
+    """Hand-off of frames from acquisition to analysis that keeps decisions fresh.
 
-    def __init__(self, maxsize: int = 16) -> None:
-        self._queue: queue.Queue[tuple[Frame, np.ndarray] | None] = queue.Queue(
-            maxsize=maxsize
-        )
+    `put` never waits. `get_batch` hands the worker the frames worth analysing,
+    in acquisition order, and skips the others:
+
+    - a frame no policy *needs* (``required=False`` at `put`: a burst or follow
+      frame, or any frame when no policy asks for it) is skipped as
+      ``"superseded"`` when a newer frame of the same position and kind is
+      waiting, and as ``"stale"`` when it is older than `max_frame_age_s` and a
+      newer frame is waiting (the newest frame is always analysed);
+    - a required frame (a survey tile, a base field under a quota, the frame a
+      burst is triggered from) is never skipped for freshness;
+    - beyond `maxsize` waiting frames the oldest frame no policy needs goes
+      (``"overflow"``); beyond `hard_limit` (memory) even required ones do.
+
+    Every skipped frame is handed to `on_skip(frame, reason)` (the worker logs
+    it and tells the Scheduler its analysis is over) and counted in
+    `n_skipped`; the dataset keeps it.
+    """
+
+    def __init__(
+        self,
+        maxsize: int = 16,
+        *,
+        max_frame_age_s: float | None = None,
+        clock: Callable[[], float] | None = None,
+        hard_limit: int | None = None,
+    ) -> None:
         self.maxsize = maxsize
+        self.hard_limit = hard_limit or max(16 * maxsize, 256)
+        self.max_frame_age_s = max_frame_age_s
+        self._clock = clock
+        self._items: list[tuple[Frame, np.ndarray, bool]] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._skips: list[tuple[Frame, str]] = []
+        self.on_skip: Callable[[Frame, str], None] | None = None
         self.n_put = 0
-        self.n_dropped = 0
+        self.n_skipped: dict[str, int] = dict.fromkeys(SKIP_REASONS, 0)
 
-    def put(self, frame: Frame, image: np.ndarray) -> bool:
-        """Queue a frame for analysis without waiting; False (and counted) if full."""
-        try:
-            self._queue.put_nowait((frame, image))
-        except queue.Full:
-            self.n_dropped += 1
-            frame.dropped = True
-            return False
-        self.n_put += 1
-        return True
+    @property
+    def n_dropped(self) -> int:
+        """Frames not analysed, whatever the reason."""
+        return sum(self.n_skipped.values())
+
+    def put(self, frame: Frame, image: np.ndarray, *, required: bool = True) -> bool:
+        """Queue a frame for analysis without waiting.
+
+        Returns False if the frame itself had to go at once (``"overflow"``:
+        the queue is full of frames that policies need). Skipped frames are
+        reported to `on_skip` from the consumer's thread (`get_batch`), never
+        from the caller's.
+        """
+        with self._cond:
+            self._items.append((frame, image, required))
+            self.n_put += 1
+            if len(self._items) > self.maxsize:
+                self._skip_unneeded()
+            if len(self._items) > self.maxsize:
+                optional = [k for k, it in enumerate(self._items) if not it[2]]
+                if optional:
+                    self._skip(optional[0], "overflow")
+                elif len(self._items) > self.hard_limit:
+                    self._skip(0, "overflow")
+            self._cond.notify()
+            return not frame.dropped
+
+    def _skip(self, k: int, reason: str) -> None:
+        frame = self._items.pop(k)[0]
+        frame.dropped = True
+        self.n_skipped[reason] += 1
+        self._skips.append((frame, reason))
 
     def close(self) -> None:
         """Tell the consumer that no more frames will come (after those queued)."""
-        self._queue.put(None)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     def get_batch(self, max_size: int, timeout: float = 0.1) -> list[Any] | None:
-        """Block for one item, then take up to `max_size` - 1 more already queued.
+        """Wait for frames, skip the stale and superseded ones, take up to `max_size`.
 
         Returns ``None`` once the stream is closed and drained, ``[]`` on timeout.
         """
-        try:
-            first = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return []
-        if first is None:
-            return None
-        batch = [first]
-        while len(batch) < max_size:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                self._queue.put(None)  # keep the sentinel for the next call
-                break
-            batch.append(item)
-        return batch
+        with self._cond:
+            if not self._items and not self._skips and not self._closed:
+                self._cond.wait(timeout)
+            self._skip_unneeded()
+            batch = [(f, img) for f, img, _ in self._items[:max_size]]
+            del self._items[:max_size]
+            skips = sorted(self._skips, key=lambda s: s[0].frame_index)
+            self._skips = []
+            ended = self._closed and not batch and not self._items
+        if self.on_skip is not None:
+            for frame, reason in skips:
+                self.on_skip(frame, reason)
+        return None if ended else batch
+
+    def _skip_unneeded(self) -> None:
+        """Skip waiting frames no policy needs that are superseded or stale."""
+        items = self._items
+        if len(items) < 2:
+            return
+        now = self._clock() if self._clock is not None else None
+        newest: dict[tuple[str, str], int] = {}
+        for k, (frame, _, _) in enumerate(items):
+            newest[(frame.position, frame.kind)] = k
+        last = len(items) - 1
+        for k in range(last - 1, -1, -1):  # backwards: pops keep indices valid
+            frame, _, required = items[k]
+            if required:
+                continue
+            if newest[(frame.position, frame.kind)] != k:
+                self._skip(k, "superseded")
+            elif (
+                now is not None
+                and self.max_frame_age_s is not None
+                and now - frame.t_acquired > self.max_frame_age_s
+            ):
+                self._skip(k, "stale")
 
     def qsize(self) -> int:
         """Frames waiting for analysis."""
-        return self._queue.qsize()
+        with self._cond:
+            return len(self._items)
 
 
 class WorkerEvents(SignalGroup):
@@ -195,6 +277,9 @@ class InferenceWorker(threading.Thread):
         Operator approval mode: actions go to ``approval.propose`` (same
         signature as ``Scheduler.apply``) and wait there for the operator,
         instead of being applied.
+    nice : int
+        How much lower than acquisition this thread's OS scheduling priority
+        is (Linux: the thread's nice value; 0 leaves it alone).
     """
 
     def __init__(
@@ -212,8 +297,11 @@ class InferenceWorker(threading.Thread):
         num_threads: int | None = None,
         approval: Any | None = None,
         pixel_size_um: float | None = None,
+        nice: int = 0,
     ) -> None:
         super().__init__(name="smartscope-inference", daemon=True)
+        self.nice = nice
+        stream.on_skip = self._skipped
         self.pixel_size_um = pixel_size_um
         self.events = WorkerEvents()
         self.stream = stream
@@ -239,8 +327,10 @@ class InferenceWorker(threading.Thread):
             "frame_to_decision": StreamingPercentiles(),
             "frame_to_queued": StreamingPercentiles(),
         }
+        self.age_at_decision_max_ms = 0.0
 
     def run(self) -> None:
+        lower_thread_priority(self.nice)
         torch = sys.modules.get("torch")  # only torch segmenters import it
         if self.num_threads and torch is not None:
             torch.set_num_threads(self.num_threads)
@@ -273,6 +363,25 @@ class InferenceWorker(threading.Thread):
         finally:
             for _ in batch:
                 self.scheduler.analysis_finished()
+
+    def _skipped(self, frame: Frame, reason: str) -> None:
+        """A frame the stream skipped: log it; its analysis is over."""
+        if self.storage is not None:
+            self.storage.log_detections(
+                {
+                    "frame_index": frame.frame_index,
+                    "position": frame.position,
+                    "kind": frame.kind,
+                    "skipped": reason,
+                    "age_ms": round((self._clock() - frame.t_acquired) * 1000, 3),
+                }
+            )
+        self.scheduler.analysis_finished()
+
+    @property
+    def n_skipped(self) -> dict[str, int]:
+        """Frames not analysed, by reason (see `FrameStream`)."""
+        return dict(self.stream.n_skipped)
 
     # ------------------------------------------------------------------ work
     def _process(self, batch: list[tuple[Frame, np.ndarray]]) -> None:
@@ -355,7 +464,9 @@ class InferenceWorker(threading.Thread):
             if self.storage is not None:
                 self.storage.log_decision(record)
             self.events.decisionMade.emit(record)
-        self._lat("frame_to_decision", frame.t_decided - frame.t_acquired)
+        age_ms = (frame.t_decided - frame.t_acquired) * 1000.0
+        self.latencies_ms["frame_to_decision"].add(age_ms)
+        self.age_at_decision_max_ms = max(self.age_at_decision_max_ms, age_ms)
 
         if self.storage is not None:
             # after the decisions (writing a new array takes tens of ms), before
@@ -370,6 +481,7 @@ class InferenceWorker(threading.Thread):
                     "t_acquired_s": frame.t_acquired,
                     "t_analysed_s": frame.t_analysed,
                     "t_decided_s": frame.t_decided,
+                    "age_ms": round(age_ms, 3),
                     "objects": det.summary(),
                 }
             )
@@ -480,7 +592,43 @@ class InferenceWorker(threading.Thread):
             out[key] = {"p50": s["p50"], "p99": s["p99"]}
         return out
 
+    def analysis_summary(self) -> dict[str, Any]:
+        """Frames analysed and skipped (by reason); frame age at decision (ms).
+
+        The age of a frame at its decision is the time from its acquisition to
+        the moment every policy had answered (frame→decision latency).
+        """
+        s = self.latencies_ms["frame_to_decision"].summary(digits=3)
+        return {
+            "analysed": self.n_analysed,
+            "skipped": self.n_skipped,
+            "age_at_decision_ms": {
+                "p50": s["p50"],
+                "p99": s["p99"],
+                "max": round(self.age_at_decision_max_ms, 3)
+                if self.n_analysed
+                else None,
+            },
+        }
+
     def finish(self, timeout: float | None = None) -> None:
         """Close the stream, let the worker drain what is queued, and join it."""
         self.stream.close()
         self.join(timeout)
+
+
+def lower_thread_priority(nice: int) -> bool:
+    """Lower the calling thread's OS scheduling priority by `nice` (Linux).
+
+    On Linux a thread has its own nice value (``setpriority`` on its native
+    id); elsewhere nothing changes. Returns whether it was lowered.
+    """
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        now = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, now + nice)
+    except (OSError, AttributeError):
+        return False
+    return True

@@ -59,8 +59,9 @@ def live_specimen_report(
     """Score a finished run on a live specimen (see `LiveCellCamera.write_run_files`).
 
     The runner already wrote the files with the experiment's own fast interval
-    (`Experiment.fast_interval_s`); this rewrites them with `fast_interval_s_run`. Call it
-    after the run, before the microscope is closed.
+    (`Experiment.fast_interval_s`); this rewrites them with
+    `fast_interval_s_run`. Call it after the run, before the microscope is
+    closed.
 
     Returns
     -------

@@ -96,6 +96,11 @@ class PPolicy(Protocol):
         """True while the policy will still add work without a new frame."""
         ...
 
+    # Optional: ``needs(frame) -> bool`` says whether the policy needs `frame`
+    # analysed. Frames no policy needs may be skipped for fresher ones when the
+    # model falls behind the camera; a policy without ``needs`` needs every
+    # frame. (Not part of the runtime check, so older policies still conform.)
+
 
 class ObjectFilter(BaseModel):
     """Which detected objects count: size, intensity, score and border limits."""
@@ -144,3 +149,12 @@ class PolicyBase(BaseModel):
 
     def has_pending_work(self) -> bool:
         return False
+
+    def needs(self, frame: Frame) -> bool:
+        """Whether this policy needs `frame` analysed (then it is never skipped).
+
+        The built-ins need their survey frames (base-plan frames of
+        `survey_channel`); the frames they add themselves (bursts, follows,
+        targets) may be skipped for fresher ones when the model falls behind.
+        """
+        return self._is_survey(frame)

@@ -497,6 +497,10 @@ class ObjectAutofocus(PolicyBase):
     def _active(self) -> list[_Search]:
         return [s for v in self._searches.values() for s in v if s.result is None]
 
+    def needs(self, frame: Frame) -> bool:
+        """Its survey frames and every plane of its Z searches."""
+        return "af_well" in event_tag(frame.event) or self._is_survey(frame)
+
     def on_detections(
         self, frame: Frame, detections: Detections, context: PolicyContext
     ) -> list[Action]:

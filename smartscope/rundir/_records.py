@@ -117,8 +117,9 @@ class NotARunError(SmartscopeError):
 class RunRecords:
     """What a run directory holds, read back (missing parts are empty).
 
-    ``detections`` are the analysed frames of ``detections.jsonl``;
-    analysis errors logged there are in ``analysis_errors``. ``notes`` says
+    ``detections`` are the analysed frames of ``detections.jsonl``; frames
+    the analysis skipped for fresher ones are in ``skipped`` (their lines name
+    the reason), analysis errors logged there in ``analysis_errors``. ``notes`` says
     which parts are missing or unreadable.
     """
 
@@ -129,6 +130,7 @@ class RunRecords:
     decisions: list[dict[str, Any]]
     analysis_errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -162,7 +164,9 @@ class RunRecords:
         return {
             "frames_acquired": len(self.frames),
             "frames_analysed": len(self.detections),
-            "frames_dropped": sum(bool(f.get("dropped")) for f in self.frames),
+            "frames_dropped": max(
+                sum(bool(f.get("dropped")) for f in self.frames), len(self.skipped)
+            ),
             "detections": sum(int(r.get("n_detections", 0)) for r in self.detections),
             "decisions": sum(is_primary(d) for d in self.decisions),
             "events_scheduled": sum(len(a.get("events") or []) for a in applied),
@@ -214,10 +218,13 @@ def load_run(run_dir: str | Path) -> RunRecords:
     frames = log("frames.jsonl")
     raw = log("detections.jsonl")
     decisions = log("decisions.jsonl")
-    detections = [r for r in raw if "frame_index" in r]
+    detections = [r for r in raw if "frame_index" in r and "skipped" not in r]
+    skipped = [r for r in raw if "frame_index" in r and "skipped" in r]
     errors = [str(r["error"]) for r in raw if "error" in r]
     if frames and not (directory / "images").is_dir():
         notes.append("no images folder: the gallery is empty")
-    return RunRecords(directory, info, frames, detections, decisions, errors, notes)
+    return RunRecords(
+        directory, info, frames, detections, decisions, errors, notes, skipped
+    )
 
 

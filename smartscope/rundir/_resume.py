@@ -156,6 +156,7 @@ def inspect_run(run_dir: str | Path) -> RunState:
         name: _stored_chunks(directory / "images" / f"{name}.ome.zarr")
         for name in on_disk
     }
+    # analysed, or skipped for a fresher frame (no policy needed it): decided
     analysed = {
         int(r["frame_index"])
         for r in detections
@@ -256,7 +257,9 @@ def _replay_records(
     by_index = {
         int(r["frame_index"]): r
         for r in detections
-        if r.get("frame_index") is not None and "error" not in r
+        if r.get("frame_index") is not None
+        and "error" not in r
+        and "skipped" not in r
     }
     starts = [0] + [
         int(r.get("first_frame_index") or 0) for r in info.get("resumed") or []

@@ -786,6 +786,13 @@ class Scheduler(Iterator[MDAEvent]):
         if not live:
             return None
         due = [t for t in live if t.next_due <= horizon]
+        if due:
+            # the plan's axis order: no position's next visit before every due
+            # position had its current one (an interval-0 time-lapse visits its
+            # positions round-robin, as pymmcore-plus does; travel order only
+            # chooses among those)
+            first = min(t.next_visit for t in due)
+            due = [t for t in due if t.next_visit == first]
         if not due:
             tl = min(live, key=lambda t: (t.next_due, t.order))
         elif self.travel_order == "nearest" and self._here is not None:

@@ -6,6 +6,7 @@
 `UNetSegmenter` is imported lazily (it imports torch).
 """
 
+from smartscope.segment._process import ProcessSegmenter, SegmenterProcessError
 from smartscope.segment._protocol import PSegmenter, Segmentation, as_batch
 from smartscope.segment._registry import available_segmenters, create_segmenter
 from smartscope.segment._threshold import ThresholdSegmenter
@@ -21,7 +22,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "PSegmenter",
+    "ProcessSegmenter",
     "Segmentation",
+    "SegmenterProcessError",
     "ThresholdSegmenter",
     "UNetSegmenter",
     "as_batch",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -29,8 +30,22 @@ def available_segmenters() -> list[str]:
     return sorted(names)
 
 
+def _import_path(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    try:
+        obj: Any = import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise RegistryError(f"segmenter {path!r}: cannot import it ({e})") from e
+    return obj
+
+
 def create_segmenter(name: str, params: dict[str, Any] | None = None) -> PSegmenter:
     """Build the segmenter registered as `name` with keyword `params`.
+
+    `name` is a built-in (``threshold``, ``unet``), a ``smartscope.segmenters``
+    entry point, or an import path ``package.module:ClassName``.
 
     Raises
     ------
@@ -45,10 +60,13 @@ def create_segmenter(name: str, params: dict[str, Any] | None = None) -> PSegmen
             if ep.name == name:
                 factories[name] = ep.load()
                 break
+    if name not in factories and ":" in name:
+        factories[name] = _import_path(name)
     if name not in factories:
         raise RegistryError(
             f"unknown segmenter {name!r} (available: "
-            f"{', '.join(available_segmenters())})"
+            f"{', '.join(available_segmenters())}; or an import path "
+            "'package.module:ClassName')"
         )
     segmenter = factories[name](**(params or {}))
     if not isinstance(segmenter, PSegmenter):
