@@ -59,6 +59,22 @@ def test_builtin_ships_with_card_hash_and_torchscript():
     assert torch.allclose(ts(x), ref, atol=1e-3)
 
 
+def test_builtin_card_metrics_are_what_the_model_scores(builtin):
+    """The card's validation numbers are reproduced, not just read back."""
+    claimed = json.loads(BUILTIN_CARD.read_text())["metrics"]["synthetic_val"]
+    val = validation_set(claimed["images"])
+    images, truths = [v[0] for v in val], [v[1] for v in val]
+    n_true = sum(len(np.unique(t[t > 0])) for t in truths)
+    assert claimed["model"]["n_true"] == n_true
+    for key, segmenter in (
+        ("model", builtin),
+        ("threshold_baseline", ThresholdSegmenter()),
+    ):
+        got = evaluate(segmenter, images, truths)
+        for metric in ("f1@0.5", "mean_ap"):
+            assert got[metric] == pytest.approx(claimed[key][metric], abs=0.005)
+
+
 def test_builtin_beats_floor_that_untrained_net_fails(builtin, small_val, tmp_path):
     import torch
 
@@ -299,16 +315,24 @@ def test_train_cli_fine_tunes_on_user_tiff_pairs(tmp_path):
     assert res.returncode == 2 and "not found" in res.stderr
 
 
-def test_bench_segment_reports_latency_and_accuracy():
+def test_bench_segment_reports_latency_and_accuracy(builtin):
     from smartscope.bench import bench_segment
 
     result = bench_segment(sizes=(128,), repeats=3, n_val=5, bead_fields=1)
     assert result["device"] == "cpu"
     for name in ("builtin", "threshold"):
-        assert result["latency_ms"][name]["128"]["p50"] > 0
+        assert result["latency_ms"][name]["128"]["n"] == 3
         for dataset in ("synthetic_val", "synthetic_large_nuclei", "democam_beads"):
-            acc = result["accuracy"][dataset][name]
-            assert 0 <= acc["f1@0.5"] <= 1 and 0 <= acc["mean_ap"] <= 1
+            assert set(result["accuracy"][dataset][name]) >= {"f1@0.5", "mean_ap"}
+    # each model's accuracy is its own, on the first 5 validation images
+    val = validation_set(5)
+    for name, segmenter in (("builtin", builtin), ("threshold", ThresholdSegmenter())):
+        expected = evaluate(segmenter, [v[0] for v in val], [v[1] for v in val])
+        got = result["accuracy"]["synthetic_val"][name]
+        assert got["f1@0.5"] == pytest.approx(expected["f1@0.5"], abs=1e-6)
+        assert got["mean_ap"] == pytest.approx(expected["mean_ap"], abs=1e-6)
+    val_f1 = {k: v["f1@0.5"] for k, v in result["accuracy"]["synthetic_val"].items()}
+    assert val_f1["builtin"] >= FLOOR_F1 and val_f1["builtin"] > val_f1["threshold"]
     assert result["accuracy"]["democam_beads"]["builtin"]["f1@0.5"] >= 0.9
     json.dumps(result)
 
