@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -23,11 +22,6 @@ from smartscope.reanalyze import (
 )
 from smartscope.rundir import read_jsonl, read_position
 
-needs_dask = pytest.mark.skipif(
-    importlib.util.find_spec("distributed") is None,
-    reason='needs the dask extra: pip install "smartscope[dask]"',
-)
-
 
 def _copy(run: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "run"
@@ -44,6 +38,29 @@ def _read(path: Path) -> np.ndarray:
     return np.asarray(store.read().result())
 
 
+def _n_objects(labels: np.ndarray) -> int:
+    return len(np.unique(labels[labels > 0]))
+
+
+def _matched_ious(old: np.ndarray, new: np.ndarray) -> list[float]:
+    """IoU of each pair of objects (old, new) that overlap by more than half.
+
+    Above 0.5 an object has at most one such partner: the pairs are the
+    one-to-one matches at IoU 0.5.
+    """
+    ious = []
+    for a in np.unique(old[old > 0]):
+        mine = old == a
+        for b in np.unique(new[mine]):
+            if b == 0:
+                continue
+            other = new == b
+            iou = (mine & other).sum() / (mine | other).sum()
+            if iou > 0.5:
+                ious.append(float(iou))
+    return ious
+
+
 def _live(run: Path) -> dict[int, dict]:
     return {
         r["frame_index"]: r
@@ -52,7 +69,6 @@ def _live(run: Path) -> dict[int, dict]:
     }
 
 
-@needs_dask
 def test_same_model_on_local_cluster_reproduces_live_labels(demo_run, tmp_path):
     run = _copy(demo_run[0], tmp_path)
     live_before = sorted(p.name for p in (run / "labels").iterdir())
@@ -96,7 +112,6 @@ def test_same_model_on_local_cluster_reproduces_live_labels(demo_run, tmp_path):
     assert sorted(p.name for p in (run / "labels").iterdir()) == live_before
 
 
-@needs_dask
 def test_other_model_writes_labels_beside_and_compares(demo_run, tmp_path):
     run = _copy(demo_run[0], tmp_path)
     lines = []
@@ -111,15 +126,31 @@ def test_other_model_writes_labels_beside_and_compares(demo_run, tmp_path):
     live = _live(run)
     positions = {r["position"] for r in saved["frames"]}
     assert len(lines) == len(positions)
+    new_labels = {
+        p: _read(run / "labels-unet-builtin" / f"{p}.ome.zarr") for p in positions
+    }
     for row in saved["frames"]:
+        a = row["array"]
+        new = new_labels[row["position"]][a["t"], a["c"], a["z"]]
+        assert row["n_new"] == _n_objects(new)
         if row["analysed_live"]:
+            old = read_position(run, row["position"], labels=True)
+            old = old[a["t"], a["c"], a["z"]]
             assert row["n_old"] == live[row["frame_index"]]["n_detections"]
-            assert 0 <= row["f1@0.5"] <= 1 and row["identical"] is False
-            assert row["f1@0.5"] < 1 or row["n_old"] == row["n_new"]
-            assert row["mean_iou"] is None or 0.5 < row["mean_iou"] <= 1
+            assert row["n_old"] == _n_objects(old)
+            assert row["identical"] is False
+            # the comparison, counted object by object here
+            ious = _matched_ious(old, new)
+            n = row["n_old"] + row["n_new"]
+            assert row["f1@0.5"] == pytest.approx(
+                2 * len(ious) / n if n else 1.0, abs=1e-4
+            )
+            if ious:
+                assert row["mean_iou"] == pytest.approx(np.mean(ious), abs=1e-4)
+            else:
+                assert row["mean_iou"] is None
         else:
             assert row["n_old"] is None and row["f1@0.5"] is None
-        assert row["n_new"] >= 0
     o = saved["overall"]
     assert o["n_compared"] == len(live) and o["identical_fraction"] == 0.0
     assert o["n_new_only"] == o["n_frames"] - o["n_compared"] > 0
@@ -129,7 +160,6 @@ def test_other_model_writes_labels_beside_and_compares(demo_run, tmp_path):
         assert labels.shape == read_position(run, position).shape
 
 
-@needs_dask
 def test_existing_cluster_by_address(demo_run, tmp_path):
     from distributed import Client, LocalCluster
 
@@ -173,7 +203,10 @@ def dask_processes(tmp_path):
     from distributed import Client
 
     if not DASK_CLI.is_file():
-        pytest.skip(f"no dask command line at {DASK_CLI}")
+        pytest.fail(
+            f"no dask command line at {DASK_CLI}: pip install -e '.[test]'",
+            pytrace=False,
+        )
     scheduler_file = tmp_path / "scheduler.json"
     # run the cluster where the run is not: workers only see the planes sent
     cwd = tmp_path / "cluster"
@@ -219,7 +252,6 @@ def _tail(tmp_path: Path) -> str:
     return (tmp_path / "cluster.log").read_text()[-2000:]
 
 
-@needs_dask
 def test_cli_on_a_cluster_of_other_processes(demo_run, tmp_path, dask_processes):
     from distributed import Client
 
@@ -274,18 +306,15 @@ def test_cli_on_a_cluster_of_other_processes(demo_run, tmp_path, dask_processes)
     ["tcp://127.0.0.1:9", "nonsense", "foo://127.0.0.1:8786"],
     ids=["refused", "no-port", "bad-scheme"],
 )
-@needs_dask
 def test_cli_bad_scheduler_address_exits_2_with_one_line(demo_run, address):
-    t0 = time.monotonic()
+    # a hang (no connect timeout) ends in _cli's subprocess timeout
     proc = _cli(str(demo_run[0]), "--model", "threshold", "--scheduler", address)
-    elapsed = time.monotonic() - t0
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(
         f"error: cannot connect to the dask scheduler at {address}: "
     )
-    assert elapsed < 60  # the connect timeout is short, not a hang
     assert not list(Path(demo_run[0]).glob("reanalysis-*.json"))
 
 
