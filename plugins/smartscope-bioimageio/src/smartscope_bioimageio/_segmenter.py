@@ -285,6 +285,16 @@ class BioimageioSegmenter(BaseModel):
         return f"bioimageio:{name}-{self._sha256[:12]}"
 
     @property
+    def weights_used(self) -> str:
+        """The weights format that runs (``onnx``, ``torchscript``, ...)."""
+        return self._weights()[0]
+
+    @property
+    def device_name(self) -> str:
+        """``cuda`` for torch weights on a CUDA device, else ``cpu``."""
+        return "cuda" if self._cuda() and self.weights_used != "onnx" else "cpu"
+
+    @property
     def description(self) -> Any:
         """The loaded ``bioimageio.spec`` model description."""
         return self._descr

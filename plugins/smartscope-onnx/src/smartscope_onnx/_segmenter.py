@@ -199,6 +199,11 @@ class OnnxSegmenter(BaseModel):
         return list(self._session.get_providers())
 
     @property
+    def device_name(self) -> str:
+        """``cuda`` when ONNX Runtime runs the model on CUDA, else ``cpu``."""
+        return "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+
+    @property
     def metadata(self) -> dict[str, str]:
         """The model file's metadata (``smartscope.*`` keys for exported models)."""
         return dict(self._meta)

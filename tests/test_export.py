@@ -1,0 +1,193 @@
+"""Export of the built-in (or a trained) model: ONNX and bioimage.io, offline."""
+
+from __future__ import annotations
+
+import gc
+import json
+import socket
+import zipfile
+
+import numpy as np
+import pytest
+
+from smartscope.segment._export import (
+    ExportError,
+    default_export_path,
+    export_model,
+)
+from smartscope.segment._model import ModelFileError
+
+# bioimageio.spec leaves file handles to the garbage collector
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    yield
+    gc.collect()  # unclosed files are reported here, under this module's filters
+
+
+def _scaled(image: np.ndarray) -> np.ndarray:
+    """The exported models' input: 1st → 0, 99.8th percentile → 1."""
+    img = image.astype(np.float32)
+    lo, hi = np.percentile(img, (1, 99.8))
+    return ((img - lo) / (hi - lo))[None, None].astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def builtin_onnx(tmp_path_factory):
+    pytest.importorskip("onnx")
+    return export_model("builtin", "onnx", tmp_path_factory.mktemp("x") / "b.onnx")
+
+
+def test_onnx_export_is_the_torch_network(builtin_onnx):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from smartscope.segment import UNetSegmenter
+    from smartscope.segment._synth import synth_sample
+
+    model = onnx.load(str(builtin_onnx))
+    onnx.checker.check_model(model)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["smartscope.output"] == "boundary3"
+    assert meta["smartscope.model_id"].startswith("builtin-")
+    (inp,) = model.graph.input
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert dims == ["batch", 1, "y", "x"]  # any batch and image size
+    sess = ort.InferenceSession(str(builtin_onnx), providers=["CPUExecutionProvider"])
+    ref = UNetSegmenter(device="cpu", precision="fp32", threads=2)
+    for seed, shape in [(1, (256, 256)), (2, (192, 320))]:
+        image, _ = synth_sample(seed, shape, "nuclei")
+        (probs,) = sess.run(None, {"raw": _scaled(image)})
+        assert probs.shape == (1, 3, *shape)
+        np.testing.assert_allclose(probs[0].sum(0), 1, atol=1e-5)
+        np.testing.assert_allclose(probs[0], ref.probabilities(image), atol=1e-4)
+
+
+def test_onnx_export_of_a_trained_model_file(tmp_path):
+    """A model file from `smartscope train` (here: a tiny random one) exports too."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import torch
+
+    from smartscope.segment._model import save_model_file
+    from smartscope.segment._net import SmartUNet
+
+    torch.manual_seed(0)
+    net = SmartUNet((4, 8, 16), 1).eval()
+    pt = tmp_path / "tiny.pt"
+    meta = {"name": "tiny", "arch": {"widths": [4, 8, 16], "depth": 1}}
+    save_model_file(pt, net.state_dict(), meta)
+    out = export_model(pt, "onnx", tmp_path / "tiny.onnx")
+    x = np.random.default_rng(0).random((2, 1, 64, 48), dtype=np.float32)
+    (probs,) = ort.InferenceSession(str(out)).run(None, {"raw": x})
+    with torch.no_grad():
+        expected = torch.softmax(net(torch.from_numpy(x)), dim=1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    pytest.importorskip("bioimageio.spec")
+    pytest.importorskip("onnx")
+    out = tmp_path_factory.mktemp("x") / "builtin.bioimageio.zip"
+    path = export_model("builtin", "bioimageio", out)
+    gc.collect()
+    return path
+
+
+def test_bioimageio_package_is_valid_offline(package):
+    from bioimageio.spec import load_description
+
+    from smartscope.segment._export_bioimageio import validate_package
+
+    summary = validate_package(package)  # perform_io_checks: every sha256
+    assert summary.status == "valid-format"
+    assert not [e for d in summary.details for e in d.errors]
+    descr = load_description(package, perform_io_checks=True)
+    assert str(descr.format_version).startswith("0.5.")
+    assert descr.weights.torchscript is not None and descr.weights.onnx is not None
+    assert str(descr.license) == "BSD-3-Clause"
+    assert str(descr.cite[0].doi) == "10.1002/cyto.a.23863"
+    assert descr.authors and descr.documentation and descr.covers
+    assert descr.config.model_extra["smartscope"]["output"] == "boundary3"
+    with zipfile.ZipFile(package) as z:
+        names = set(z.namelist())
+        assert {"rdf.yaml", "README.md", "cover.png"} <= names
+        assert {"test_input.npy", "test_output.npy"} <= names
+        with z.open("cover.png") as fh:
+            from PIL import Image
+
+            assert Image.open(fh).size == (512, 256)  # 2:1, as bioimage.io asks
+        assert "## Validation" in z.read("README.md").decode()
+
+
+@pytest.mark.parametrize("weights", ["torchscript", "onnx"])
+def test_bioimageio_core_reproduces_the_test_output(package, weights):
+    """``bioimageio test``: both weights give the packaged test output."""
+    core = pytest.importorskip("bioimageio.core")
+    if weights == "onnx":
+        pytest.importorskip("onnxruntime")
+    import warnings
+
+    with warnings.catch_warnings():  # torch.jit.load is deprecated in torch 2.13
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        summary = core.test_model(package, weight_format=weights)
+    failed = [d.name for d in summary.details if d.status == "failed"]
+    assert summary.status == "passed", failed
+
+
+def test_bioimageio_folder_output(tmp_path):
+    pytest.importorskip("bioimageio.spec")
+    pytest.importorskip("onnx")
+    out = export_model("builtin", "bioimageio", tmp_path / "pkg")
+    assert out.is_dir() and (out / "rdf.yaml").exists()
+    assert (out / "weights.onnx").stat().st_size > 100_000
+    rdf = (out / "rdf.yaml").read_text()
+    assert "weights_torchscript.pt" in rdf and "scale_range" in rdf
+
+
+# -- dispatch and errors: one line each ---------------------------------------------
+def test_default_paths_and_unknown_format(tmp_path):
+    assert str(default_export_path("builtin", "onnx")) == "builtin.onnx"
+    assert str(default_export_path("runs/m.pt", "bioimageio")) == "m.bioimageio.zip"
+    with pytest.raises(ExportError) as exc:
+        export_model("builtin", "tensorflow", tmp_path / "x")
+    assert (
+        str(exc.value)
+        == "unknown export format 'tensorflow' (formats: onnx, bioimageio)"
+    )
+
+
+def test_bad_model_and_output_paths(tmp_path):
+    pytest.importorskip("onnx")
+    with pytest.raises(ModelFileError, match="not found"):
+        export_model(tmp_path / "missing.pt", "onnx", tmp_path / "x.onnx")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ModelFileError) as exc:
+        export_model(junk, "onnx", tmp_path / "x.onnx")
+    assert "\n" not in str(exc.value)
+    with pytest.raises(ExportError, match="does not exist"):
+        export_model("builtin", "onnx", tmp_path / "no" / "x.onnx")
+    with pytest.raises(ExportError, match="is a folder"):
+        export_model("builtin", "onnx", tmp_path)
+
+
+def test_card_of_export_matches_model(builtin_onnx):
+    """The exported file names the model it came from (sha256 of builtin.pt)."""
+    onnx = pytest.importorskip("onnx")
+    from smartscope.segment._model import BUILTIN_CARD
+
+    card = json.loads(BUILTIN_CARD.read_text())
+    meta = {p.key: p.value for p in onnx.load(str(builtin_onnx)).metadata_props}
+    assert meta["smartscope.source_sha256"] == card["files"]["builtin.pt"]["sha256"]
