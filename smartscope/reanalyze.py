@@ -5,9 +5,11 @@ images (all of them, also those the live loop never analysed), segments them
 on the workers of a dask.distributed cluster (a `distributed.LocalCluster` by
 default, an existing cluster when a scheduler address is given) and writes
 
-* ``labels-<name>/<position>.ome.zarr``: the new instance labels, in the same
-  layout as ``labels/`` (one array per position, dims ``(t, c, z, y, x)`` in
-  the order of the image array), through the same ome-writers path;
+* the new instance labels as another NGFF labels image of each position,
+  ``run.ome.zarr/<position>/labels/<name>`` beside the live ``segmentation``
+  (dims ``(t, c, z, y, x)`` in the order of the image), through the same
+  ome-writers path (runs written before the hierarchy:
+  ``labels-<name>/<position>/``);
 * ``reanalysis-<name>.json``: per frame and overall, object counts of the live
   labels and the new ones, and how far they agree: F1 at IoU 0.5, mean IoU of
   the matched objects, whether the two label images are identical; model ids,
@@ -40,7 +42,14 @@ import numpy as np
 import yaml
 
 from smartscope._errors import SmartscopeError, first_line
-from smartscope.rundir import PositionArrays, load_run, read_position
+from smartscope.rundir import (
+    HIERARCHY,
+    Hierarchy,
+    PositionArrays,
+    load_run,
+    position_path,
+    read_position,
+)
 from smartscope.stream import zoom_factor
 
 if TYPE_CHECKING:
@@ -272,9 +281,11 @@ def _load_run(directory: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     if not directory.is_dir():
         raise ReanalysisError(f"no run directory at {directory}")
     has_frames = (directory / "frames.jsonl").is_file()
-    if not has_frames or not (directory / "images").is_dir():
+    has_images = (directory / HIERARCHY).is_dir() or (directory / "images").is_dir()
+    if not has_frames or not has_images:
         raise ReanalysisError(
-            f"{directory} is not a run directory (no frames.jsonl or images/)"
+            f"{directory} is not a run directory (no frames.jsonl or "
+            f"{HIERARCHY}/)"
         )
     run = load_run(directory)
     unreadable = [n for n in run.notes if n.startswith("run.json is unreadable")]
@@ -303,7 +314,7 @@ def _run_segmenter(directory: Path, info: dict[str, Any]) -> dict[str, Any]:
 
 
 def _axes_order(directory: Path, position: str) -> str:
-    meta = directory / "images" / f"{position}.ome.zarr" / "zarr.json"
+    meta = position_path(directory, position) / "zarr.json"
     try:
         attrs = json.loads(meta.read_text(encoding="utf-8"))["attributes"]
         axes = [a["name"] for a in attrs["ome"]["multiscales"][0]["axes"]]
@@ -464,7 +475,6 @@ def reanalyze(
         next(iter(live_ids)) if len(live_ids) == 1 else None
     )
     pixel_size_um = float(info.get("pixel_size_um") or 1.0)
-    out_dir = directory / f"labels-{name}"
     torch = sys.modules.get("torch")
     torch_threads = torch.get_num_threads() if torch is not None else None
 
@@ -473,9 +483,7 @@ def reanalyze(
             _SEGMENTERS[key] = segmenter
     client, cluster = _connect(scheduler, workers, processes)
     try:
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        writer = PositionArrays(out_dir, pixel_size_um=pixel_size_um)
+        writer = _labels_writer(directory, name, pixel_size_um)
         try:
             records, used, worker_ids = _run_tasks(
                 client,
@@ -504,7 +512,7 @@ def reanalyze(
     result = {
         "run_dir": str(directory),
         "name": name,
-        "labels": out_dir.name,
+        "labels": _labels_place(directory, name),
         "model": {
             "spec": spec,
             "model_id": model_id,
@@ -555,6 +563,27 @@ def _chunks(
             )
             yield pos, chunk, planes, i + batch_size >= len(recs)
         del images
+
+
+def _labels_writer(directory: Path, name: str, pixel_size_um: float) -> PositionArrays:
+    """Where the new labels go: each image's labels (a re-run replaces them)."""
+    if (directory / HIERARCHY / "zarr.json").is_file():
+        hierarchy = Hierarchy.open(directory)
+        for key in hierarchy.keys():
+            hierarchy.remove_labels(key, name)
+    else:  # a run written before the hierarchy: labels-<name>/<position>/
+        root = directory / f"labels-{name}"
+        if root.exists():
+            shutil.rmtree(root)
+        hierarchy = Hierarchy(root)
+    return PositionArrays(hierarchy, labels=name, pixel_size_um=pixel_size_um)
+
+
+def _labels_place(directory: Path, name: str) -> str:
+    """Where `reanalyze` wrote the labels named `name`, for people."""
+    if (directory / HIERARCHY / "zarr.json").is_file():
+        return f"{HIERARCHY}/<position>/labels/{name}"
+    return f"labels-{name}/<position>/labels/{name}"
 
 
 def _inside(shape: tuple[int, ...], pos: _Position, rec: dict[str, Any]) -> bool:

@@ -23,7 +23,7 @@ from smartscope.approval import ApprovalGate
 from smartscope.frame import Frame, event_tag
 from smartscope.microscope import Microscope
 from smartscope.policies import PolicyContext
-from smartscope.rundir import RunStorage
+from smartscope.rundir import PlateGeometry, RunStorage
 from smartscope.scheduler import Scheduler
 from smartscope.stream import FrameStream, InferenceWorker, warm_up
 
@@ -318,6 +318,8 @@ class Runner:
             self.directory,
             pixel_size_um=self.microscope.pixel_size_um,
             compression=exp.output.compression,
+            plate=PlateGeometry.from_plan(self.plan),
+            to_stage=self.microscope.pixel_to_stage,
         )
         (self.directory / "experiment.yaml").write_text(exp.to_yaml())
         settings = exp.scheduler
@@ -713,7 +715,7 @@ def _opt_float(value: Any) -> float | None:
 def _clear_run_dir(directory: Path) -> None:
     import shutil
 
-    for name in ("images", "labels", "overflow"):
+    for name in ("run.ome.zarr", "partial", "images", "labels", "overflow"):
         shutil.rmtree(directory / name, ignore_errors=True)
     for name in (
         "frames.jsonl",

@@ -7,7 +7,7 @@ import pytest
 
 from smartscope._stats import StreamingPercentiles
 from smartscope.bench._screen import _big_plan, _count, _drive, _traced_peak
-from smartscope.rundir import PositionArrays, read_position
+from smartscope.rundir import Hierarchy, PositionArrays, read_position
 
 
 def test_scheduler_peak_memory_is_flat_as_the_plate_grows():
@@ -50,7 +50,7 @@ def _tag(position: str, visit: int = 0) -> dict:
 
 
 def test_storage_caps_open_arrays_and_keeps_every_frame(tmp_path):
-    arrays = PositionArrays(tmp_path / "images", max_open=4)
+    arrays = PositionArrays(Hierarchy.create(tmp_path, None), max_open=4)
     n_open = []
     for k in range(20):
         for t in range(2):
@@ -70,7 +70,7 @@ def test_storage_caps_open_arrays_and_keeps_every_frame(tmp_path):
 
 
 def test_finish_closes_one_position(tmp_path):
-    arrays = PositionArrays(tmp_path / "images")
+    arrays = PositionArrays(Hierarchy.create(tmp_path, None))
     arrays.write(np.ones((4, 4), np.uint16), _tag("a"))
     arrays.write(np.ones((4, 4), np.uint16), _tag("b"))
     assert arrays.finish("a") and not arrays.finish("a")

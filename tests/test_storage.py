@@ -5,11 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smartscope.rundir import PositionArrays, read_position
+from smartscope.rundir import (
+    LABELS_NAME,
+    Hierarchy,
+    PositionArrays,
+    position_path,
+    read_position,
+)
 
 
-def _chunk_bytes(run_dir, folder: str) -> int:
-    chunks = run_dir / folder / "p0.ome.zarr" / "0" / "c"
+def _chunk_bytes(run_dir, labels: bool) -> int:
+    chunks = position_path(run_dir, "p0", labels=labels) / "0" / "c"
     return sum(f.stat().st_size for f in chunks.rglob("*") if f.is_file())
 
 
@@ -20,8 +26,9 @@ def test_chunks_are_compressed_losslessly(tmp_path, compression):
     labels = np.zeros((256, 256), np.uint16)
     labels[40:80, 50:90] = 1
     labels[150:200, 100:140] = 2
-    for folder, frame in (("images", image), ("labels", labels)):
-        arrays = PositionArrays(tmp_path / folder, compression=compression)
+    hierarchy = Hierarchy.create(tmp_path, None)
+    for name, frame in ((None, image), (LABELS_NAME, labels)):
+        arrays = PositionArrays(hierarchy, labels=name, compression=compression)
         arrays.write(frame, {"position": "p0"})
         arrays.close()
 
@@ -30,11 +37,11 @@ def test_chunks_are_compressed_losslessly(tmp_path, compression):
     assert (read_position(tmp_path, "p0", labels=True)[0, 0, 0] == labels).all()
     raw = image.nbytes
     if compression == "none":
-        assert _chunk_bytes(tmp_path, "images") == raw
-        assert _chunk_bytes(tmp_path, "labels") == raw
+        assert _chunk_bytes(tmp_path, False) == raw
+        assert _chunk_bytes(tmp_path, True) == raw
     else:
-        assert _chunk_bytes(tmp_path, "images") < raw / 2  # noise on an offset
-        assert _chunk_bytes(tmp_path, "labels") < raw / 50  # mostly background
+        assert _chunk_bytes(tmp_path, False) < raw / 2  # noise on an offset
+        assert _chunk_bytes(tmp_path, True) < raw / 50  # mostly background
 
 
 def test_unknown_compression_is_refused(tmp_path):

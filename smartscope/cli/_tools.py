@@ -50,6 +50,39 @@ def report(
 
 
 @app.command()
+def view(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory.", show_default=False)],
+    position: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--position", "-p", help="Only this position (its key)."),
+    ] = None,
+    screenshot: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Save a screenshot of the window there and close it."),
+    ] = None,
+) -> None:
+    """Open a run in napari: positions placed in stage µm, labels, targets.
+
+    Every position's image (one layer per channel, µm per pixel of its
+    objective, Z step, time interval) at its stage position, its labels (live
+    and re-analysed) overlaid, and the decision log's targets as points.
+    Needs the view extra: pip install "smartscope[view]".
+    """
+    try:
+        from smartscope.view import view_run
+    except ImportError as e:
+        bad_input(f'view needs napari ({e}): pip install "smartscope[view]"')
+    try:
+        import napari  # noqa: F401
+    except ImportError as e:
+        bad_input(f'view needs napari ({e}): pip install "smartscope[view]"')
+    with user_errors():
+        shot = view_run(run_dir, position, screenshot=screenshot)
+    if shot is not None:
+        console.print(str(shot), markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
 def reanalyze(
     run_dir: Annotated[Path, typer.Argument(help="Run directory.", show_default=False)],
     model: Annotated[

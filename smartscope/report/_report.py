@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from smartscope.frame import well_of
-from smartscope.rundir import RunRecords, load_run
+from smartscope.rundir import RunRecords, load_run, position_path
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -416,7 +416,8 @@ class _Arrays:
     def _store(self, folder: str, position: str) -> Any:
         key = (folder, position)
         if key not in self._stores:
-            path = self.directory / folder / f"{position}.ome.zarr" / "0"
+            path = position_path(self.directory, position, labels=folder == "labels")
+            path = path / "0"
             store = None
             if path.is_dir():
                 import tensorstore as ts

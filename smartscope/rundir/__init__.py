@@ -5,11 +5,18 @@ thread, JSON-lines logs, ``run.json``); `load_run` reads one back for every
 tool; `inspect_run` and `prepare_directory` plan and prepare a resume.
 """
 
+from smartscope.rundir._layout import (
+    HIERARCHY,
+    LABELS_NAME,
+    Hierarchy,
+    PlateGeometry,
+    array_names,
+    position_path,
+)
 from smartscope.rundir._records import (
     JsonLines,
     NotARunError,
     RunRecords,
-    array_names,
     dumps,
     is_primary,
     load_run,
@@ -29,21 +36,28 @@ from smartscope.rundir._writer import (
     Compression,
     PositionArrays,
     RunStorage,
+    channel_color,
     open_position,
+    position_attrs,
     read_position,
 )
 
 __all__ = [
     "COMPRESSIONS",
+    "HIERARCHY",
+    "LABELS_NAME",
     "Compression",
+    "Hierarchy",
     "JsonLines",
     "NotARunError",
+    "PlateGeometry",
     "PositionArrays",
     "ResumeError",
     "RunRecords",
     "RunState",
     "RunStorage",
     "array_names",
+    "channel_color",
     "counts_from_logs",
     "dumps",
     "event_location",
@@ -51,6 +65,8 @@ __all__ = [
     "is_primary",
     "load_run",
     "open_position",
+    "position_attrs",
+    "position_path",
     "prepare_directory",
     "read_jsonl",
     "read_position",

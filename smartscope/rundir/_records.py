@@ -7,7 +7,7 @@ A run directory holds::
     frames.jsonl      one line per acquired frame (`Frame.to_json`)
     detections.jsonl  one line per analysed frame (objects table) or error
     decisions.jsonl   one line per policy decision, approval or refusal
-    images/<position>.ome.zarr, labels/<position>.ome.zarr
+    run.ome.zarr/     the images and labels (see `smartscope.rundir._layout`)
 
 `load_run` is the one reader every tool (report, resume, reanalyze, bench)
 uses; `RunRecords.counts` the one way to count a run from its logs.
@@ -24,12 +24,12 @@ from typing import IO, Any
 import numpy as np
 
 from smartscope._errors import SmartscopeError
+from smartscope.rundir._layout import PARTIAL, array_names, position_path
 
 __all__ = [
     "JsonLines",
     "NotARunError",
     "RunRecords",
-    "array_names",
     "dumps",
     "is_primary",
     "load_run",
@@ -41,10 +41,6 @@ FRAMES = "frames.jsonl"
 DETECTIONS = "detections.jsonl"
 DECISIONS = "decisions.jsonl"
 LOGS = (FRAMES, DETECTIONS, DECISIONS)
-IMAGES = "images"
-LABELS = "labels"
-#: Infix of the arrays a resume moved aside (``<key>.partial-<n>.ome.zarr``).
-PARTIAL = ".partial-"
 
 
 def jsonable(obj: Any) -> Any:
@@ -93,20 +89,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-
-
 def is_primary(record: dict[str, Any]) -> bool:
     """A policy's decision line (not an operator's approval line)."""
     return record.get("decision_id") is not None and "approval" not in record
-
-
-def array_names(directory: Path) -> set[str]:
-    """Names of the image and label arrays on disk (moved-aside ones included)."""
-    names = set()
-    for folder in (IMAGES, LABELS):
-        for path in (directory / folder).glob("*.ome.zarr"):
-            names.add(path.name.removesuffix(".ome.zarr"))
-    return names
 
 
 class NotARunError(SmartscopeError):
@@ -176,7 +161,7 @@ class RunRecords:
                 for f in self.frames
             ),
             "positions": sum(
-                (self.directory / IMAGES / f"{n}.ome.zarr").exists() for n in kept
+                (position_path(self.directory, n) / "0").exists() for n in kept
             ),
         }
 
@@ -221,10 +206,8 @@ def load_run(run_dir: str | Path) -> RunRecords:
     detections = [r for r in raw if "frame_index" in r and "skipped" not in r]
     skipped = [r for r in raw if "frame_index" in r and "skipped" in r]
     errors = [str(r["error"]) for r in raw if "error" in r]
-    if frames and not (directory / "images").is_dir():
-        notes.append("no images folder: the gallery is empty")
+    if frames and not array_names(directory):
+        notes.append("no images on disk: the gallery is empty")
     return RunRecords(
         directory, info, frames, detections, decisions, errors, notes, skipped
     )
-
-

@@ -14,7 +14,8 @@ is missing:
   a spent light-dose budget) are *skipped*: kept as they are, not imaged.
 - Any other position with frames or an array on disk is *partial*: its image
   and label arrays, and those of the positions its decisions added, are moved
-  aside to ``images/<key>.partial-<n>.ome.zarr`` (``labels/`` likewise), the
+  aside to ``partial/<key>.partial-<n>`` (out of the run's hierarchy; runs
+  written before it: ``images/<key>.partial-<n>.ome.zarr``, labels likewise), the
   lines of their frames in ``frames.jsonl`` are pointed there and marked
   ``"partial": true``, and the position is imaged again.
 - Added positions (e.g. ``target_0007``) that are complete and were triggered
@@ -58,14 +59,15 @@ import numpy as np
 
 from smartscope._errors import SmartscopeError, first_line
 from smartscope.frame import well_of
-from smartscope.rundir._records import (
-    LOGS,
+from smartscope.rundir._layout import (
+    HIERARCHY,
     PARTIAL,
+    PARTIAL_DIR,
+    Hierarchy,
     array_names,
-    dumps,
-    load_run,
-    read_jsonl,
+    position_path,
 )
+from smartscope.rundir._records import LOGS, dumps, load_run, read_jsonl
 from smartscope.rundir._writer import open_position
 
 if TYPE_CHECKING:
@@ -85,7 +87,6 @@ __all__ = [
     "prepare_directory",
     "replay_frames",
 ]
-
 
 
 class ResumeError(SmartscopeError):
@@ -152,10 +153,7 @@ def inspect_run(run_dir: str | Path) -> RunState:
         logged[name].add(_tcz(where))
         if f.get("kind", "base") == "base":
             base_frames[name].append(f)
-    stored = {
-        name: _stored_chunks(directory / "images" / f"{name}.ome.zarr")
-        for name in on_disk
-    }
+    stored = {name: _stored_chunks(position_path(directory, name)) for name in on_disk}
     # analysed, or skipped for a fresher frame (no policy needed it): decided
     analysed = {
         int(r["frame_index"])
@@ -257,9 +255,7 @@ def _replay_records(
     by_index = {
         int(r["frame_index"]): r
         for r in detections
-        if r.get("frame_index") is not None
-        and "error" not in r
-        and "skipped" not in r
+        if r.get("frame_index") is not None and "error" not in r and "skipped" not in r
     }
     starts = [0] + [
         int(r.get("first_frame_index") or 0) for r in info.get("resumed") or []
@@ -516,9 +512,32 @@ def _drop_cut_off_line(path: Path) -> None:
 
 
 def _move_aside(directory: Path, names: list[str]) -> dict[str, str]:
-    """Rename each name's image and label arrays to ``<name>.partial-<n>``."""
+    """Move each name's image (with its labels) aside as ``<name>.partial-<n>``.
+
+    In a run's ``run.ome.zarr`` the image leaves the hierarchy's metadata first,
+    then moves to ``partial/`` (so the hierarchy stays valid); in runs written
+    before it, ``images/`` and ``labels/`` arrays are renamed in place.
+    """
     moved = {}
+    hierarchy = (
+        Hierarchy.open(directory)
+        if (directory / HIERARCHY / "zarr.json").is_file()
+        else None
+    )
     for name in names:
+        if hierarchy is not None:
+            src = hierarchy.image_dir(name)
+            if not src.exists():
+                continue
+            n = 1
+            while (directory / PARTIAL_DIR / f"{name}{PARTIAL}{n}").exists():
+                n += 1
+            new = f"{name}{PARTIAL}{n}"
+            hierarchy.remove_image(name)
+            (directory / PARTIAL_DIR).mkdir(exist_ok=True)
+            src.rename(directory / PARTIAL_DIR / new)
+            moved[name] = new
+            continue
         paths = [directory / d / f"{name}.ome.zarr" for d in ("images", "labels")]
         if not any(p.exists() for p in paths):
             continue
@@ -539,6 +558,7 @@ def _point_frames_to(path: Path, moved: dict[str, str]) -> None:
     for record in _records(path):
         where = record.get("array")
         if isinstance(where, dict) and where.get("position") in moved:
+            where = {k: v for k, v in where.items() if k != "path"}
             record["array"] = {**where, "position": moved[where["position"]]}
             record["partial"] = True
         lines.append(dumps(record) + "\n")
