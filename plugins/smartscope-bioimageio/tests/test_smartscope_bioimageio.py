@@ -89,6 +89,8 @@ def test_package_settings_are_read(package):
     assert seg.output_kind(3) == "boundary3"  # from config.smartscope
     assert seg._setting("fg_threshold") == 0.6  # config.smartscope.postprocess
     assert seg.model_id.startswith("bioimageio:smartscope_3-class_U-Net-")
+    assert seg.weights_used == "onnx"  # auto on CPU with onnxruntime installed
+    assert seg.device_name == "cpu"
     # a looser threshold than the package's finds more foreground
     img = _images()[0]
     loose = BioimageioSegmenter(model=str(package), device="cpu", fg_threshold=0.2)

@@ -121,7 +121,8 @@ def test_metadata_drives_settings(builtin_onnx, tmp_path):
     seg = OnnxSegmenter(model=str(builtin_onnx), device="cpu")
     assert seg.metadata["smartscope.output"] == "boundary3"
     assert seg.model_id.startswith("onnx:b-")
-    assert seg.providers[-1] == "CPUExecutionProvider"
+    assert seg.providers == ["CPUExecutionProvider"]  # device="cpu"
+    assert seg.device_name == "cpu"
     # without metadata, output kind and activation are recognised from the data
     model = onnx.load(str(builtin_onnx))
     del model.metadata_props[:]
