@@ -121,12 +121,36 @@ def test_ctrl_c_or_sigterm_leaves_a_readable_interrupted_run(tmp_path, sig):
 
 
 def test_bench_loop_reports_json():
-    result = smartscope("bench", "loop", "--json", "--frames", "8", "--repeats", "1")
+    result = smartscope(
+        "bench", "loop", "--json", "--frames", "8", "--repeats", "1", timeout=300
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["benchmark"] == "loop"
-    assert data["frames_missing"] == 0
-    assert data["frames_in_dataset"] == 8
-    assert data["frames_analysed"] + data["frames_dropped"] == 8
-    assert data["ratio"] > 0
-    assert data["latency_ms"]["frame_to_decision"]["p50"] is not None
+    assert data["frames"] == 8 and data["repeats"] == 1
+    assert data["exposure_limited_s"] == pytest.approx(8 * data["exposure_ms"] / 1e3)
+    assert set(data["cases"]) == {"1", "4"}  # the default position counts
+    for key, case in data["cases"].items():
+        assert case["positions"] == int(key) and case["frames"] == 8
+        assert case["same_order"]
+        arms = case["arms"]
+        assert set(arms) == {"bare", "ome_zarr", "smartscope"}
+        for arm in arms.values():  # one run each: the median is that run
+            assert arm["runs_s"] == [arm["wall_s"]]
+            assert arm["ratio_to_bare"] == pytest.approx(
+                arm["wall_s"] / arms["bare"]["wall_s"], rel=1e-3
+            )
+        assert arms["ome_zarr"]["frames_stored"] == 8
+        smart = arms["smartscope"]
+        assert smart["frames_acquired"] == smart["frames_stored"] == 8
+        assert smart["frames_missing"] == 0
+        # every frame analysed or skipped for a reason; the newest is analysed
+        assert smart["frames_analysed"] + sum(smart["frames_skipped"].values()) == 8
+        assert smart["frames_not_analysed"] == 8 - smart["frames_analysed"]
+        assert smart["frames_analysed"] >= 1
+        assert data["goals"][f"{key}_positions_no_frame_missing"] is True
+        assert data["goals"][f"{key}_positions_same_order"] is True
+    assert data["meets_goals"] == all(data["goals"].values())
+    last = data["cases"]["4"]["arms"]["smartscope"]  # the flat keys: the last case
+    assert data["ratio"] == last["ratio_to_bare"]
+    assert data["smart_wall_s"] == last["wall_s"]
