@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
+import math
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,11 +21,14 @@ from pydantic import (
 from useq import MDASequence
 
 from smartscope._errors import ExperimentError, SmartscopeError
+from smartscope.limits import PlanError, check_plan_size
 from smartscope.rundir import Compression
 
 __all__ = [
     "AnalysisSettings",
     "Experiment",
+    "HardwareSettings",
+    "LimitsSettings",
     "OutputSettings",
     "PolicySpec",
     "SchedulerSettings",
@@ -63,7 +70,15 @@ class SegmenterSpec(_Named):
 
 
 class PolicySpec(_Named):
-    """A policy and its parameters, e.g. ``{name: skip_empty, min_objects: 1}``."""
+    """A policy and its parameters, e.g. ``{name: skip_empty, min_objects: 1}``.
+
+    ``on_error`` says what a fault of the policy (an exception from one of its
+    methods) does to the run: ``disable`` (default) stops asking the policy,
+    ``skip`` drops only the frame it failed on, ``stop`` ends the run
+    (``failed``). Either way the fault is logged with its frame.
+    """
+
+    on_error: Literal["disable", "skip", "stop"] = "disable"
 
     @model_validator(mode="after")
     def _check(self) -> PolicySpec:
@@ -136,6 +151,12 @@ class AnalysisSettings(BaseModel):
         description="How much lower the analysis' OS priority (its process or "
         "thread) is than acquisition's (Linux nice; 0: the same).",
     )
+    on_error: Literal["skip", "stop"] = Field(
+        "skip",
+        description="What a segmenter fault (an exception, labels of the wrong "
+        "shape) does: skip the frames it failed on (logged, the run goes on and "
+        "ends completed_with_errors) or stop the run (failed).",
+    )
 
 
 class SchedulerSettings(BaseModel):
@@ -192,6 +213,69 @@ class OutputSettings(BaseModel):
         description="Lossless compression of the image and label chunks (labels "
         "shrink about 100x, camera images 2-4x); none: raw chunks.",
     )
+    min_free_mb: float = Field(
+        100.0,
+        ge=0,
+        description="Free space (MiB) the run directory's disk must have before "
+        "a run starts.",
+    )
+
+
+class HardwareSettings(BaseModel):
+    """How hardware calls of a run are retried (see `smartscope.engine`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    retries: int = Field(
+        2,
+        ge=0,
+        le=20,
+        description="Further tries of a failing hardware call (snap, stage, "
+        "focus, channel, property, shutter) before the run fails.",
+    )
+    retry_backoff_s: float = Field(
+        0.1,
+        ge=0,
+        le=60,
+        description="Wait before the first retry (s); doubled before each further one.",
+    )
+
+
+def _finite_range(value: Any) -> Any:
+    if value is None:
+        return value
+    lo, hi = value
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"limits must be finite numbers: {[lo, hi]}")
+    if lo >= hi:
+        raise ValueError(f"the minimum must be below the maximum: {[lo, hi]}")
+    return value
+
+
+class LimitsSettings(BaseModel):
+    """Safety limits: the stage box (µm) and the longest exposure (ms).
+
+    A limit left out comes from the hardware config where its adapters
+    expose one, else from the default (±100 mm in X and Y, ±10 mm in Z, 10 s
+    exposure). Base-plan positions outside them are an error before anything
+    moves; actions outside them are refused.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    x_um: tuple[float, float] | None = None
+    y_um: tuple[float, float] | None = None
+    z_um: tuple[float, float] | None = None
+    max_exposure_ms: float | None = Field(None, gt=0)
+
+    _check_range = field_validator("x_um", "y_um", "z_um")(_finite_range)
+
+    @field_validator("max_exposure_ms")
+    @classmethod
+    def _check_exposure(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("max_exposure_ms must be a finite number")
+        return value
 
 
 WELL_ORDERS = ("serpentine", "row_major")
@@ -255,6 +339,8 @@ class Experiment(BaseModel):
     analysis: AnalysisSettings = AnalysisSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     output: OutputSettings = OutputSettings()
+    hardware: HardwareSettings = HardwareSettings()
+    limits: LimitsSettings = LimitsSettings()
     seed: int = 0
     source: Path | None = Field(None, exclude=True)
 
@@ -276,6 +362,10 @@ class Experiment(BaseModel):
     def _check_sequence(cls, seq: MDASequence) -> MDASequence:
         if any(p.sequence is not None for p in seq.stage_positions):
             raise ValueError("per-position sub-sequences are not supported")
+        try:  # before anything iterates (or allocates) the plan
+            check_plan_size(seq)
+        except PlanError as e:
+            raise ValueError(str(e)) from None
         if next(iter(seq), None) is None:
             raise ValueError("the base sequence has no events")
         return seq
@@ -289,7 +379,9 @@ class Experiment(BaseModel):
         ------
         ExperimentError
             One line naming the file and the problem: missing file, invalid
-            YAML, unknown segmenter or policy, impossible values.
+            YAML, unknown segmenter or policy, impossible values, a key the
+            file should not have (at any depth, useq's ``sequence`` included:
+            named with the closest valid key), a plan too large to run.
         """
         path = Path(path)
         if not path.is_file():
@@ -305,10 +397,19 @@ class Experiment(BaseModel):
             raise ExperimentError(f"cannot read {path}: {e}") from None
         if not isinstance(data, dict):
             raise ExperimentError(f"{path}: expected a mapping of experiment fields")
+        data.pop("source", None)  # set here, never by the file
+        unknown = _unknown_key(data, cls)
+        if unknown:
+            raise ExperimentError(f"{path}: {unknown}")
         try:
-            return cls.model_validate({**data, "source": path.resolve()})
+            exp = cls.model_validate({**data, "source": path.resolve()})
         except ValidationError as e:
             raise ExperimentError(f"{path}: {format_validation_error(e)}") from None
+        # useq ignores keys it does not know: check the file against the plan
+        unknown = _unknown_key_in(data.get("sequence"), exp.sequence, "sequence")
+        if unknown:
+            raise ExperimentError(f"{path}: {unknown}")
+        return exp
 
     def to_yaml(self) -> str:
         """The resolved experiment as YAML (written next to the data)."""
@@ -348,3 +449,139 @@ def format_validation_error(error: ValidationError) -> str:
         parts.append(f"{loc}: {msg}" if loc else msg)
     more = len(error.errors()) - 3
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+# ------------------------------------------------------------- unknown keys
+#: keys smartscope reads out of a useq model's mapping before useq sees it
+_EXTRA_KEYS = {"stage_positions": {"well_order"}}
+
+
+def _keys_of(model: type[BaseModel]) -> dict[str, str]:
+    """Accepted keys of a pydantic model (names and aliases) -> field name."""
+    out: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        if info.exclude:
+            continue
+        out[name] = name
+        for alias in (info.alias, info.validation_alias):
+            if isinstance(alias, str):
+                out[alias] = name
+    return out
+
+
+def _suggest(key: Any, valid: list[str], where: str) -> str:
+    """``<where>: Extra inputs are not permitted (did you mean 'x'?)``."""
+    loc = f"{where}.{key}" if where else str(key)
+    best = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+    if best:
+        hint = f"did you mean {best[0]!r}?"
+    else:
+        hint = "valid keys: " + ", ".join(sorted(valid))
+    return f"{loc}: Extra inputs are not permitted (unknown key; {hint})"
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation allows (unwrapping Optional/list)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list, tuple):
+        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return []
+
+
+def _unknown_key(raw: Any, model: type[BaseModel], where: str = "") -> str | None:
+    """The first key of `raw` that `model` (or a nested model) does not accept.
+
+    Walks the model classes; fields holding a union of several models, the
+    base plan (checked against the validated plan: `_unknown_key_in`) and
+    components' parameters (checked against the component's class) are
+    handled by name.
+    """
+    if not isinstance(raw, dict):
+        return None
+    keys = _keys_of(model)
+    for key, value in raw.items():
+        if key not in keys:
+            return _suggest(key, list(keys), where)
+        name = keys[key]
+        loc = f"{where}.{name}" if where else name
+        if model is Experiment and name == "sequence":
+            continue
+        if model is Experiment and name == "policies" and isinstance(value, list):
+            for k, item in enumerate(value):
+                found = _unknown_param(item, PolicySpec, f"{loc}.{k}")
+                if found:
+                    return found
+            continue
+        if model is Experiment and name == "segmenter":
+            found = _unknown_param(value, SegmenterSpec, loc)
+            if found:
+                return found
+            continue
+        models = _models_in(model.model_fields[name].annotation)
+        if len(models) != 1:
+            continue  # a union of models: left to pydantic
+        items = value if isinstance(value, list) else [value]
+        for k, item in enumerate(items):
+            sub = f"{loc}.{k}" if isinstance(value, list) else loc
+            found = _unknown_key(item, models[0], sub)
+            if found:
+                return found
+    return None
+
+
+def _unknown_param(raw: Any, spec: type[_Named], where: str) -> str | None:
+    """An unknown parameter of a policy or segmenter whose class declares them."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        return None
+    try:
+        if spec is PolicySpec:
+            from smartscope.policies import policy_class
+
+            factory = policy_class(raw["name"])
+        else:
+            from smartscope.segment import segmenter_factory
+
+            factory = segmenter_factory(raw["name"])
+    except Exception:  # an unknown component: validation says so
+        return None
+    if not (isinstance(factory, type) and issubclass(factory, BaseModel)):
+        return None
+    if factory.model_config.get("extra") != "forbid":
+        return None
+    own = set(spec.model_fields)
+    params = {k: v for k, v in raw.items() if k not in own}
+    keys = _keys_of(factory)
+    for key in params:
+        if key not in keys:
+            return _suggest(key, [*keys, *own], where)
+    return _unknown_key(params, factory, where)
+
+
+def _unknown_key_in(raw: Any, value: Any, where: str) -> str | None:
+    """The first key of `raw` that the validated model `value` has no field for.
+
+    For models that ignore unknown keys (useq's): walking the validated value
+    follows whichever member of a union was chosen.
+    """
+    if isinstance(value, BaseModel) and isinstance(raw, dict):
+        keys = _keys_of(type(value))
+        extra = _EXTRA_KEYS.get(where.rsplit(".", 1)[-1], set())
+        for key, sub in raw.items():
+            if key in extra:
+                continue
+            if key not in keys:
+                return _suggest(key, list(keys), where)
+            found = _unknown_key_in(
+                sub, getattr(value, keys[key], None), f"{where}.{key}"
+            )
+            if found:
+                return found
+    elif isinstance(raw, list) and isinstance(value, (list, tuple)):
+        if len(raw) == len(value):
+            for k, (r, v) in enumerate(zip(raw, value, strict=True)):
+                found = _unknown_key_in(r, v, f"{where}.{k}")
+                if found:
+                    return found
+    return None

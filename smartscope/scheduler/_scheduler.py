@@ -16,6 +16,7 @@ from useq import CameraROI, MDAEvent, MDASequence
 
 from smartscope._stats import StreamingPercentiles
 from smartscope.frame import base_position_key, event_tag, safe_name, well_of
+from smartscope.limits import SafetyLimits
 from smartscope.scheduler._actions import (
     Action,
     ActionOutcome,
@@ -224,6 +225,11 @@ class Scheduler(Iterator[MDAEvent]):
         `n_already_done`, not as skipped), and an added position whose key is
         one of them gets a fresh key (``<key>_r<n>``) so nothing on disk is
         overwritten.
+    limits : SafetyLimits, optional
+        Safety limits: an action that would move the stage (or focus) outside
+        them, to a non-finite position, or expose longer than their maximum is
+        refused as a whole, with the reason (`n_limit_refusals`); nothing of it
+        reaches the hardware.
     """
 
     def __init__(
@@ -242,6 +248,7 @@ class Scheduler(Iterator[MDAEvent]):
         idle_timeout_s: float = 30.0,
         max_analysis_lag: int | None = None,
         done_positions: Iterable[str] = (),
+        limits: SafetyLimits | None = None,
     ) -> None:
         if travel_order not in ("plan", "nearest"):
             raise ValueError(
@@ -309,6 +316,8 @@ class Scheduler(Iterator[MDAEvent]):
         self.total_dose_ms = 0.0
         self._dose_reserved: dict[str, float] = {}
         self.dose_refusals = 0
+        self.limits = limits
+        self.n_limit_refusals = 0
         self.lateness_s: dict[str, StreamingPercentiles] = {
             "base": StreamingPercentiles(),
             "added": StreamingPercentiles(),
@@ -457,6 +466,7 @@ class Scheduler(Iterator[MDAEvent]):
                 total_dose_ms=round(self.total_dose_ms, 3),
                 dose_budget_ms=self.dose_budget_ms,
                 dose_refusals=self.dose_refusals,
+                limit_refusals=self.n_limit_refusals,
             )
             return out
 
@@ -478,6 +488,12 @@ class Scheduler(Iterator[MDAEvent]):
         with self._cond:
             if self._stop_reason is not None:
                 return ActionOutcome(action, False, "run is stopping")
+            unsafe = self._outside_limits(action)
+            if unsafe is not None:
+                self.n_limit_refusals += 1
+                return ActionOutcome(
+                    action, False, f"outside the safety limits: {unsafe}"
+                )
             if isinstance(action, AddEvents):
                 outcome = self._add(
                     action, decision_id, trigger_frame, trigger_position, kind
@@ -505,6 +521,32 @@ class Scheduler(Iterator[MDAEvent]):
                 action.well, outcome.n_dropped, "position skipped"
             )
         return outcome
+
+    def _outside_limits(self, action: Action) -> str | None:
+        """Why `action` would take the hardware outside `limits`; None if not."""
+        limits = self.limits
+        if limits is None:
+            return None
+        if isinstance(action, AddEvents):
+            for event in action.events:
+                why = limits.why_not(event)
+                if why:
+                    name = event.pos_name or "an added event"
+                    return f"{name}: {why}"
+        elif isinstance(action, MovePosition):
+            return limits.why_not_xy(action.x_um, action.y_um) or limits.why_not_z(
+                action.z_um
+            )
+        elif isinstance(action, SetFocus):
+            z_plan = getattr(self._plan, "z_plan", None)
+            offsets = [0.0]
+            if z_plan is not None and z_plan.is_relative:
+                offsets = [float(z) for z in z_plan] or [0.0]
+            for z in (action.z_um + min(offsets), action.z_um + max(offsets)):
+                why = limits.why_not_z(z)
+                if why:
+                    return why
+        return None
 
     def _add(
         self,

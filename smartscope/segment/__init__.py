@@ -8,7 +8,11 @@
 
 from smartscope.segment._process import ProcessSegmenter, SegmenterProcessError
 from smartscope.segment._protocol import PSegmenter, Segmentation, as_batch
-from smartscope.segment._registry import available_segmenters, create_segmenter
+from smartscope.segment._registry import (
+    available_segmenters,
+    create_segmenter,
+    segmenter_factory,
+)
 from smartscope.segment._threshold import ThresholdSegmenter
 
 
@@ -30,4 +34,5 @@ __all__ = [
     "as_batch",
     "available_segmenters",
     "create_segmenter",
+    "segmenter_factory",
 ]

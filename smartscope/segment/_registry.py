@@ -41,6 +41,29 @@ def _import_path(path: str) -> Any:
     return obj
 
 
+def segmenter_factory(name: str) -> Any:
+    """What `create_segmenter` calls for `name` (a class or a function).
+
+    Raises
+    ------
+    RegistryError
+        If no segmenter of that name is registered.
+    """
+    factories = _builtins()
+    if name in factories:
+        return factories[name]
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            return ep.load()
+    if ":" in name:
+        return _import_path(name)
+    raise RegistryError(
+        f"unknown segmenter {name!r} (available: "
+        f"{', '.join(available_segmenters())}; or an import path "
+        "'package.module:ClassName')"
+    )
+
+
 def create_segmenter(name: str, params: dict[str, Any] | None = None) -> PSegmenter:
     """Build the segmenter registered as `name` with keyword `params`.
 
@@ -54,21 +77,7 @@ def create_segmenter(name: str, params: dict[str, Any] | None = None) -> PSegmen
     ValueError
         If the parameters are invalid for it (pydantic validation errors).
     """
-    factories = _builtins()
-    if name not in factories:
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            if ep.name == name:
-                factories[name] = ep.load()
-                break
-    if name not in factories and ":" in name:
-        factories[name] = _import_path(name)
-    if name not in factories:
-        raise RegistryError(
-            f"unknown segmenter {name!r} (available: "
-            f"{', '.join(available_segmenters())}; or an import path "
-            "'package.module:ClassName')"
-        )
-    segmenter = factories[name](**(params or {}))
+    segmenter = segmenter_factory(name)(**(params or {}))
     if not isinstance(segmenter, PSegmenter):
         raise RegistryError(f"segmenter {name!r} does not implement PSegmenter")
     return segmenter
