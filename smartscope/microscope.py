@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from pymmcore_plus import CMMCorePlus
     from useq import MDAEvent
 
+    from smartscope.engine import SafeEngine
+    from smartscope.limits import SafetyLimits
+
 
 __all__ = ["Microscope", "Objective", "resolve_config"]
 
@@ -106,8 +109,14 @@ class Microscope:
         self._core: CMMCorePlus | None = core if core is not None else CMMCorePlus()
         self.config_path: Path | None = None
         self._thread: threading.Thread | None = None
+        #: what ended the last run with an error (None if it did not)
+        self.run_error: BaseException | None = None
         if core is None or config is not None:
-            self.load_config(config)
+            try:
+                self.load_config(config)
+            except BaseException:
+                self.close()  # a config that failed half-way: release the core
+                raise
 
     # ------------------------------------------------------------------ config
     @property
@@ -127,17 +136,58 @@ class Microscope:
         path = resolve_config(config)
         if _needs_unicore(path):
             self._ensure_unicore()
+        problem = None
         try:
             self.core.loadSystemConfiguration(str(path))
-        except Exception as e:
-            raise ConfigError(
-                f"cannot load hardware config {path}: {first_line(e)}"
-            ) from e
+        except Exception as e:  # raised below, so no traceback keeps the core
+            problem = first_line(e)
+        if problem is not None:
+            self._unload_devices()  # what loaded before the failing line
+            raise ConfigError(f"cannot load hardware config {path}: {problem}")
         if not self.core.getCameraDevice():
+            self._unload_devices()
             raise ConfigError(f"hardware config {path} defines no camera")
         self.config_path = path
         self._sensor_shape = self.image_shape  # a freshly loaded camera: full frame
         return path
+
+    def _unload_devices(self) -> None:
+        """Unload what a failed config load left in a core this microscope owns."""
+        if self._owns_core and self._core is not None:
+            try:
+                self._core.unloadAllDevices()
+            except Exception:  # pragma: no cover - best effort
+                pass
+
+    def config_limits(self) -> dict[str, Any]:
+        """Safety limits the hardware config exposes (see `smartscope.limits`).
+
+        ``z_um`` from the limits of the focus device's ``Position`` property,
+        ``max_exposure_ms`` from the upper limit of the camera's ``Exposure``
+        property, where the adapters define them (the demo's do not, for Z).
+        Missing ones are left out.
+        """
+        core = self.core
+        out: dict[str, Any] = {}
+
+        def limits(device: str, prop: str) -> tuple[float, float] | None:
+            try:
+                if device and core.hasPropertyLimits(device, prop):
+                    lo = float(core.getPropertyLowerLimit(device, prop))
+                    hi = float(core.getPropertyUpperLimit(device, prop))
+                    if math.isfinite(lo) and math.isfinite(hi) and lo < hi:
+                        return (lo, hi)
+            except Exception:  # an adapter that cannot say
+                pass
+            return None
+
+        z = limits(core.getFocusDevice(), "Position")
+        if z is not None:
+            out["z_um"] = z
+        exposure = limits(core.getCameraDevice(), "Exposure")
+        if exposure is not None and exposure[1] > 0:
+            out["max_exposure_ms"] = exposure[1]
+        return out
 
     @property
     def sensor_shape(self) -> tuple[int, int]:
@@ -301,6 +351,25 @@ class Microscope:
         return px.reshape(pts.shape)
 
     # -------------------------------------------------------------------- runs
+    def use_safe_engine(
+        self,
+        *,
+        retries: int = 2,
+        retry_backoff_s: float = 0.1,
+        limits: SafetyLimits | None = None,
+    ) -> SafeEngine:
+        """Run events through a `SafeEngine` (retried, checked hardware calls).
+
+        Registers it on the core and returns it; every later `run` uses it.
+        """
+        from smartscope.engine import SafeEngine
+
+        engine = SafeEngine(
+            self.core, retries=retries, retry_backoff_s=retry_backoff_s, limits=limits
+        )
+        self.core.mda.set_engine(engine)
+        return engine
+
     def run(
         self, events: Iterable[MDAEvent], *, output: Any = None
     ) -> threading.Thread:
@@ -308,13 +377,25 @@ class Microscope:
 
         Hardware sequencing is turned off: adaptive runs must execute event by
         event, or the runner would merge events the scheduler may still change.
+        An exception that ends the acquisition (a `DeviceFault`, an iterator
+        that raised) is kept in `run_error` instead of escaping the thread.
         """
         if self.is_running():
             raise RuntimeError("an acquisition is already running")
-        engine = self.core.mda.engine
+        core = self.core
+        engine = core.mda.engine
         if engine is not None and hasattr(engine, "use_hardware_sequencing"):
             engine.use_hardware_sequencing = False
-        self._thread = self.core.run_mda(events, output=output)
+        self.run_error = None
+
+        def acquire() -> None:
+            try:
+                core.mda.run(events, output=output)
+            except Exception as e:  # kept for the caller, never a thread traceback
+                self.run_error = e
+
+        self._thread = threading.Thread(target=acquire, name="smartscope-mda")
+        self._thread.start()
         return self._thread
 
     def is_running(self) -> bool:

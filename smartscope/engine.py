@@ -1,0 +1,329 @@
+"""`SafeEngine`: pymmcore-plus's MDA engine with retried, checked hardware calls.
+
+pymmcore-plus's `MDAEngine` logs a failed snap, stage move, channel or property
+change as a warning and goes on (a frame silently missing, a frame taken at the
+wrong place). During a smartscope run every hardware call of an event — XY
+stage, focus, channel preset, exposure, device properties, camera ROI,
+shutter, snap — is instead retried on error (`retries` times, waiting
+`retry_backoff_s`, doubled after each try), then raises a `DeviceFault` naming
+the device, the call and the error: the runner ends the run ``failed`` with
+it. Moves and exposures outside the run's `SafetyLimits` are never sent: they
+raise `LimitViolation` before the hardware is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pymmcore_plus import DeviceType, Keyword
+from pymmcore_plus.mda import MDAEngine
+
+from smartscope._errors import first_line
+
+if TYPE_CHECKING:
+    from pymmcore_plus import CMMCorePlus
+    from pymmcore_plus.mda._protocol import PImagePayload
+    from useq import MDAEvent
+
+    from smartscope.limits import SafetyLimits
+
+__all__ = ["DeviceFault", "LimitViolation", "SafeEngine"]
+
+T = TypeVar("T")
+_log = logging.getLogger("smartscope.engine")
+
+
+class DeviceFault(RuntimeError):
+    """A hardware call that kept failing: which device, which call, what error."""
+
+    def __init__(
+        self,
+        device: str,
+        call: str,
+        error: BaseException | str,
+        *,
+        attempts: int = 1,
+        event: MDAEvent | None = None,
+    ) -> None:
+        self.device = device
+        self.call = call
+        self.error = (
+            error
+            if isinstance(error, str)
+            else f"{type(error).__name__}: {first_line(error)}"
+        )
+        self.attempts = attempts
+        self.event = event
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        super().__init__(f"{device}: {call} failed{tries}: {self.error}")
+
+    def to_json(self) -> dict[str, Any]:
+        """``run.json`` form: device, call, error, attempts and the event."""
+        out: dict[str, Any] = {
+            "device": self.device,
+            "call": self.call,
+            "error": self.error,
+            "attempts": self.attempts,
+        }
+        if self.event is not None:
+            out["event"] = {
+                "index": {str(k): int(v) for k, v in self.event.index.items()},
+                "x_um": self.event.x_pos,
+                "y_um": self.event.y_pos,
+                "z_um": self.event.z_pos,
+                "channel": self.event.channel.config if self.event.channel else None,
+                "smartscope": dict(self.event.metadata.get("smartscope") or {}),
+            }
+        return out
+
+
+class LimitViolation(DeviceFault):
+    """A move or exposure outside the run's safety limits, refused unsent."""
+
+    def __init__(
+        self, device: str, call: str, reason: str, *, event: MDAEvent | None = None
+    ) -> None:
+        super().__init__(device, call, f"refused: {reason}", event=event)
+
+
+class SafeEngine(MDAEngine):
+    """An `MDAEngine` whose hardware calls are retried, checked, and never silent.
+
+    Parameters
+    ----------
+    mmc : CMMCorePlus
+        The core.
+    retries : int
+        Further tries of a failing hardware call (0: none).
+    retry_backoff_s : float
+        Wait before the first retry; doubled before each further one.
+    limits : SafetyLimits, optional
+        Moves and exposures outside these are refused (`LimitViolation`).
+    **kwargs
+        Passed to `MDAEngine` (hardware sequencing is off by default: adaptive
+        runs execute event by event).
+
+    Attributes
+    ----------
+    n_retried : int
+        Hardware calls that failed at first and then succeeded.
+    n_failed_attempts : int
+        Failed attempts, retried or not.
+    """
+
+    def __init__(
+        self,
+        mmc: CMMCorePlus,
+        *,
+        retries: int = 2,
+        retry_backoff_s: float = 0.1,
+        limits: SafetyLimits | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("use_hardware_sequencing", False)
+        super().__init__(mmc, **kwargs)
+        self.retries = max(0, int(retries))
+        self.retry_backoff_s = max(0.0, float(retry_backoff_s))
+        self.limits = limits
+        self.n_retried = 0
+        self.n_failed_attempts = 0
+        self._event: MDAEvent | None = None
+
+    # ---------------------------------------------------------------- retries
+    def call(self, device: str, name: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, retried on error; a `DeviceFault` once retries run out."""
+        wait = self.retry_backoff_s
+        for attempt in range(1, self.retries + 2):
+            try:
+                result = fn(*args)
+            except Exception as e:
+                self.n_failed_attempts += 1
+                if attempt > self.retries:
+                    raise DeviceFault(
+                        device, name, e, attempts=attempt, event=self._event
+                    ) from e
+                _log.warning(
+                    "%s: %s failed (attempt %d of %d), retrying in %.3g s: %s",
+                    device,
+                    name,
+                    attempt,
+                    self.retries + 1,
+                    wait,
+                    first_line(e),
+                )
+                time.sleep(wait)
+                wait *= 2
+            else:
+                if attempt > 1:
+                    self.n_retried += 1
+                return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def stats(self) -> dict[str, int]:
+        """Retried calls and failed attempts of the run (``run.json``)."""
+        return {
+            "retries": self.retries,
+            "calls_retried": self.n_retried,
+            "failed_attempts": self.n_failed_attempts,
+        }
+
+    def _refuse(self, device: str, call: str, reason: str | None) -> None:
+        if reason:
+            raise LimitViolation(device, call, reason, event=self._event)
+
+    # ------------------------------------------------------------------ setup
+    def setup_event(self, event: MDAEvent) -> None:
+        from pymmcore_plus.core._sequencing import SequencedEvent
+
+        self._event = event
+        core = self.mmcore
+        if isinstance(event, SequencedEvent):  # hardware sequencing was turned on
+            super().setup_event(event)
+            return
+        if self.limits is not None:  # nothing moves unless all of it may
+            self._refuse("event", "check limits", self.limits.why_not(event))
+        self.setup_single_event(event)
+        self.call("system", "waitForSystem", core.waitForSystem)
+
+    def setup_single_event(self, event: MDAEvent) -> None:
+        """Set XY, Z, channel, exposure, properties and ROI; raise on failure."""
+        core = self.mmcore
+        self._set_event_xy_position(event)
+        if event.z_pos is not None:
+            self._set_event_z(event)
+        if event.slm_image is not None:
+            self._set_event_slm_image(event)
+        self._set_event_channel(event)
+        if event.exposure is not None:
+            self.call(
+                core.getCameraDevice(), "setExposure", core.setExposure, event.exposure
+            )
+        if event.properties is not None:
+            self._set_event_properties(event.properties)
+        if event.roi is not None:
+            self._set_event_roi(event)
+        if (
+            getattr(self, "_autoshutter_was_set", False)
+            and event.keep_shutter_open
+            and core.getAutoShutter()
+        ):
+            core.setAutoShutter(False)
+            self.call(
+                core.getShutterDevice(), "setShutterOpen", core.setShutterOpen, True
+            )
+
+    def _set_event_xy_position(self, event: MDAEvent) -> None:
+        x, y = event.x_pos, event.y_pos
+        if x is None and y is None:
+            return
+        core = self.mmcore
+        stage = core.getXYStageDevice()
+        if not stage:
+            return
+        if x is None or y is None:
+            cx, cy = self.call(stage, "getXYPosition", core.getXYPosition)
+            x = cx if x is None else x
+            y = cy if y is None else y
+        if self.limits is not None:
+            self._refuse(stage, "setXYPosition", self.limits.why_not_xy(x, y))
+        self.call(stage, "setXYPosition", core.setXYPosition, float(x), float(y))
+
+    def _set_event_z(self, event: MDAEvent) -> None:
+        core = self.mmcore
+        focus = core.getFocusDevice()
+        if not focus or event.z_pos is None:
+            return
+        correction = self._z_correction.setdefault(event.index.get("p", None), 0.0)
+        z = float(event.z_pos) + correction
+        if self.limits is not None:
+            self._refuse(focus, "setZPosition", self.limits.why_not_z(z))
+        self.call(focus, "setZPosition", core.setZPosition, z)
+
+    def _set_event_channel(self, event: MDAEvent) -> None:
+        ch = event.channel
+        if ch is None:
+            return
+        core = self.mmcore
+        if (ch.group, ch.config) != core._last_config:
+            self.call(
+                f"{ch.group}:{ch.config}",
+                "setConfig",
+                core.setConfig,
+                ch.group,
+                ch.config,
+            )
+
+    def _set_event_properties(self, properties: Sequence[Any]) -> None:
+        core = self.mmcore
+        for dev, prop, value in properties:
+            if prop == Keyword.Position:
+                kind = core.getDeviceType(dev)
+                if kind == DeviceType.XYStage:
+                    x, y, *_ = value
+                    if self.limits is not None:
+                        self._refuse(dev, "setXYPosition", self.limits.why_not_xy(x, y))
+                    self.call(
+                        dev,
+                        "setXYPosition",
+                        core.setXYPosition,
+                        dev,
+                        float(x),
+                        float(y),
+                    )
+                    continue
+                if kind == DeviceType.Stage:
+                    if self.limits is not None:
+                        self._refuse(dev, "setPosition", self.limits.why_not_z(value))
+                    self.call(dev, "setPosition", core.setPosition, dev, float(value))
+                    continue
+            self.call(dev, f"setProperty({prop})", core.setProperty, dev, prop, value)
+
+    def _set_event_roi(self, event: MDAEvent) -> None:
+        roi = event.roi
+        if roi is None:
+            return
+        core = self.mmcore
+
+        def set_roi() -> None:
+            core.clearROI()
+            core.setROI(roi.offset_x, roi.offset_y, roi.width, roi.height)
+
+        self.call(core.getCameraDevice(), "setROI", set_roi)
+
+    # ------------------------------------------------------------------- exec
+    def exec_single_event(self, event: MDAEvent) -> Iterator[PImagePayload | None]:
+        """Snap (retried) and yield the image(s); a `DeviceFault` if it cannot."""
+        from pymmcore_plus.mda._engine import ImagePayload
+
+        self._event = event
+        if event.slm_image is not None:
+            self._exec_event_slm_image(event.slm_image)
+        core = self.mmcore
+        self.call(core.getCameraDevice(), "snapImage", core.snapImage)
+        t0 = event.metadata.get("runner_t0") or time.perf_counter()
+        event_time_ms = (time.perf_counter() - t0) * 1000
+        if not event.keep_shutter_open and getattr(self, "_autoshutter_was_set", False):
+            self.call(
+                core.getShutterDevice() or "shutter",
+                "setShutterOpen",
+                core.setShutterOpen,
+                False,
+            )
+        n_channels = core.getNumberOfCameraChannels()
+        for cam in range(n_channels):
+            meta = self.get_frame_metadata(
+                event,
+                runner_time_ms=event_time_ms,
+                camera_device=core.getPhysicalCameraDevice(cam),
+                include_position=self._include_frame_position_metadata is not False,
+            )
+            sub_event = event
+            if n_channels > 1:
+                sub_event = event.model_copy(
+                    update={"index": {**event.index, "cam": cam}}
+                )
+            image = self.call(core.getCameraDevice(), "getImage", core.getImage, cam)
+            yield ImagePayload(image, sub_event, meta)  # type: ignore[misc]
