@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from psygnal import Signal, SignalGroup
 
+from smartscope._errors import first_line
 from smartscope._stats import StreamingPercentiles
 from smartscope.detections import Detections
 from smartscope.scheduler import AddEvents
@@ -236,11 +237,23 @@ class FrameStream:
 
 
 class WorkerEvents(SignalGroup):
-    """Signals of the `InferenceWorker` (emitted on the worker thread)."""
+    """Signals of the `InferenceWorker` (emitted on the worker thread).
+
+    ``componentFailed`` carries the record of a contained fault of a policy
+    or the segmenter (see `InferenceWorker.faults`); it may also come from the
+    acquisition thread (a policy's ``needs``).
+    """
 
     detectionsReady = Signal(object, object)  # Frame, Detections
     decisionMade = Signal(dict)  # the decisions.jsonl record
     analysisFailed = Signal(str)
+    componentFailed = Signal(dict)
+
+
+#: what a policy fault does (`PolicySpec.on_error`); a segmenter knows skip/stop
+ON_ERROR = ("disable", "skip", "stop")
+#: contained faults kept in `InferenceWorker.faults` (all are counted and logged)
+MAX_FAULTS_KEPT = 100
 
 
 class InferenceWorker(threading.Thread):
@@ -280,6 +293,26 @@ class InferenceWorker(threading.Thread):
     nice : int
         How much lower than acquisition this thread's OS scheduling priority
         is (Linux: the thread's nice value; 0 leaves it alone).
+    policy_on_error : sequence of str, optional
+        Per policy, what an exception from it does: ``"disable"`` (the policy
+        is not asked again), ``"skip"`` (only that frame is lost to it) or
+        ``"stop"`` (the run ends, `error` set). Default: ``"stop"`` for each.
+    segmenter_on_error : {"stop", "skip"}
+        What a segmenter fault does: ``"skip"`` the frames it failed on, or
+        ``"stop"`` the run.
+
+    Notes
+    -----
+    Threads: every policy method but ``needs`` is called on this thread (or,
+    before `start`, by `replay` on the caller's): ``on_detections`` per
+    analysed frame, ``has_pending_work`` after each of its decisions and when
+    the stream is idle. The answer is published for the Scheduler, which reads
+    it on the acquisition thread through `pending_work` and never calls the
+    policy itself. ``needs(frame)`` is called by the runner on the acquisition
+    thread and must only read the frame and the policy's configuration.
+    Contained faults (an exception from a policy, a segmenter that failed on
+    a frame) are logged (``decisions.jsonl`` for policies, ``detections.jsonl``
+    for the segmenter) and kept in `faults`.
     """
 
     def __init__(
@@ -298,6 +331,8 @@ class InferenceWorker(threading.Thread):
         approval: Any | None = None,
         pixel_size_um: float | None = None,
         nice: int = 0,
+        policy_on_error: Sequence[str] | None = None,
+        segmenter_on_error: str = "stop",
     ) -> None:
         super().__init__(name="smartscope-inference", daemon=True)
         self.nice = nice
@@ -321,6 +356,22 @@ class InferenceWorker(threading.Thread):
         self.n_decisions = 0
         self.n_events_scheduled = 0
         self.error: str | None = None
+        on_error = list(policy_on_error or ["stop"] * len(self.policies))
+        if len(on_error) != len(self.policies) or not set(on_error) <= set(ON_ERROR):
+            raise ValueError(f"policy_on_error: one of {ON_ERROR} per policy")
+        if segmenter_on_error not in ("skip", "stop"):
+            raise ValueError("segmenter_on_error must be 'skip' or 'stop'")
+        self.policy_on_error = on_error
+        self.segmenter_on_error = segmenter_on_error
+        #: contained faults (first `MAX_FAULTS_KEPT`): component, name, call,
+        #: frame, error and what was done (``on_error``)
+        self.faults: list[dict[str, Any]] = []
+        self.n_faults = 0
+        self.n_segmenter_errors = 0
+        self._fault_lock = threading.Lock()
+        self._disabled: set[int] = set()
+        #: each policy's last has_pending_work answer, published for the Scheduler
+        self._pending = [False] * len(self.policies)
         # constant-memory summaries (n exact, percentiles within ~1 %)
         self.latencies_ms: dict[str, StreamingPercentiles] = {
             "frame_to_detections": StreamingPercentiles(),
@@ -328,18 +379,22 @@ class InferenceWorker(threading.Thread):
             "frame_to_queued": StreamingPercentiles(),
         }
         self.age_at_decision_max_ms = 0.0
+        self.refresh_pending()  # before any thread runs
 
     def run(self) -> None:
         lower_thread_priority(self.nice)
         torch = sys.modules.get("torch")  # only torch segmenters import it
         if self.num_threads and torch is not None:
             torch.set_num_threads(self.num_threads)
+        self.refresh_pending()
         while True:
             batch = self.stream.get_batch(self.batch_size)
             if batch is None:
                 return
             if batch:
                 self.process(batch)
+            else:  # idle: policies whose pending work ends with time
+                self.refresh_pending()
 
     def process(self, batch: list[tuple[Frame, np.ndarray]]) -> None:
         """Analyse a batch of ``(frame, image)`` now, on the calling thread.
@@ -348,14 +403,14 @@ class InferenceWorker(threading.Thread):
         segment, measure, ask the policies, apply (or propose) their actions,
         log; then tell the Scheduler each frame's analysis is finished. Tests
         and deterministic simulations call it directly instead of `start`.
+        A policy or segmenter that raises is handled as its ``on_error`` says;
+        anything else (writing labels or logs) ends the run.
         """
         try:
             if self.error is None:
                 self._process(batch)
         except Exception as e:
-            self.error = f"analysis failed: {type(e).__name__}: {e}"
-            self.events.analysisFailed.emit(self.error)
-            self.scheduler.stop(self.error)
+            self._fail(f"analysis failed: {type(e).__name__}: {e}")
             if self.storage is not None:
                 self.storage.log_detections(
                     {"error": self.error, "traceback": traceback.format_exc()}
@@ -363,6 +418,122 @@ class InferenceWorker(threading.Thread):
         finally:
             for _ in batch:
                 self.scheduler.analysis_finished()
+
+    def _fail(self, message: str) -> None:
+        """End the run: a fault that is not contained."""
+        if self.error is None:
+            self.error = message
+            self.events.analysisFailed.emit(message)
+        self.scheduler.stop(message)
+
+    # ------------------------------------------------------------ policies
+    def is_disabled(self, k: int) -> bool:
+        """Whether policy `k` was disabled by a fault."""
+        return k in self._disabled
+
+    def pending_work(self) -> bool:
+        """Whether a policy reported pending work (its last published answer).
+
+        Any thread (the Scheduler's pending-work check); never calls a policy.
+        """
+        return any(p for k, p in enumerate(self._pending) if k not in self._disabled)
+
+    def refresh_pending(self) -> None:
+        """Ask every enabled policy ``has_pending_work`` and publish the answers.
+
+        Called on the worker thread (or before it starts); a policy that
+        raises is handled like any fault of it.
+        """
+        for k in range(len(self.policies)):
+            self._refresh_pending(k)
+
+    def _refresh_pending(self, k: int, frame: Frame | None = None) -> None:
+        if k in self._disabled:
+            self._pending[k] = False
+            return
+        try:
+            self._pending[k] = bool(self.policies[k].has_pending_work())
+        except Exception as e:
+            self._pending[k] = False
+            self.policy_fault(k, frame, e, "has_pending_work")
+
+    def policy_fault(
+        self, k: int, frame: Frame | None, error: BaseException, call: str
+    ) -> None:
+        """Contain an exception from policy `k`: log it, then its ``on_error``.
+
+        ``disable``: the policy is not asked again (its pending work no
+        longer holds the run open); ``skip``: nothing more; ``stop``: the run
+        ends (`error`). Safe from the acquisition thread too.
+        """
+        policy = self.policies[k]
+        name = getattr(policy, "name", type(policy).__name__)
+        action = self.policy_on_error[k]
+        message = f"{type(error).__name__}: {first_line(error)}"
+        if action == "disable":
+            self._disabled.add(k)
+            self._pending[k] = False
+        self._record_fault(
+            {
+                "component": "policy",
+                "name": name,
+                "call": call,
+                "frame_index": None if frame is None else frame.frame_index,
+                "error": message,
+                "on_error": action,
+            }
+        )
+        if self.storage is not None:
+            self.storage.log_decision(
+                {
+                    "decision_id": None,
+                    "policy": name,
+                    "error": message,
+                    "call": call,
+                    "on_error": action,
+                    "trigger": None if frame is None else _frame_ref(frame),
+                    "actions": [],
+                }
+            )
+        if action == "stop":
+            where = "" if frame is None else f" at frame {frame.frame_index}"
+            self._fail(f"policy {name} failed in {call}{where}: {message}")
+
+    def _record_fault(self, fault: dict[str, Any]) -> None:
+        with self._fault_lock:
+            self.n_faults += 1
+            if len(self.faults) < MAX_FAULTS_KEPT:
+                self.faults.append(fault)
+        self.events.componentFailed.emit(fault)
+
+    def _segmenter_fault(self, frame: Frame, error: BaseException) -> None:
+        """Contain a segmenter fault on `frame`: skip the frame, or stop."""
+        message = f"{type(error).__name__}: {first_line(error)}"
+        name = str(getattr(self.segmenter, "model_id", type(self.segmenter).__name__))
+        self.n_segmenter_errors += 1
+        self._record_fault(
+            {
+                "component": "segmenter",
+                "name": name,
+                "call": "segment",
+                "frame_index": frame.frame_index,
+                "error": message,
+                "on_error": self.segmenter_on_error,
+            }
+        )
+        if self.storage is not None:
+            self.storage.log_detections(
+                {
+                    "frame_index": frame.frame_index,
+                    "position": frame.position,
+                    "kind": frame.kind,
+                    "skipped": "error",
+                    "error": f"segmenter failed: {message}",
+                    "on_error": self.segmenter_on_error,
+                }
+            )
+        if self.segmenter_on_error == "stop":
+            self._fail(f"segmenter failed at frame {frame.frame_index}: {message}")
 
     def _skipped(self, frame: Frame, reason: str) -> None:
         """A frame the stream skipped: log it; its analysis is over."""
@@ -385,40 +556,74 @@ class InferenceWorker(threading.Thread):
 
     # ------------------------------------------------------------------ work
     def _process(self, batch: list[tuple[Frame, np.ndarray]]) -> None:
+        results = self._segment(batch)
+        for (frame, image), result in zip(batch, results, strict=True):
+            if self.error is not None:
+                return
+            if isinstance(result, BaseException):
+                self._segmenter_fault(frame, result)
+                continue
+            labels, scores = result
+            try:
+                det = self._measure(frame, image, labels, scores)
+            except Exception as e:  # labels a segmenter should not have made
+                self._segmenter_fault(frame, e)
+                continue
+            self._handle(frame, image, labels, det)
+
+    def _segment(
+        self, batch: list[tuple[Frame, np.ndarray]]
+    ) -> list[tuple[np.ndarray, Any] | BaseException]:
+        """Labels and scores of each frame, or the exception it failed with.
+
+        One call for a batch of one shape; when that fails (or shapes or
+        objectives differ), frame by frame, so only the frames the segmenter
+        fails on are lost.
+        """
         images = [img for _, img in batch]
         factors = [self._zoom(frame) for frame, _ in batch]
         if len({im.shape for im in images}) == 1 and not any(factors):
-            result = self.segmenter.segment(np.stack(images))
-            all_labels, all_scores = list(result.labels), result.scores
-        else:  # mixed shapes (e.g. ROI change) or objectives: one by one
-            all_labels, all_scores = [], []
-            for im, factor in zip(images, factors, strict=True):
+            try:
+                result = self.segmenter.segment(np.stack(images))
+                if len(result.labels) != len(images):
+                    raise ValueError(
+                        f"segmenter returned {len(result.labels)} label images "
+                        f"for {len(images)} frames"
+                    )
+                return [
+                    _checked(
+                        result.labels[k],
+                        result.scores[k] if result.scores else None,
+                        im,
+                    )
+                    for k, im in enumerate(images)
+                ]
+            except Exception as e:
+                if len(batch) == 1:
+                    return [e]
+        out: list[tuple[np.ndarray, Any] | BaseException] = []
+        for im, factor in zip(images, factors, strict=True):
+            try:
                 if factor:
                     labels, score = segment_zoomed(self.segmenter, im, factor)
                 else:
                     r = self.segmenter.segment(im[None])
                     labels, score = r.labels[0], r.scores[0] if r.scores else None
-                all_labels.append(labels)
-                all_scores.append(score)
-        for k, (frame, image) in enumerate(batch):
-            scores = all_scores[k] if all_scores else None
-            self._handle(frame, image, np.asarray(all_labels[k]), scores)
+                out.append(_checked(labels, score, im))
+            except Exception as e:
+                out.append(e)
+        return out
 
     def _zoom(self, frame: Frame) -> float | None:
         return zoom_factor(frame.pixel_size_um, self.pixel_size_um)
 
-    def _handle(
+    def _measure(
         self,
         frame: Frame,
         image: np.ndarray,
         labels: np.ndarray,
         scores: np.ndarray | None,
-    ) -> None:
-        if labels.shape != image.shape:
-            raise ValueError(
-                f"segmenter returned labels of shape {labels.shape} for an image "
-                f"of shape {image.shape}"
-            )
+    ) -> Detections:
         stage_xy = frame.stage_xy_um
         roi = frame.event.roi  # a camera ROI: pixels are offset on the sensor
         offset = np.array([roi.offset_x, roi.offset_y]) if roi else np.zeros(2)
@@ -433,6 +638,11 @@ class InferenceWorker(threading.Thread):
             model_id=self.segmenter.model_id,
         )
         det.extra["image"] = image  # for policies that look at pixels (autofocus)
+        return det
+
+    def _handle(
+        self, frame: Frame, image: np.ndarray, labels: np.ndarray, det: Detections
+    ) -> None:
         frame.t_analysed = self._clock()
         self.n_analysed += 1
         self.n_detections += len(det)
@@ -440,22 +650,33 @@ class InferenceWorker(threading.Thread):
         self.events.detectionsReady.emit(frame, det)
 
         frame.t_decided = frame.t_analysed
-        for policy in self.policies:
-            actions = list(policy.on_detections(frame, det, self._context))
+        for k, policy in enumerate(self.policies):
+            if k in self._disabled or self.error is not None:
+                continue
+            try:
+                actions = list(policy.on_detections(frame, det, self._context))
+            except Exception as e:
+                self.policy_fault(k, frame, e, "on_detections")
+                continue
             frame.t_decided = self._clock()
+            self._refresh_pending(k, frame)
             if not actions:
                 continue
             decision_id = self.n_decisions
             self.n_decisions += 1
             outcomes = []
             for action in actions:
-                outcome = self._apply(
-                    action,
-                    decision_id=decision_id,
-                    trigger_frame=frame.frame_index,
-                    trigger_position=frame.position,
-                    kind=getattr(policy, "name", "added"),
-                )
+                try:
+                    outcome = self._apply(
+                        action,
+                        decision_id=decision_id,
+                        trigger_frame=frame.frame_index,
+                        trigger_position=frame.position,
+                        kind=getattr(policy, "name", "added"),
+                    )
+                except Exception as e:  # an action the Scheduler cannot take
+                    self.policy_fault(k, frame, e, "apply its action")
+                    continue
                 self.n_events_scheduled += len(outcome.events)
                 outcomes.append(outcome)
             frame.t_queued = self._clock()
@@ -505,9 +726,16 @@ class InferenceWorker(threading.Thread):
         for frame, det in frames:
             t = frame.t_clock or 0.0
             context = replace(self._context, clock=lambda t=t: t)
-            for policy in self.policies:
+            for k, policy in enumerate(self.policies):
+                if k in self._disabled:
+                    continue
+                try:
+                    proposed = list(policy.on_detections(frame, det, context))
+                except Exception as e:
+                    self.policy_fault(k, frame, e, "on_detections (replay)")
+                    continue
                 actions = []
-                for action in policy.on_detections(frame, det, context):
+                for action in proposed:
                     if isinstance(action, AddEvents):
                         events = tuple(e for e in action.events if not stored(e))
                         if not events:
@@ -536,6 +764,7 @@ class InferenceWorker(threading.Thread):
                 if self.storage is not None:
                     self.storage.log_decision(record)
             n += 1
+        self.refresh_pending()
         return n
 
     def _decision_record(
@@ -602,6 +831,7 @@ class InferenceWorker(threading.Thread):
         return {
             "analysed": self.n_analysed,
             "skipped": self.n_skipped,
+            "segmenter_errors": self.n_segmenter_errors,
             "age_at_decision_ms": {
                 "p50": s["p50"],
                 "p99": s["p99"],
@@ -615,6 +845,32 @@ class InferenceWorker(threading.Thread):
         """Close the stream, let the worker drain what is queued, and join it."""
         self.stream.close()
         self.join(timeout)
+
+
+def _checked(labels: Any, scores: Any, image: np.ndarray) -> tuple[np.ndarray, Any]:
+    """`labels` as an array of the image's shape (else a segmenter fault)."""
+    labels = np.asarray(labels)
+    if labels.shape != image.shape:
+        raise ValueError(
+            f"segmenter returned labels of shape {labels.shape} for an image "
+            f"of shape {image.shape}"
+        )
+    return labels, scores
+
+
+def _frame_ref(frame: Frame) -> dict[str, Any]:
+    """Which frame: index, event, position, kind, stage position."""
+    return {
+        "frame_index": frame.frame_index,
+        "event_id": frame.event_id,
+        "position": frame.position,
+        "kind": frame.kind,
+        "stage_um": {
+            "x": frame.stage_x_um,
+            "y": frame.stage_y_um,
+            "z": frame.stage_z_um,
+        },
+    }
 
 
 def lower_thread_priority(nice: int) -> bool:

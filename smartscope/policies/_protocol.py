@@ -80,8 +80,28 @@ class PolicyContext:
 class PPolicy(Protocol):
     """Detections in, actions out.
 
-    ``on_detections`` runs on the inference worker thread, once per analysed
-    frame, in acquisition order. It must be quick and must not block.
+    Threads (the contract a runner keeps, so a policy needs no locks):
+
+    - ``on_detections`` and ``has_pending_work`` are called on the inference
+      worker thread only (``on_detections`` once per analysed frame, in
+      acquisition order; ``has_pending_work`` after each of the policy's
+      decisions and about every 0.1 s while no frame is waiting). The
+      Scheduler, on the acquisition thread, reads the answer the worker last
+      published and never calls the policy. Before the worker starts,
+      ``smartscope resume`` replays earlier frames through ``on_detections`` on
+      the thread that builds the run. These methods may change the policy's
+      state; both must be quick and must not block.
+    - ``needs(frame)`` (optional) is called on the acquisition thread for
+      every frame: it must only read the frame and the policy's
+      configuration, never state that ``on_detections`` changes.
+    - ``report()`` (optional) is called once the run is over (the worker has
+      stopped).
+
+    An exception from any of them is a fault of the policy: it is logged in
+    ``decisions.jsonl`` (with the frame) and ``run.json``, and the policy's
+    ``on_error`` (experiment file) decides: ``disable`` it (default), ``skip``
+    that frame, or ``stop`` the run. The base plan goes on otherwise, and the
+    run ends ``completed_with_errors``.
     """
 
     name: str
