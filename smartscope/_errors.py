@@ -18,6 +18,10 @@ class ExperimentError(SmartscopeError):
     """An experiment file is missing, is not valid YAML or has impossible values."""
 
 
+class OutputError(SmartscopeError):
+    """A run directory that cannot be written: a file, no permission, a full disk."""
+
+
 class RegistryError(SmartscopeError):
     """A segmenter or policy name is not known."""
 

@@ -92,14 +92,15 @@ def finish_resume(runner: Runner, summary: RunSummary) -> RunSummary:
 def resume_run(run_dir: str | Path, *, config: str | Path | None = None) -> RunSummary:
     """Resume an interrupted run and return the whole run's `RunSummary`.
 
-    A completed run is left as it is (its stored summary is returned).
+    A completed run (with errors or not) is left as it is (its stored summary
+    is returned).
 
     Examples
     --------
     >>> summary = resume_run("runs/plate-20250101-220000")
     """
     state = inspect_run(run_dir)
-    if state.completed:
+    if state.completed or state.status == "completed_with_errors":
         stored = state.info.get("summary") or {}
         try:
             return RunSummary(**stored)
@@ -130,5 +131,3 @@ def _load_experiment(state: RunState) -> Experiment:
         return Experiment.model_validate({**data, "source": source})
     except ValidationError as e:
         raise ExperimentError(f"{path}: {format_validation_error(e)}") from None
-
-

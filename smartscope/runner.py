@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from psygnal import Signal, SignalGroup
 
-from smartscope._errors import ExperimentError, first_line
+from smartscope._errors import ExperimentError, OutputError, first_line
 from smartscope.approval import ApprovalGate
+from smartscope.engine import DeviceFault
 from smartscope.frame import Frame, event_tag
+from smartscope.limits import SafetyLimits, check_plan, check_plan_size
 from smartscope.microscope import Microscope
 from smartscope.policies import PolicyContext
 from smartscope.rundir import PlateGeometry, RunStorage
@@ -37,7 +39,9 @@ __all__ = [
     "RunSummary",
     "Runner",
     "RunnerEvents",
+    "check_output_dir",
     "prepare_hardware",
+    "resolve_plan",
     "run_experiment",
 ]
 
@@ -76,6 +80,13 @@ class RunSummary:
     ``schedule`` the Scheduler's `Scheduler.stats`: lateness (s) of base visits
     and of added events, missed timepoint deadlines, stage travel (µm) and
     light dose (exposure ms) per position.
+
+    ``status`` is ``"completed"``, ``"completed_with_errors"`` (the plan ran to
+    its end, but a policy or the segmenter failed on the way: see `errors`),
+    ``"interrupted"`` or ``"failed"`` (`error` says why; `fault` names the
+    device, the call and the error of a hardware fault). ``errors`` lists the
+    contained component faults (the first 100; `n_errors` counts them all);
+    ``hardware`` the engine's retries.
     """
 
     status: str
@@ -95,6 +106,10 @@ class RunSummary:
     schedule: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     analysis: dict[str, Any] = field(default_factory=dict)
+    fault: dict[str, Any] | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    n_errors: int = 0
+    hardware: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,33 +222,41 @@ class Runner:
                 f"{self.directory} already holds a run (choose another --out or "
                 "allow overwrite)"
             )
-        if self.directory.exists() and overwrite:
-            _clear_run_dir(self.directory)
-
         # build everything that can fail on bad input before touching hardware
         self.policies = [spec.build() for spec in experiment.policies]
-        self.segmenter = _build_segmenter(experiment)
-
+        created = check_output_dir(
+            self.directory, min_free_mb=experiment.output.min_free_mb
+        )
+        if self.directory.exists() and overwrite:
+            _clear_run_dir(self.directory)
+        self.segmenter = None
         self._owns_microscope = microscope is None
         self.microscope = None  # type: ignore[assignment]
         try:
+            self.segmenter = _build_segmenter(experiment)
             if microscope is None:
                 microscope = Microscope(experiment.config_path(config))
             elif config is not None:
                 microscope.load_config(experiment.config_path(config))
             self.microscope = microscope
-            prepare_hardware(experiment, microscope)
+            #: the base plan (grid field of view filled in) and the safety
+            #: limits, checked before anything moves
+            self.plan, self.limits = check_experiment(experiment, microscope)
             #: presets of the config's objective group (targets may switch)
             self.objectives = microscope.objectives()
-            self.plan = self._resolve_plan(experiment.sequence)
             # imports, caches and JIT of the model are paid before the first frame
             self.warmup_s = (
                 warm_up(self.segmenter, microscope.image_shape)
                 if experiment.analysis.enabled
                 else 0.0
             )
-        except Exception:
+        except BaseException:
             self.close()  # never leave a core loaded behind a failed set-up
+            for path in reversed(created):  # nor empty folders of ours
+                try:
+                    path.rmdir()
+                except OSError:
+                    break
             raise
 
         self.scheduler: Scheduler | None = None
@@ -251,17 +274,18 @@ class Runner:
         self.n_replayed = 0
         self._cancel_reason: str | None = None
         self._mda_error: str | None = None
+        self._fault: dict[str, Any] | None = None
+        self.engine: Any = None
+        self._previous_engine: Any = None
         self._started_at = ""
+        # pauses, taken out of the run clock (the Scheduler's time base)
+        self._paused_s = 0.0
+        self._paused_at: float | None = None
 
     # --------------------------------------------------------------- set-up
     def _resolve_plan(self, seq: MDASequence) -> MDASequence:
         """Fill in the grid plan's field of view from the microscope."""
-        grid = seq.grid_plan
-        if grid is not None and getattr(grid, "fov_width", 1) is None:
-            width, height = self.microscope.fov_um
-            grid = grid.model_copy(update={"fov_width": width, "fov_height": height})
-            seq = seq.model_copy(update={"grid_plan": grid})
-        return seq
+        return resolve_plan(seq, self.microscope)
 
     @property
     def context(self) -> PolicyContext:
@@ -278,9 +302,16 @@ class Runner:
         """Seconds of acquisition on the pymmcore-plus event timer, pauses excluded.
 
         The time base of ``MDAEvent.min_start_time`` (the Scheduler's clock).
+        A pause (`pause` to `resume`) stops it, wherever acquisition was held:
+        waiting in the Scheduler for the next event, or in pymmcore-plus's
+        runner (whose own pause count is used if larger).
         """
         mda = self.microscope.core.mda
-        return mda.event_seconds_elapsed() - float(getattr(mda, "_paused_time", 0.0))
+        paused = self._paused_s
+        if self._paused_at is not None:
+            paused += time.perf_counter() - self._paused_at
+        paused = max(paused, float(getattr(mda, "_paused_time", 0.0)))
+        return mda.event_seconds_elapsed() - paused
 
     def _on_skipped(self, position: str, n: int, reason: str) -> None:
         """Log what the Scheduler itself dropped (e.g. a spent light-dose budget)."""
@@ -314,6 +345,14 @@ class Runner:
         exp = self.experiment
         np.random.seed(exp.seed)
         core = self.microscope.core
+        #: hardware calls retried, moves outside the limits refused (the core's
+        #: engine before is put back by `finish`)
+        self._previous_engine = core.mda.engine
+        self.engine = self.microscope.use_safe_engine(
+            retries=exp.hardware.retries,
+            retry_backoff_s=exp.hardware.retry_backoff_s,
+            limits=self.limits,
+        )
         self.storage = RunStorage(
             self.directory,
             pixel_size_um=self.microscope.pixel_size_um,
@@ -337,13 +376,12 @@ class Runner:
             done_positions=self.resume_point.done_positions
             if self.resume_point
             else (),
+            limits=self.limits,
         )
         if not self.scheduler.is_timelapse:  # each position is visited once
             # so finished arrays can be closed: memory stays flat over a plate
             self.storage.images.max_open = self.storage.labels.max_open = 64
         self.scheduler.events.eventsSkipped.connect(self._on_skipped)
-        for policy in self.policies:
-            self.scheduler.add_pending_check(policy.has_pending_work)
         self.scheduler.events.eventsScheduled.connect(self.events.eventsScheduled)
         if self.approval is not None:
             self.approval.bind(self.scheduler, storage=self.storage, clock=self.clock)
@@ -369,7 +407,12 @@ class Runner:
             approval=self.approval,
             pixel_size_um=self.context.pixel_size_um,
             nice=exp.analysis.nice,
+            policy_on_error=[spec.on_error for spec in exp.policies],
+            segmenter_on_error=exp.analysis.on_error,
         )
+        # the policies' pending work, as the worker thread last published it:
+        # the acquisition thread never calls a policy's has_pending_work
+        self.scheduler.add_pending_check(self.worker.pending_work)
         if self.resume_point is not None:  # decision ids go on after the logged
             self.worker.n_decisions = self.resume_point.first_decision_id
             self.n_replayed = self._replay(self.resume_point)
@@ -405,8 +448,18 @@ class Runner:
         try:
             mda_thread = self.microscope.run(self.scheduler)  # type: ignore[arg-type]
             mda_thread.join()
-        except Exception as e:  # device error etc.
-            self._mda_error = f"{type(e).__name__}: {e}"
+            error = self.microscope.run_error
+        except Exception as e:
+            error = e
+        if isinstance(error, DeviceFault):
+            self._fault = error.to_json()
+            self._mda_error = f"device fault: {error}"
+        elif error is not None:
+            self._mda_error = f"acquisition failed: {type(error).__name__}: " + (
+                first_line(error)
+            )
+        if error is not None:
+            logging.getLogger("smartscope.run").error("%s", self._mda_error)
 
     def _on_frame_ready(self, img: np.ndarray, event: MDAEvent, meta: dict) -> None:
         """Acquisition thread: store the frame and hand it to analysis. Never waits."""
@@ -448,9 +501,19 @@ class Runner:
         every frame. Without policies no frame is needed: the newest ones are
         analysed for the record.
         """
-        for policy in self.policies:
+        worker = self.worker
+        for k, policy in enumerate(self.policies):
+            if worker is not None and worker.is_disabled(k):
+                continue
             needs = getattr(policy, "needs", None)
-            if needs is None or needs(frame):
+            if needs is None:
+                return True
+            try:
+                if needs(frame):
+                    return True
+            except Exception as e:  # a fault of the policy: the frame is kept
+                if worker is not None:
+                    worker.policy_fault(k, frame, e, "needs")
                 return True
         return False
 
@@ -474,10 +537,15 @@ class Runner:
         """
         if self.scheduler is not None:
             self.scheduler.hold(True)
+        if self._paused_at is None:
+            self._paused_at = time.perf_counter()
         self.microscope.pause()
 
     def resume(self) -> None:
         """Resume a paused acquisition."""
+        if self._paused_at is not None:  # the clock goes on from where it stood
+            self._paused_s += time.perf_counter() - self._paused_at
+            self._paused_at = None
         self.microscope.resume()
         if self.scheduler is not None:
             self.scheduler.hold(False)
@@ -502,13 +570,18 @@ class Runner:
         self.wait()
         core = self.microscope.core
         core.mda.events.frameReady.disconnect(self._on_frame_ready)
+        if self._previous_engine is not None and not core.mda.is_running():
+            core.mda.set_engine(self._previous_engine)
         worker, storage = self.worker, self.storage
         assert worker is not None and storage is not None and self.scheduler
         if worker.is_alive():
             worker.finish()
         if self.approval is not None:  # what the operator never answered
             self.approval.close()
-        storage.close()
+        try:
+            storage.close()
+        except Exception as e:  # a full disk: the frames so far stay readable
+            storage.write_errors.append(f"{type(e).__name__}: {first_line(e)}")
         self.device_reports = self._device_run_files()
         error = self._mda_error or worker.error
         if storage.write_errors:
@@ -517,6 +590,15 @@ class Runner:
             status, reason = "failed", error
         elif self._cancel_reason is not None:
             status, reason = "interrupted", self._cancel_reason
+        elif worker.n_faults:
+            status = "completed_with_errors"
+            first = worker.faults[0]
+            reason = (
+                f"{self.scheduler.finish_reason or 'completed'}, with "
+                f"{worker.n_faults} error(s); first: {first['component']} "
+                f"{first['name']} in {first['call']} at frame "
+                f"{first['frame_index']}: {first['error']} ({first['on_error']})"
+            )
         else:
             status = "completed"
             reason = self.scheduler.finish_reason or "completed"
@@ -541,8 +623,22 @@ class Runner:
             schedule=sched.stats(),
             error=error,
             analysis=worker.analysis_summary(),
+            fault=self._fault,
+            errors=list(worker.faults),
+            n_errors=worker.n_faults,
+            hardware=self.engine.stats() if self.engine is not None else {},
         )
-        storage.write_run_json(self._run_info(status))
+        try:
+            storage.write_run_json(self._run_info(status))
+        except OSError as e:  # a full disk: say so, keep what is on disk
+            logging.getLogger("smartscope.run").error(
+                "run.json not written: %s", first_line(e)
+            )
+            if status != "failed":
+                self.summary.status = "failed"
+                self.summary.reason = self.summary.error = (
+                    f"writing run.json failed: {first_line(e)}"
+                )
         self.events.runFinished.emit(self.summary)
         return self.summary
 
@@ -599,6 +695,7 @@ class Runner:
             "pixel_size_um": self.microscope.pixel_size_um,
             "pixel_affine": self.microscope.affine.ravel().tolist(),
             "model_id": self.segmenter.model_id,
+            "limits": self.limits.to_json(),
             "warmup_s": round(self.warmup_s, 3),
             "seed": exp.seed,
             "versions": package_versions(),
@@ -615,7 +712,7 @@ class Runner:
     # -------------------------------------------------------------- cleanup
     def close(self) -> None:
         """Stop the segmenter's process; release a microscope this runner made."""
-        close_segmenter = getattr(getattr(self, "segmenter", None), "close", None)
+        close_segmenter = getattr(self.segmenter, "close", None)
         if callable(close_segmenter):
             close_segmenter()
         if self._owns_microscope and getattr(self, "microscope", None) is not None:
@@ -661,6 +758,99 @@ def _build_segmenter(experiment: Experiment) -> Any:
         nice=analysis.nice,
         num_threads=analysis_threads(experiment),
     )
+
+
+def resolve_plan(seq: MDASequence, microscope: Microscope) -> MDASequence:
+    """`seq` with the grid plan's field of view filled in from the microscope."""
+    grid = seq.grid_plan
+    if grid is not None and getattr(grid, "fov_width", 1) is None:
+        width, height = microscope.fov_um
+        grid = grid.model_copy(update={"fov_width": width, "fov_height": height})
+        seq = seq.model_copy(update={"grid_plan": grid})
+    return seq
+
+
+def check_experiment(
+    experiment: Experiment, microscope: Microscope
+) -> tuple[MDASequence, SafetyLimits]:
+    """Everything checked before a run moves anything (``run`` and ``validate``).
+
+    Applies the experiment's property settings and checks its presets
+    (`prepare_hardware`), fills in the plan's field of view, refuses a plan
+    too large to run, resolves the safety limits (experiment, else config,
+    else default) and checks every base-plan position and exposure against
+    them. Returns the resolved plan and the limits.
+
+    Raises
+    ------
+    ExperimentError
+        One line naming what is wrong (a `smartscope.limits.PlanError` for the
+        plan).
+    """
+    prepare_hardware(experiment, microscope)
+    plan = resolve_plan(experiment.sequence, microscope)
+    check_plan_size(plan)
+    limits = SafetyLimits.resolve(
+        experiment.limits.model_dump(), microscope.config_limits()
+    )
+    check_plan(plan, limits, camera_exposure_ms=float(microscope.core.getExposure()))
+    return plan, limits
+
+
+def check_output_dir(directory: Path, *, min_free_mb: float = 100.0) -> list[Path]:
+    """Make sure a run can be written to `directory`, before anything runs.
+
+    Creates the directory (and missing parents), writes and removes a probe
+    file, and checks that its disk has `min_free_mb` MiB free. Returns the
+    folders it created (deepest last).
+
+    Raises
+    ------
+    OutputError
+        One line: the path is a file, cannot be written, or its disk is full.
+    """
+    import shutil
+
+    directory = Path(directory)
+    missing = []
+    for parent in [directory, *directory.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                what = "the output directory" if parent == directory else "a parent"
+                raise OutputError(
+                    f"cannot write the run to {directory}: {what} ({parent}) is "
+                    "a file, not a directory"
+                )
+            break
+        missing.append(parent)
+    created = []
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            created.append(folder)
+        probe = directory / ".smartscope-write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        free = shutil.disk_usage(directory).free
+    except OSError as e:
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        reason = e.strerror or first_line(e)
+        raise OutputError(f"cannot write the run to {directory}: {reason}") from None
+    if free < min_free_mb * 2**20:
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise OutputError(
+            f"not enough free space for the run in {directory}: "
+            f"{free / 2**20:.0f} MiB free, output.min_free_mb is {min_free_mb:g}"
+        )
+    return created
 
 
 def prepare_hardware(experiment: Experiment, microscope: Microscope) -> None:

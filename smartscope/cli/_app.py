@@ -31,9 +31,11 @@ app.add_typer(bench_app, name="bench")
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line
 
-EXIT_BAD_INPUT = 2
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
+#: exit codes of `smartscope run` / `resume` / `demo` (and `validate`: 0 or 2)
+EXIT_FAILED = 1  # the run failed (a device fault, ...): run.json says why
+EXIT_BAD_INPUT = 2  # nothing ran: bad experiment, config, plan or output path
+EXIT_COMPLETED_WITH_ERRORS = 3  # the plan ran, but a policy/segmenter failed
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM
 
 
 def _version(value: bool) -> None:
@@ -83,7 +85,6 @@ DeviceOpt = Annotated[
 ]
 
 
-
 class user_errors:
     """Turn bad input into one ``error:`` line and exit code 2."""
 
@@ -116,5 +117,3 @@ def emit(result: dict[str, Any], as_json: bool) -> None:
     for k, v in result.items():
         table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
     console.print(table)
-
-

@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from smartscope.cli._app import (
+    EXIT_COMPLETED_WITH_ERRORS,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     ConfigOpt,
@@ -47,6 +49,15 @@ def run(
     fast, light dose, cells harmed, a followed cell's centering).
     Ctrl-C (or SIGTERM) stops after the current event; what was acquired stays
     readable and run.json says "interrupted" (exit code 130).
+
+    Exit codes: 0 completed; 1 failed (a hardware call that kept failing after
+    its retries, a write error, a policy or segmenter with on_error: stop):
+    every frame so far is on disk, run.json says why, `smartscope resume`
+    goes on; 2 bad input, nothing ran (experiment, config, a plan too large
+    or outside the safety limits, an output path that is a file, unwritable
+    or on a full disk); 3 completed with errors (a policy or the segmenter
+    failed on some frames and was disabled or skipped them, as its on_error
+    says; run.json lists the errors); 130 interrupted.
     """
     _run_experiment_file(experiment, config=config, out=out, overwrite=overwrite)
 
@@ -62,14 +73,15 @@ def resume(
     again; partly imaged ones are moved aside (images/<key>.partial-N.ome.zarr)
     and imaged again; the logs are appended to and run.json records the resume.
     The policies first see the kept frames again, so quotas, focus and hit wells
-    carry on. A completed run is left alone. Exit codes as for `run`.
+    carry on. A completed run (with errors or not) is left alone. Exit codes as
+    for `run`.
     """
     from smartscope.resume import finish_resume, prepare_resume
     from smartscope.rundir import inspect_run
 
     with user_errors():
         state = inspect_run(run_dir)
-    if state.completed:
+    if state.completed or state.status == "completed_with_errors":
         console.print(
             f"{run_dir}: the run completed; nothing to resume",
             markup=False,
@@ -91,11 +103,25 @@ def resume(
     finally:
         runner.close()  # releases the core before exit (avoids an abort)
     _print_summary(summary)
+    _exit_for(summary)
+
+
+def _exit_for(summary: RunSummary) -> None:
+    """The exit code (and one stderr line) of a finished run."""
     if summary.status == "interrupted":
         raise typer.Exit(EXIT_INTERRUPTED)
     if summary.status == "failed":
-        err_console.print(f"error: run failed: {summary.error}")
+        err_console.print(
+            f"error: run failed: {summary.error}", markup=False, highlight=False
+        )
         raise typer.Exit(EXIT_FAILED)
+    if summary.status == "completed_with_errors":
+        err_console.print(
+            f"warning: run completed with errors: {summary.reason}",
+            markup=False,
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_COMPLETED_WITH_ERRORS)
 
 
 @app.command()
@@ -116,22 +142,25 @@ def demo(out: OutOpt = None, overwrite: OverwriteOpt = False) -> None:
 def validate(experiment: ExperimentArg, config: ConfigOpt = None) -> None:
     """Check an experiment file against its hardware config, without acquiring.
 
-    Loads the config (to check channel presets and property settings) and
-    releases it again.
+    Loads the config (to check channel presets and property settings), checks
+    the base plan's size and every stage position and exposure against the
+    safety limits, and releases the config again. Nothing moves.
     """
     from smartscope.experiment import Experiment
+    from smartscope.limits import plan_size
     from smartscope.microscope import Microscope
-    from smartscope.runner import prepare_hardware
+    from smartscope.runner import check_experiment
 
     with user_errors():
         exp = Experiment.from_file(experiment)
         cfg = exp.config_path(config)
         scope = Microscope(cfg)
         try:
-            prepare_hardware(exp, scope)
+            plan, _ = check_experiment(exp, scope)
         finally:
             scope.close()
-    n_events = sum(1 for _ in exp.sequence)
+    bound = plan_size(plan).events or 0
+    n_events = sum(1 for _ in plan) if bound <= 100_000 else f"at most {bound:,}"
     policies = ", ".join(p.name for p in exp.policies) or "none"
     console.print(
         f"[green]ok[/green] {experiment}: {n_events} base events, segmenter "
@@ -166,11 +195,7 @@ def _run_experiment_file(
     _print_summary(summary)
     if live is not None:
         _print_live_report(live)
-    if summary.status == "interrupted":
-        raise typer.Exit(EXIT_INTERRUPTED)
-    if summary.status == "failed":
-        err_console.print(f"error: run failed: {summary.error}")
-        raise typer.Exit(EXIT_FAILED)
+    _exit_for(summary)
 
 
 def _run_with_display(runner: Runner) -> RunSummary:
@@ -246,6 +271,17 @@ _status_log = logging.getLogger("smartscope.run")
 _WELL_FIELD = re.compile(r"^([A-Za-z]{1,2}\d{1,3})_\d+$")
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """``run.log``: a record that cannot be written (a full disk) is dropped.
+
+    The run itself reports the failure; logging's own traceback would only
+    bury that one line on the terminal.
+    """
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def _run_log(directory: Path) -> Any:
     """Write ``run.log`` in the run directory while the run goes on.
@@ -253,7 +289,7 @@ def _run_log(directory: Path) -> Any:
     The status lines, and WARNING+ records of smartscope and pymmcore-plus.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(directory / "run.log", mode="a", encoding="utf-8")
+    handler = _QuietFileHandler(directory / "run.log", mode="a", encoding="utf-8")
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
@@ -274,7 +310,8 @@ def _run_log(directory: Path) -> Any:
             logger.removeHandler(handler)
         _status_log.setLevel(level)
         _status_log.propagate = propagate
-        handler.close()
+        with contextlib.suppress(OSError):  # a full disk: what is lost is lost
+            handler.close()
 
 
 class _ScreenProgress:
@@ -481,8 +518,8 @@ def _print_summary(summary: RunSummary) -> None:
         ("wall time", f"{summary.wall_time_s:.1f} s"),
         ("output", summary.directory),
     ]
+    if summary.n_errors:
+        rows.insert(1, ("errors", f"{summary.n_errors} (run.json: summary.errors)"))
     for k, v in rows:
-        table.add_row(k, v)
+        table.add_row(k, Text(v))  # plain text: a reason may hold brackets
     console.print(table)
-
-
