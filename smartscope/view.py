@@ -54,13 +54,20 @@ def _axis_names(ome: dict[str, Any]) -> list[str]:
     return ["t", "c", "z", "y", "x"]
 
 
-def _channels(ome: dict[str, Any], n: int) -> list[tuple[str, str]]:
+def _channels(ome: dict[str, Any], n: int) -> list[tuple[str, str, Any]]:
+    """Name, colour and display window (or None) of each channel."""
     chans = (ome.get("omero") or {}).get("channels") or []
     out = []
     for k in range(n):
         ch = chans[k] if k < len(chans) else {}
         label = str(ch.get("label", f"channel {k}"))
-        out.append((label, str(ch.get("color", "FFFFFF"))))
+        window = ch.get("window") or {}
+        limits = (
+            [float(window["start"]), float(window["end"])]
+            if "start" in window and "end" in window
+            else None
+        )
+        out.append((label, str(ch.get("color", "FFFFFF")), limits))
     return out
 
 
@@ -116,21 +123,18 @@ def run_layers(run_dir: str | Path, position: str | None = None) -> list[LayerDa
             "translate": [translate[i] for i in keep],
         }
         nc = data.shape[c_axis] if c_axis is not None else 1
-        for k, (label, color) in enumerate(_channels(ome, nc)):
+        for k, (label, color, limits) in enumerate(_channels(ome, nc)):
             plane = data if c_axis is None else da.take(data, k, axis=c_axis)
-            layers.append(
-                (
-                    plane,
-                    {
-                        "name": f"{key}: {label}",
-                        "colormap": _colormap(color),
-                        "blending": "additive",
-                        "metadata": {"position": key, "channel": label},
-                        **world,
-                    },
-                    "image",
-                )
-            )
+            kwargs = {
+                "name": f"{key}: {label}",
+                "colormap": _colormap(color),
+                "blending": "additive",
+                "metadata": {"position": key, "channel": label},
+                **world,
+            }
+            if limits is not None and limits[1] > limits[0]:
+                kwargs["contrast_limits"] = limits
+            layers.append((plane, kwargs, "image"))
         labels_dir = image_dir / "labels"
         label_dirs = {
             str(name): labels_dir / name
@@ -159,14 +163,15 @@ def run_layers(run_dir: str | Path, position: str | None = None) -> list[LayerDa
     if targets:
         layers.append(
             (
-                [[0.0, z, y, x] for x, y, z in targets],
+                [[y, x] for x, y, _ in targets],  # (y, x): shown at every t, z
                 {
                     "name": "targets (decision log)",
-                    "size": 12,
+                    "size": 14,
                     "face_color": "transparent",
                     "border_color": "yellow",
+                    "border_width": 0.15,
                     "symbol": "ring",
-                    "ndim": 4,
+                    "ndim": 2,
                 },
                 "points",
             )

@@ -141,7 +141,7 @@ def test_smartscope_view_places_positions_labels_and_targets(demo_run):
         for e in a.get("events", [])
     }
     assert len(points) == len(added)
-    x = {round(p[3], 6) for p in points}
+    x = {round(p[1], 6) for p in points}  # (y, x)
     assert x == {round(e["x_um"], 6) for e in added.values()}
 
 
