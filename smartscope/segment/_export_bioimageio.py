@@ -31,7 +31,7 @@ from smartscope.segment._export_onnx import (
     export_onnx,
     packaged_network,
 )
-from smartscope.segment._model import BUILTIN_CARD, ModelFile
+from smartscope.segment._model import ModelFile
 from smartscope.segment._postprocess import NORM_PERCENTILES
 
 #: postprocessing of the probabilities, as `UNetSegmenter` does it by default
@@ -66,7 +66,12 @@ def _cover(image: np.ndarray, probs: np.ndarray, path: Path) -> Path:
 
     from smartscope.segment._postprocess import probabilities_to_labels
 
-    labels, _ = probabilities_to_labels(probs, **POSTPROCESS)
+    labels, _ = probabilities_to_labels(
+        probs,
+        fg_threshold=POSTPROCESS["fg_threshold"],
+        seed_threshold=POSTPROCESS["seed_threshold"],
+        min_area_px=int(POSTPROCESS["min_area_px"]),
+    )
     grey = np.clip(scale_range(image), 0, 1)
     grey8 = (grey * 255).astype(np.uint8)
     rgb = np.repeat(grey8[..., None], 3, axis=2)
@@ -82,12 +87,7 @@ def _cover(image: np.ndarray, probs: np.ndarray, path: Path) -> Path:
 def _metrics_table(mf: ModelFile) -> str:
     import json
 
-    card_path = mf.path.with_suffix(".json")
-    if (
-        not card_path.exists()
-        and mf.path.resolve() == BUILTIN_CARD.with_suffix(".pt").resolve()
-    ):
-        card_path = BUILTIN_CARD
+    card_path = mf.path.with_suffix(".json")  # builtin.json for the built-in
     try:
         val = json.loads(card_path.read_text())["metrics"]["synthetic_val"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -110,8 +110,8 @@ def _documentation(mf: ModelFile, path: Path) -> Path:
 
 A compact 3-class U-Net (background / interior / boundary) for instance
 segmentation of 2D fluorescence images (nuclei, cells, beads), exported from
-[smartscope](https://pypi.org/project/smartscope/) (source model sha256
-`{mf.sha256}`).
+smartscope, an acquisition-coupled smart microscopy controller (source model
+sha256 `{mf.sha256}`).
 
 ## Input
 `{INPUT_NAME}`: one channel, `(batch, channel, y, x)` float32; y and x

@@ -182,7 +182,9 @@ class BioimageioSegmenter(BaseModel):
             formats = ["torchscript", "pytorch_state_dict", "onnx"]
         else:  # on CPU, ONNX Runtime is the fastest and loads in a blink
             formats = ["onnx", "torchscript", "pytorch_state_dict"]
-        present = [f for f in formats if getattr(self._descr.weights, f, None)]
+        present: list[str] = [
+            f for f in formats if getattr(self._descr.weights, f, None)
+        ]
         if not present:
             weights = self._descr.weights
             have = ", ".join(
@@ -221,7 +223,9 @@ class BioimageioSegmenter(BaseModel):
         try:
             with _quiet_torchscript():
                 return create_prediction_pipeline(
-                    self._descr, weights_format=formats[0], devices=devices
+                    self._descr,
+                    weights_format=formats[0],  # type: ignore[arg-type]
+                    devices=devices,
                 )
         except Exception as exc:
             raise BioimageioModelError(

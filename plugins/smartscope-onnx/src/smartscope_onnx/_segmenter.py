@@ -223,7 +223,7 @@ class OnnxSegmenter(BaseModel):
         return int(self._meta.get("smartscope.multiple", 16))
 
     def _output_kind(self, channels: int) -> str:
-        kind = self.output
+        kind: str = self.output
         if kind == "auto":
             kind = self._meta.get("smartscope.output", "")
         if kind not in ("boundary3", "foreground"):
@@ -240,7 +240,7 @@ class OnnxSegmenter(BaseModel):
         return kind
 
     def _activate(self, out: np.ndarray) -> np.ndarray:
-        act = self.activation
+        act: str = self.activation
         if act == "auto":
             act = self._meta.get("smartscope.activation", "auto")
         if act == "auto":
