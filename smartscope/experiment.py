@@ -21,7 +21,7 @@ from pydantic import (
 from useq import MDASequence
 
 from smartscope._errors import ExperimentError, SmartscopeError
-from smartscope.limits import PlanError, check_plan_size
+from smartscope.limits import PlanError, check_finite_positions, check_plan_size
 from smartscope.rundir import Compression
 
 __all__ = [
@@ -364,6 +364,7 @@ class Experiment(BaseModel):
             raise ValueError("per-position sub-sequences are not supported")
         try:  # before anything iterates (or allocates) the plan
             check_plan_size(seq)
+            check_finite_positions(seq)
         except PlanError as e:
             raise ValueError(str(e)) from None
         if next(iter(seq), None) is None:

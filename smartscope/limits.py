@@ -33,6 +33,7 @@ __all__ = [
     "PlanError",
     "PlanSize",
     "SafetyLimits",
+    "check_finite_positions",
     "check_plan",
     "check_plan_size",
     "plan_size",
@@ -303,6 +304,25 @@ def _stage_points(seq: MDASequence) -> Iterator[tuple[str, Any]]:
         return
     for k, pos in enumerate(stage):
         yield (pos.name or f"position {k}", pos)
+
+
+def check_finite_positions(seq: MDASequence) -> None:
+    """Every stage position of the plan (without its grid) has finite X, Y, Z.
+
+    What can be checked before the hardware config is known (`check_plan`
+    checks the rest).
+
+    Raises
+    ------
+    PlanError
+        One line naming the first position that is not finite.
+    """
+    box = (-math.inf, math.inf)
+    for name, pos in _stage_points(seq):
+        why = _why_not("x", pos.x, box) or _why_not("y", pos.y, box)
+        why = why or _why_not("z", pos.z, box)
+        if why:
+            raise PlanError(f"stage position {name!r}: {why}")
 
 
 def _offsets(plan: Any, fov: tuple[float | None, float | None]) -> list[Any]:

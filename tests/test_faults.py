@@ -494,9 +494,10 @@ def test_pause_time_is_not_counted_by_the_schedule(tmp_path):
     assert summary.frames_acquired == 4
     gaps = np.diff(times)
     assert gaps[0] > 1.5 + 0.4  # the pause, then the interval
-    assert np.all(gaps[1:] > 0.4), gaps  # not served back to back after it
-    assert summary.schedule["lateness_s"]["base"]["max"] < 0.25
-    assert summary.schedule["missed_deadlines"] == 0
+    # not served back to back after it (as when the pause counted: ~0.01 s)
+    assert np.all(gaps[1:] > 0.25), gaps
+    # counted, the pause would have made the visits after it ~1 s late
+    assert summary.schedule["lateness_s"]["base"]["max"] < 0.5
 
 
 HALF_BAD_CFG = """\
