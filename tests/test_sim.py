@@ -211,6 +211,47 @@ def test_defocus_blurs_the_frame() -> None:
     assert blurred.mean() == pytest.approx(sharp.mean(), rel=0.05)
 
 
+def test_shared_renderer_lights_a_nucleus_where_its_label_is() -> None:
+    """The nucleus renderer both specimens use: labels and light agree."""
+    from smartscope.sim._render import (
+        Nuclei,
+        chromatin_texture,
+        draw_nuclei,
+        label_nuclei,
+    )
+
+    def one(v: float) -> np.ndarray:
+        return np.array([v])
+
+    nucleus = Nuclei(
+        col=one(31.3),
+        row=one(30.6),
+        a=one(9.0),
+        b=one(6.0),
+        phi=one(0.4),
+        bright=one(1.0),
+        tu=one(3.0),
+        tv=one(5.0),
+        nu=one(0.1),
+        nv=one(-0.2),
+    )
+    labels = label_nuclei(nucleus, np.array([7], np.uint32), (64, 64), 0.5)
+    assert labels.dtype == np.uint32 and set(np.unique(labels)) == {0, 7}
+    inside = labels == 7
+    assert inside.sum() * 0.5**2 == pytest.approx(np.pi * 9.0 * 6.0, rel=0.03)
+
+    texture = chromatin_texture(np.random.default_rng(0))
+    light = draw_nuclei(nucleus, (64, 64), 0.5, texture, 60.0)
+    assert light.dtype == np.float32 and light[inside].min() > 0
+    assert light[inside].sum() > 0.9 * light.sum()
+
+    nothing = Nuclei(*(np.zeros(0) for _ in range(10)))
+    assert not draw_nuclei(nothing, (8, 9), 1.0, texture, 60.0).any()
+    assert label_nuclei(nothing, np.zeros(0, np.uint16), (8, 9), 1.0).dtype == (
+        np.uint16
+    )
+
+
 # -------------------------------------------------------------- the device
 @pytest.fixture
 def livecore():

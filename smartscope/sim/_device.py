@@ -7,25 +7,28 @@ the `UniMMCore` it is loaded into (the core whose ``events`` is the very signal
 group unicore handed the device) once, keeps a weak reference, and asks it for
 ``getXYPosition()``, ``getPosition()`` and ``getPixelSizeUm()`` at every snap.
 It renders only the camera ROI (a field stop: only that part of the sample is
-lit) and logs every exposure.
+lit) and logs every exposure. A `SeededSpecimenCamera` also builds its specimen
+from a ``Seed`` property and has a ``RelativeIntensity`` (the live-cell and the
+plate cameras).
 """
 
 from __future__ import annotations
 
 import gc
 import math
+import threading
 import time
 import weakref
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from pymmcore_plus import CMMCorePlus, Keyword
-from pymmcore_plus.experimental.unicore import SimpleCameraDevice
+from pymmcore_plus.experimental.unicore import SimpleCameraDevice, pymm_property
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["SpecimenCamera", "find_camera"]
+__all__ = ["SeededSpecimenCamera", "SpecimenCamera", "find_camera"]
 
 #: longest `SpecimenCamera.snap_log` kept (about 130 MB of dicts)
 MAX_LOG = 200_000
@@ -147,6 +150,58 @@ class SpecimenCamera(SimpleCameraDevice):
         if not math.isfinite(pixel_size_um) or pixel_size_um <= 0:
             pixel_size_um = 1.0
         return x_um, y_um, z_um, pixel_size_um
+
+
+class SeededSpecimenCamera(SpecimenCamera):
+    """A `SpecimenCamera` whose specimen is built from a seed, on first use.
+
+    Subclasses build the specimen from `_seed` (and their own settings) into
+    `_specimen` under `_specimen_lock`, and call `_reset_specimen` when a
+    setting that defines it changes.
+
+    Properties
+    ----------
+    Seed : int
+        Seed of the specimen. Changing it builds a new specimen.
+    RelativeIntensity : float
+        Excitation intensity relative to nominal.
+    """
+
+    #: the specimen, built on first use; ``None`` after `_reset_specimen`
+    _specimen: Any
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seed = 0
+        self._specimen = None
+        self._specimen_lock = threading.Lock()
+
+    def _reset_specimen(self) -> None:
+        """Drop the specimen (the next use builds a new one) and the snap log."""
+        with self._specimen_lock:
+            self._specimen = None
+            self.snap_log = []
+
+    # -------------------------------------------------------------- properties
+    @pymm_property(limits=(0, 2**31 - 1), name="Seed", property_type=int)
+    def seed(self) -> int:
+        """Seed of the specimen."""
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        if int(value) != self._seed:
+            self._seed = int(value)
+            self._reset_specimen()
+
+    @pymm_property(limits=(0.0, 100.0), name="RelativeIntensity", property_type=float)
+    def relative_intensity(self) -> float:
+        """Excitation intensity relative to nominal."""
+        return self._intensity
+
+    @relative_intensity.setter
+    def relative_intensity(self, value: float) -> None:
+        self._intensity = float(value)
 
 
 def holds(core: Any, device: SpecimenCamera) -> bool:

@@ -16,7 +16,6 @@ previous snap times ``Acceleration``.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import weakref
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pymmcore_plus.experimental.unicore import pymm_property
 
-from smartscope.sim._device import SpecimenCamera, find_camera
+from smartscope.sim._device import SeededSpecimenCamera, find_camera
 from smartscope.sim.specimen import LiveSpecimen
 
 if TYPE_CHECKING:
@@ -39,7 +38,7 @@ __all__ = ["LiveCellCamera", "live_cell_camera"]
 _CAMERAS: weakref.WeakSet[LiveCellCamera] = weakref.WeakSet()
 
 
-class LiveCellCamera(SpecimenCamera):
+class LiveCellCamera(SeededSpecimenCamera):
     """A 512 × 512, 16-bit camera looking at a simulated field of live cells.
 
     Frames are rendered by `specimen` (a `LiveSpecimen`) at the XY-stage position and
@@ -74,12 +73,10 @@ class LiveCellCamera(SpecimenCamera):
 
     def __init__(self) -> None:
         super().__init__()
-        self._seed = 0
         self._cell_density = 150.0
         self._pre_division_minutes = 15.0
         self._acceleration = 60.0
         self._specimen: LiveSpecimen | None = None
-        self._specimen_lock = threading.Lock()
         self._last_snap: float | None = None  # perf_counter() of the last snap
         self._banked_s = 0.0  # simulated time owed from before an Acceleration change
         _CAMERAS.add(self)
@@ -100,23 +97,7 @@ class LiveCellCamera(SpecimenCamera):
                 self._banked_s = 0.0
             return self._specimen
 
-    def _reset_specimen(self) -> None:
-        with self._specimen_lock:
-            self._specimen = None
-            self.snap_log = []
-
     # -------------------------------------------------------------- properties
-    @pymm_property(limits=(0, 2**31 - 1), name="Seed", property_type=int)
-    def seed(self) -> int:
-        """Seed of the specimen."""
-        return self._seed
-
-    @seed.setter
-    def seed(self, value: int) -> None:
-        if int(value) != self._seed:
-            self._seed = int(value)
-            self._reset_specimen()
-
     @pymm_property(limits=(0.0, 5000.0), name="CellDensity", property_type=float)
     def cell_density(self) -> float:
         """Cells per mm² at time 0."""
@@ -153,15 +134,6 @@ class LiveCellCamera(SpecimenCamera):
         self._acceleration = float(value)
         if self._specimen is not None:
             self._specimen.acceleration = float(value)
-
-    @pymm_property(limits=(0.0, 100.0), name="RelativeIntensity", property_type=float)
-    def relative_intensity(self) -> float:
-        """Excitation intensity relative to nominal."""
-        return self._intensity
-
-    @relative_intensity.setter
-    def relative_intensity(self, value: float) -> None:
-        self._intensity = float(value)
 
     @pymm_property(name="SimulatedTime_s", property_type=float)
     def simulated_time_s(self) -> float:

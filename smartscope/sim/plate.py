@@ -16,6 +16,7 @@ nuclei, defocus blur, noise and camera model); `PlateSpecimen.truth_labels` and
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Iterable
@@ -24,20 +25,24 @@ from typing import Any
 import numpy as np
 import useq
 
-from smartscope.sim.specimen import _fft_margin, _gaussian_blur, camera_adu
+from smartscope.sim._render import (
+    TEXTURE_PERIOD_UM,
+    FluorescenceImaging,
+    Nuclei,
+    blur_margin,
+    check_field,
+    chromatin_texture,
+    defocused,
+    draw_nuclei,
+    label_nuclei,
+)
 
 __all__ = ["PlateSpecimen"]
-
-# chromatin texture, as in LiveSpecimen: a periodic noise tile of _TEXTURE_SIZE²
-# samples _TEXTURE_STEP_UM apart (the size must be a power of two)
-_TEXTURE_SIZE = 128
-_TEXTURE_STEP_UM = 0.5
-_TEXTURE_PERIOD_UM = _TEXTURE_SIZE * _TEXTURE_STEP_UM
 
 WellKey = str | tuple[int, int]
 
 
-class PlateSpecimen:
+class PlateSpecimen(FluorescenceImaging):
     """A simulated multi-well plate of fixed nuclei, reproducible from a seed.
 
     Parameters
@@ -94,19 +99,12 @@ class PlateSpecimen:
     well's focus. Cell ids are 1-based and ordered by well (row-major), so truth
     labels are ``uint32``.
 
+    Brightness, optics and camera (`photons_per_ms`, `defocus_blur_per_um`,
+    `offset_adu`, ...) are those of `smartscope.sim._render.FluorescenceImaging`,
+    as in `LiveSpecimen`.
+
     All public methods are thread-safe.
     """
-
-    #: brightness of a nucleus at intensity 1, photons / ms / pixel (1 µm²)
-    photons_per_ms: float = 60.0
-    #: autofluorescence background, photons / ms / µm² at intensity 1
-    background_per_ms: float = 0.3
-    #: camera offset (ADU), read noise (e⁻ rms) and gain (ADU / e⁻)
-    offset_adu: float = 100.0
-    read_noise_e: float = 2.0
-    gain_adu_per_e: float = 1.0
-    #: Gaussian blur (µm, sigma) per µm of defocus
-    defocus_blur_per_um: float = 0.5
 
     def __init__(
         self,
@@ -154,17 +152,12 @@ class PlateSpecimen:
         self.focus_jitter_um = float(focus_jitter_um)
 
         self._lock = threading.RLock()
-        self._illum_cache: dict[tuple[int, int], np.ndarray] = {}
         sim_seq, noise_seq = np.random.SeedSequence(self.seed).spawn(2)
         rng = np.random.default_rng(sim_seq)
         self._noise_entropy = noise_seq.entropy
         self._views: dict[tuple[int, ...], int] = {}  # view -> times rendered
         self._init_geometry()
-        texture = _gaussian_blur(
-            rng.standard_normal((_TEXTURE_SIZE, _TEXTURE_SIZE)).astype(np.float32),
-            0.8 / _TEXTURE_STEP_UM,
-        )
-        self._texture = texture / texture.std()
+        self._texture = chromatin_texture(rng)
         self._init_wells(rng)
         self._init_cells(rng)
 
@@ -266,8 +259,8 @@ class PlateSpecimen:
         self._phi = rng.uniform(0, 2 * np.pi, total).astype(np.float32)
         self._bright = bright.astype(np.float32)
         self._hit_cell = hit
-        self._tu = rng.uniform(0, _TEXTURE_PERIOD_UM, total).astype(np.float32)
-        self._tv = rng.uniform(0, _TEXTURE_PERIOD_UM, total).astype(np.float32)
+        self._tu = rng.uniform(0, TEXTURE_PERIOD_UM, total).astype(np.float32)
+        self._tv = rng.uniform(0, TEXTURE_PERIOD_UM, total).astype(np.float32)
         self._nu = rng.uniform(-0.4, 0.4, total).astype(np.float32)
         self._nv = rng.uniform(-0.4, 0.4, total).astype(np.float32)
         self._max_a = float(a.max()) if total else 0.0
@@ -377,7 +370,7 @@ class PlateSpecimen:
             `offset_adu`, shot noise (Gaussian approximation of Poisson) and read
             noise.
         """
-        h, w, ps = _check_field(shape, pixel_size_um)
+        h, w, ps = check_field(shape, pixel_size_um)
         field = np.zeros((h, w), np.float32)
         with self._lock:
             # the nuclei of each well in reach, blurred by that well's defocus
@@ -387,25 +380,16 @@ class PlateSpecimen:
                     * abs(float(z_um) - self.focus_um - self._focus_offset[well])
                     / ps
                 )
-                margin = _fft_margin(h, w, sigma_px) if sigma_px >= 0.25 else 0
-                part = self._draw(idx, x_um, y_um, h, w, ps, margin, labels=False)
-                if margin:
-                    part = _gaussian_blur(part, sigma_px)[
-                        margin:-margin, margin:-margin
-                    ]
-                field += part
+                draw = functools.partial(
+                    self._draw, idx, x_um, y_um, h, w, ps, labels=False
+                )
+                field += defocused(draw, (h, w), sigma_px)
             if rng is None:
                 rng = self._view_rng(
                     x_um, y_um, z_um, h, w, ps, exposure_ms * intensity
                 )
             noise = rng.standard_normal((h, w), dtype=np.float32)
-        return camera_adu(
-            field,
-            noise,
-            self._illumination((h, w)),
-            self,
-            exposure_ms * intensity * ps * ps,
-        )
+        return self._expose(field, noise, ps, exposure_ms * intensity)
 
     def _view_rng(self, *view: float) -> np.random.Generator:
         """The noise generator of the next render of one view (see `render`)."""
@@ -429,7 +413,7 @@ class PlateSpecimen:
         Same geometry as `render`; a pixel belongs to a cell when its center lies
         inside the cell's nucleus. Where nuclei overlap, one of them wins.
         """
-        h, w, ps = _check_field(shape, pixel_size_um)
+        h, w, ps = check_field(shape, pixel_size_um)
         with self._lock:
             groups = self._near_by_well(x_um, y_um, h, w, ps, None)
             idx = np.concatenate([i for _, i in groups] or [np.zeros(0, np.int64)])
@@ -443,7 +427,7 @@ class PlateSpecimen:
         pixel_size_um: float = 1.0,
     ) -> np.ndarray:
         """Ids of the cells whose center lies in a field of view."""
-        h, w, ps = _check_field(shape, pixel_size_um)
+        h, w, ps = check_field(shape, pixel_size_um)
         with self._lock:
             groups = self._near_by_well(x_um, y_um, h, w, ps, None)
         if not groups:
@@ -651,7 +635,7 @@ class PlateSpecimen:
                 else:
                     defocus = abs(z_um - self.focus_um - self._focus_offset[well])
                     sigma_px = self.defocus_blur_per_um * defocus / ps
-                    margin = _fft_margin(h, w, sigma_px) if sigma_px >= 0.25 else 0
+                    margin = blur_margin(h, w, sigma_px)
                     pad = reach_um + margin * ps
                 x, y = self._x[lo:hi], self._y[lo:hi]
                 near = (np.abs(x - x_um) < w * ps / 2 + pad) & (
@@ -675,84 +659,24 @@ class PlateSpecimen:
     ) -> np.ndarray:
         """Noise-free photons/ms/µm² (or labels) of cells `idx`, padded by `margin`.
 
-        The nuclei are drawn as in `LiveSpecimen`: anti-aliased ellipses with a
-        domed profile, chromatin texture and a dim nucleolus.
+        The nuclei are drawn as in `LiveSpecimen`, by
+        `smartscope.sim._render.draw_nuclei`.
         """
         H, W = h + 2 * margin, w + 2 * margin
-        out_dtype = np.uint32 if labels else np.float32
-        if idx.size == 0:
-            return np.zeros((H, W), out_dtype)
         # pixel (col, row) of the padded frame looks at stage
         # (x_um + (col - margin - (w - 1) / 2) * ps, ...)
-        cx = (self._x[idx] - x_um) / ps + (w - 1) / 2 + margin
-        cy = (self._y[idx] - y_um) / ps + (h - 1) / 2 + margin
-        a = self._a[idx].astype(np.float64)
-        b = self._b[idx].astype(np.float64)
-        half = math.ceil(float(a.max()) / ps + 1.5)
-        offsets = np.arange(-half, half + 1)
-        cols = np.rint(cx).astype(np.int64)[:, None] + offsets  # (N, P)
-        rows = np.rint(cy).astype(np.int64)[:, None] + offsets
-        dx = ((cols - cx[:, None]) * ps)[:, None, :]  # (N, 1, P) µm
-        dy = ((rows - cy[:, None]) * ps)[:, :, None]  # (N, P, 1) µm
-        phi = self._phi[idx].astype(np.float64)
-        cos, sin = np.cos(phi)[:, None, None], np.sin(phi)[:, None, None]
-        u = dx * cos + dy * sin  # along the long axis
-        v = dy * cos - dx * sin
-        rho2 = (u / a[:, None, None]) ** 2 + (v / b[:, None, None]) ** 2
-        valid = (
-            (rows[:, :, None] >= 0)
-            & (rows[:, :, None] < H)
-            & (cols[:, None, :] >= 0)
-            & (cols[:, None, :] < W)
+        nuclei = Nuclei(
+            col=(self._x[idx] - x_um) / ps + (w - 1) / 2 + margin,
+            row=(self._y[idx] - y_um) / ps + (h - 1) / 2 + margin,
+            a=self._a[idx].astype(np.float64),
+            b=self._b[idx].astype(np.float64),
+            phi=self._phi[idx].astype(np.float64),
+            bright=self._bright[idx],
+            tu=self._tu[idx],
+            tv=self._tv[idx],
+            nu=self._nu[idx],
+            nv=self._nv[idx],
         )
-        flat = rows[:, :, None] * W + cols[:, None, :]
         if labels:
-            inside = valid & (rho2 <= 1.0)
-            ids = np.broadcast_to(
-                (idx + 1).astype(np.uint32)[:, None, None], rho2.shape
-            )
-            out = np.zeros(H * W, np.uint32)
-            out[flat[inside]] = ids[inside]
-            return out.reshape(H, W)
-
-        # only pixels that receive light from a nucleus (most of a patch does not)
-        edge_um = math.hypot(ps, 0.5)  # anti-aliasing + in-focus optics
-        r_eq = np.sqrt(a * b)
-        reach2 = ((1 + 0.5 * edge_um / r_eq) ** 2)[:, None, None]
-        k, i, j = np.nonzero(valid & (rho2 < reach2))
-        u, v, rho2, flat = u[k, i, j], v[k, i, j], rho2[k, i, j], flat[k, i, j]
-        cell = idx[k]
-        mask = np.clip(0.5 + (1 - np.sqrt(rho2)) * r_eq[k] / edge_um, 0, 1)
-        mod = _TEXTURE_SIZE - 1
-        tex_col = np.rint((u + self._tu[cell]) / _TEXTURE_STEP_UM).astype(np.int64)
-        tex_row = np.rint((v + self._tv[cell]) / _TEXTURE_STEP_UM).astype(np.int64)
-        nucleolus = (u / a[k] - self._nu[cell]) ** 2 + (v / b[k] - self._nv[cell]) ** 2
-        texture = (
-            1
-            + 0.12 * self._texture[tex_row & mod, tex_col & mod]
-            - 0.3 * np.exp(-nucleolus / 0.045)
-        )
-        profile = 1 - 0.3 * np.minimum(rho2, 1)
-        value = (self._bright[cell] * self.photons_per_ms) * mask * profile * texture
-        field = np.bincount(flat, weights=value, minlength=H * W)
-        return field.reshape(H, W).astype(np.float32)
-
-    def _illumination(self, shape: tuple[int, int]) -> np.ndarray:
-        """Slightly uneven (vignetted) illumination of the field, 0.85..1."""
-        if (illum := self._illum_cache.get(shape)) is None:
-            h, w = shape
-            ry = np.linspace(-1, 1, h, dtype=np.float32)[:, None] ** 2
-            rx = np.linspace(-1, 1, w, dtype=np.float32)[None, :] ** 2
-            illum = 1 - 0.075 * (rx + ry)
-            self._illum_cache[shape] = illum
-        return illum
-
-
-def _check_field(
-    shape: tuple[int, int], pixel_size_um: float
-) -> tuple[int, int, float]:
-    h, w = (int(v) for v in shape)
-    ps = float(pixel_size_um)
-    if h <= 0 or w <= 0 or ps <= 0:
-        raise ValueError(f"invalid shape {shape} or pixel size {pixel_size_um}")
-    return h, w, ps
+            return label_nuclei(nuclei, (idx + 1).astype(np.uint32), (H, W), ps)
+        return draw_nuclei(nuclei, (H, W), ps, self._texture, self.photons_per_ms)

@@ -14,7 +14,6 @@ position of the core the camera is loaded into.
 
 from __future__ import annotations
 
-import threading
 import time
 import weakref
 from typing import TYPE_CHECKING
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pymmcore_plus.experimental.unicore import pymm_property
 
-from smartscope.sim._device import SpecimenCamera, find_camera
+from smartscope.sim._device import SeededSpecimenCamera, find_camera
 from smartscope.sim.plate import PlateSpecimen
 
 if TYPE_CHECKING:
@@ -38,7 +37,7 @@ _CAMERAS: weakref.WeakSet[PlateCamera] = weakref.WeakSet()
 _PLATES = ("96-well", "384-well")
 
 
-class PlateCamera(SpecimenCamera):
+class PlateCamera(SeededSpecimenCamera):
     """A 512 × 512, 16-bit camera looking at a simulated multi-well plate.
 
     Frames are rendered by `specimen` (a `PlateSpecimen`) at the XY-stage position
@@ -72,12 +71,10 @@ class PlateCamera(SpecimenCamera):
 
     def __init__(self) -> None:
         super().__init__()
-        self._seed = 0
         self._plate = _PLATES[0]
         self._empty_fraction = 0.15
         self._hit_fraction = 0.05
         self._specimen: PlateSpecimen | None = None
-        self._specimen_lock = threading.Lock()
         self._t0: float | None = None  # perf_counter() of the plate's first snap
         _CAMERAS.add(self)
 
@@ -96,23 +93,7 @@ class PlateCamera(SpecimenCamera):
                 self._t0 = None
             return self._specimen
 
-    def _reset_specimen(self) -> None:
-        with self._specimen_lock:
-            self._specimen = None
-            self.snap_log = []
-
     # -------------------------------------------------------------- properties
-    @pymm_property(limits=(0, 2**31 - 1), name="Seed", property_type=int)
-    def seed(self) -> int:
-        """Seed of the plate."""
-        return self._seed
-
-    @seed.setter
-    def seed(self, value: int) -> None:
-        if int(value) != self._seed:
-            self._seed = int(value)
-            self._reset_specimen()
-
     @pymm_property(allowed_values=_PLATES, name="Plate", property_type=str)
     def plate(self) -> str:
         """Plate type."""
@@ -145,15 +126,6 @@ class PlateCamera(SpecimenCamera):
         if float(value) != self._hit_fraction:
             self._hit_fraction = float(value)
             self._reset_specimen()
-
-    @pymm_property(limits=(0.0, 100.0), name="RelativeIntensity", property_type=float)
-    def relative_intensity(self) -> float:
-        """Excitation intensity relative to nominal."""
-        return self._intensity
-
-    @relative_intensity.setter
-    def relative_intensity(self, value: float) -> None:
-        self._intensity = float(value)
 
     def snap(self, buffer: np.ndarray) -> Mapping:
         """Render the plate at the current stage position into `buffer`."""

@@ -16,23 +16,26 @@ what really happened and what really is where.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import threading
 from typing import Any
 
 import numpy as np
-import scipy.fft
+
+from smartscope.sim._render import (
+    TEXTURE_PERIOD_UM,
+    FluorescenceImaging,
+    Nuclei,
+    check_field,
+    chromatin_texture,
+    defocused,
+    draw_nuclei,
+    label_nuclei,
+)
 
 __all__ = ["LiveSpecimen"]
-
-# chromatin texture: a periodic noise tile of _TEXTURE_SIZE² samples, _TEXTURE_STEP_UM
-# apart (the size must be a power of two)
-_TEXTURE_SIZE = 128
-_TEXTURE_STEP_UM = 0.5
-_TEXTURE_PERIOD_UM = _TEXTURE_SIZE * _TEXTURE_STEP_UM
-# defocus blurs at least this wide (sigma, pixels) are computed at half resolution
-_HALF_RES_SIGMA = 2.5
 
 # per-cell state: name -> dtype. One row per cell that ever existed (id = row + 1).
 _FIELDS: dict[str, type] = {
@@ -59,7 +62,7 @@ _FIELDS: dict[str, type] = {
 }
 
 
-class LiveSpecimen:
+class LiveSpecimen(FluorescenceImaging):
     """A simulated field of live cells in stage coordinates, reproducible from a seed.
 
     Parameters
@@ -109,20 +112,13 @@ class LiveSpecimen:
     their parent's total dose (and its bleaching). A cell is illuminated by an
     exposure when its center lies in the imaged field of view.
 
+    Brightness, optics and camera (`photons_per_ms`, `defocus_blur_per_um`,
+    `offset_adu`, ...) are those of `smartscope.sim._render.FluorescenceImaging`.
+
     All public methods are thread-safe: a camera may render in its acquisition
     thread while another thread reads the ground truth.
     """
 
-    #: brightness of a nucleus at intensity 1, photons / ms / pixel (1 µm²)
-    photons_per_ms: float = 60.0
-    #: autofluorescence background, photons / ms / µm² at intensity 1
-    background_per_ms: float = 0.3
-    #: camera offset (ADU), read noise (e⁻ rms) and gain (ADU / e⁻)
-    offset_adu: float = 100.0
-    read_noise_e: float = 2.0
-    gain_adu_per_e: float = 1.0
-    #: Gaussian blur (µm, sigma) per µm of defocus
-    defocus_blur_per_um: float = 0.5
     #: relative amplitude and period (s) of the slow drift of brightness
     drift_amplitude: float = 0.1
     drift_period_s: float = 6 * 3600.0
@@ -172,20 +168,13 @@ class LiveSpecimen:
         self._noise_rng = np.random.default_rng(noise_seq)
         self._t = 0.0
         self._drift_phase = float(self._rng.uniform(0, 2 * np.pi))
-        # chromatin texture: smooth periodic noise (unit std) that nuclei sample
-        n_tex = _TEXTURE_SIZE
-        texture = _gaussian_blur(
-            self._rng.standard_normal((n_tex, n_tex)).astype(np.float32),
-            0.8 / _TEXTURE_STEP_UM,
-        )
-        self._texture = texture / texture.std()
+        self._texture = chromatin_texture(self._rng)
         self._cells = {name: np.empty(0, dtype) for name, dtype in _FIELDS.items()}
         self._divisions: list[dict[str, Any]] = []
         self._deaths: list[dict[str, Any]] = []
         # ground-truth positions: (times, cell indices, x, y) arrays per record
         self._tracks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self._last_track_s = -np.inf
-        self._illum_cache: dict[tuple[int, int], np.ndarray] = {}
 
         area_mm2 = (x1 - x0) * (y1 - y0) / 1e6
         n0 = int(self._rng.poisson(self.cell_density_per_mm2 * area_mm2))
@@ -272,28 +261,16 @@ class LiveSpecimen:
             `offset_adu`, shot noise (Gaussian approximation of Poisson) and read
             noise.
         """
-        h, w = (int(v) for v in shape)
-        ps = float(pixel_size_um)
-        if h <= 0 or w <= 0 or ps <= 0:
-            raise ValueError(f"invalid shape {shape} or pixel size {pixel_size_um}")
+        h, w, ps = check_field(shape, pixel_size_um)
         with self._lock:
-            sigma_px = self.blur_sigma_um(z_um) / ps
-            margin = _fft_margin(h, w, sigma_px) if sigma_px >= 0.25 else 0
-            field = self._draw(x_um, y_um, h, w, ps, margin, labels=False)
-            if margin:
-                field = _gaussian_blur(field, sigma_px)[margin:-margin, margin:-margin]
+            draw = functools.partial(self._draw, x_um, y_um, h, w, ps, labels=False)
+            field = defocused(draw, (h, w), self.blur_sigma_um(z_um) / ps)
             if apply_dose and exposure_ms * intensity > 0:
                 in_view = self._in_view(x_um, y_um, h, w, ps)
                 self._apply_dose(in_view, exposure_ms * intensity)
             rng = self._noise_rng if rng is None else rng
             noise = rng.standard_normal((h, w), dtype=np.float32)
-        return camera_adu(
-            field,
-            noise,
-            self._illumination((h, w)),
-            self,
-            exposure_ms * intensity * ps * ps,
-        )
+        return self._expose(field, noise, ps, exposure_ms * intensity)
 
     def truth_labels(
         self,
@@ -460,8 +437,8 @@ class LiveSpecimen:
         new["inherited_dose"][:] = 0.0
         new["speed"] = rng.lognormal(np.log(0.3 / 60), 0.3, n)  # ~18 µm/h
         new["aspect"] = rng.uniform(0.6, 0.85, n)
-        new["tu"] = rng.uniform(0, _TEXTURE_PERIOD_UM, n)
-        new["tv"] = rng.uniform(0, _TEXTURE_PERIOD_UM, n)
+        new["tu"] = rng.uniform(0, TEXTURE_PERIOD_UM, n)
+        new["tv"] = rng.uniform(0, TEXTURE_PERIOD_UM, n)
         new["nu"] = rng.uniform(-0.4, 0.4, n)
         new["nv"] = rng.uniform(-0.4, 0.4, n)
         for name, value in values.items():
@@ -666,105 +643,25 @@ class LiveSpecimen:
             & (cy < H - 1 + reach)
         )
         idx = np.flatnonzero(near)
-        out_dtype = np.uint16 if labels else np.float32
-        if idx.size == 0:
-            return np.zeros((H, W), out_dtype)
         g = self._geometry(idx)
-        cx, cy = cx[idx], cy[idx]
-        half = math.ceil(float(g["a"].max()) / ps + 1.5)
-        offsets = np.arange(-half, half + 1)
-        cols = np.rint(cx).astype(np.int64)[:, None] + offsets  # (N, P)
-        rows = np.rint(cy).astype(np.int64)[:, None] + offsets
-        dx = ((cols - cx[:, None]) * ps)[:, None, :]  # (N, 1, P) µm
-        dy = ((rows - cy[:, None]) * ps)[:, :, None]  # (N, P, 1) µm
-        cos, sin = np.cos(g["phi"])[:, None, None], np.sin(g["phi"])[:, None, None]
-        u = dx * cos + dy * sin  # along the long axis
-        v = dy * cos - dx * sin
-        a, b = g["a"][:, None, None], g["b"][:, None, None]
-        rho2 = (u / a) ** 2 + (v / b) ** 2
-        valid = (
-            (rows[:, :, None] >= 0)
-            & (rows[:, :, None] < H)
-            & (cols[:, None, :] >= 0)
-            & (cols[:, None, :] < W)
+        nuclei = Nuclei(
+            col=cx[idx],
+            row=cy[idx],
+            a=g["a"],
+            b=g["b"],
+            phi=g["phi"],
+            bright=g["bright"],
+            tu=c["tu"][idx],
+            tv=c["tv"][idx],
+            nu=c["nu"][idx],
+            nv=c["nv"][idx],
+            texture_amp=0.12 + 0.2 * g["s"],  # condensed chromatin: more punctate
         )
-        flat = rows[:, :, None] * W + cols[:, None, :]
         if labels:
-            if idx[-1] + 1 > np.iinfo(np.uint16).max:
+            if idx.size and idx[-1] + 1 > np.iinfo(np.uint16).max:
                 raise OverflowError("cell ids no longer fit uint16 labels")
-            inside = valid & (rho2 <= 1.0)
-            ids = np.broadcast_to((idx + 1)[:, None, None], rho2.shape)
-            out = np.zeros(H * W, np.uint16)
-            out[flat[inside]] = ids[inside]
-            return out.reshape(H, W)
-
-        # only pixels that receive light from a nucleus (most of a patch does not)
-        edge_um = math.hypot(ps, 0.5)  # anti-aliasing + in-focus optics
-        r_eq = np.sqrt(g["a"] * g["b"])
-        reach2 = ((1 + 0.5 * edge_um / r_eq) ** 2)[:, None, None]
-        k, i, j = np.nonzero(valid & (rho2 < reach2))
-        u, v, rho2, flat = u[k, i, j], v[k, i, j], rho2[k, i, j], flat[k, i, j]
-        a, b = g["a"][k], g["b"][k]
-        mask = np.clip(0.5 + (1 - np.sqrt(rho2)) * r_eq[k] / edge_um, 0, 1)
-        mod = _TEXTURE_SIZE - 1
-        cell = idx[k]
-        tex_col = np.rint((u + c["tu"][cell]) / _TEXTURE_STEP_UM).astype(np.int64)
-        tex_row = np.rint((v + c["tv"][cell]) / _TEXTURE_STEP_UM).astype(np.int64)
-        amp = 0.12 + 0.2 * g["s"][k]  # condensed chromatin: more punctate
-        nucleolus = (u / a - c["nu"][cell]) ** 2 + (v / b - c["nv"][cell]) ** 2
-        texture = (
-            1
-            + amp * self._texture[tex_row & mod, tex_col & mod]
-            - 0.3 * np.exp(-nucleolus / 0.045)
-        )
-        profile = 1 - 0.3 * np.minimum(rho2, 1)
-        value = (g["bright"][k] * self.photons_per_ms) * mask * profile * texture
-        field = np.bincount(flat, weights=value, minlength=H * W)
-        return field.reshape(H, W).astype(np.float32)
-
-    def _illumination(self, shape: tuple[int, int]) -> np.ndarray:
-        """Slightly uneven (vignetted) illumination of the field, 0.85..1."""
-        if (illum := self._illum_cache.get(shape)) is None:
-            h, w = shape
-            ry = np.linspace(-1, 1, h, dtype=np.float32)[:, None] ** 2
-            rx = np.linspace(-1, 1, w, dtype=np.float32)[None, :] ** 2
-            illum = 1 - 0.075 * (rx + ry)
-            self._illum_cache[shape] = illum
-        return illum
-
-
-def camera_adu(
-    field: np.ndarray,
-    noise: np.ndarray,
-    illumination: np.ndarray,
-    camera: Any,
-    scale: float,
-) -> np.ndarray:
-    """Photo-electrons to camera counts: the simulated specimens' camera model.
-
-    `field` (photons / ms / µm² at intensity 1, modified in place) plus the
-    autofluorescence ``camera.background_per_ms``, times `illumination` and
-    `scale` (exposure ms × intensity × pixel area) are the expected
-    photo-electrons; shot noise (Gaussian approximation of Poisson, exact mean
-    and variance, from the standard normal `noise`) and read noise are added,
-    then gain and offset (``camera.gain_adu_per_e``, ``read_noise_e``,
-    ``offset_adu``). Returns ``uint16``.
-    """
-    lam = field
-    lam += camera.background_per_ms
-    lam *= illumination
-    lam *= scale
-    np.maximum(lam, 0.0, out=lam)  # dark chromatin texture can dip below 0
-    gain = camera.gain_adu_per_e
-    sigma = np.multiply(lam, gain * gain)
-    sigma += camera.read_noise_e**2
-    np.sqrt(sigma, out=sigma)
-    noise *= sigma
-    adu = np.multiply(lam, gain, out=lam)
-    adu += noise
-    adu += camera.offset_adu
-    np.clip(adu, 0, 65535, out=adu)
-    return np.rint(adu, out=adu).astype(np.uint16)
+            return label_nuclei(nuclei, (idx + 1).astype(np.uint16), (H, W), ps)
+        return draw_nuclei(nuclei, (H, W), ps, self._texture, self.photons_per_ms)
 
 
 def _tracks_by_cell(
@@ -785,63 +682,6 @@ def _tracks_by_cell(
         )
         for lo, hi in itertools.pairwise(bounds)
     ]
-
-
-def _fft_margin(h: int, w: int, sigma_px: float) -> int:
-    """Padding (≥ 3 sigma) after which `_gaussian_blur` has fast FFT lengths."""
-    step = 2 if sigma_px >= _HALF_RES_SIGMA else 1
-    fast = scipy.fft.next_fast_len
-    margin = math.ceil(3 * sigma_px)
-    while any(
-        (n + 2 * margin) % step
-        or fast((n + 2 * margin) // step, True) != ((n + 2 * margin) // step)
-        for n in (h, w)
-    ):
-        margin += 1
-    return margin
-
-
-def _gaussian_blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
-    """Gaussian blur by multiplication in Fourier space (periodic boundaries).
-
-    Wide blurs are computed at half resolution (2 × 2 binning, blur, linear
-    upsampling, with sigma reduced to compensate for the binning and the
-    interpolation), four times fewer FFT points for an indistinguishable result.
-    """
-    if sigma_px >= _HALF_RES_SIGMA and not (image.shape[0] % 2 or image.shape[1] % 2):
-        half = image[0::2, 0::2] + image[1::2, 0::2]
-        half += image[0::2, 1::2]
-        half += image[1::2, 1::2]
-        half *= 0.25
-        # binning adds 1/3 px², linear interpolation 2/3 px² of variance per axis
-        blurred = _fft_blur(half, math.sqrt(sigma_px**2 - 1.0) / 2)
-        return _upsample2(blurred)
-    return _fft_blur(image, sigma_px)
-
-
-def _fft_blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
-    h, w = image.shape
-    c = -2 * (math.pi * sigma_px) ** 2  # the kernel is separable: exp(c fy²) exp(c fx²)
-    ky = np.exp(c * np.fft.fftfreq(h) ** 2).astype(np.float32)
-    kx = np.exp(c * np.fft.rfftfreq(w) ** 2).astype(np.float32)
-    spectrum = scipy.fft.rfft2(image.astype(np.float32, copy=False), workers=1)
-    spectrum *= ky[:, None]
-    spectrum *= kx[None, :]
-    out = scipy.fft.irfft2(spectrum, s=(h, w), overwrite_x=True, workers=1)
-    return out.astype(np.float32, copy=False)
-
-
-def _upsample2(image: np.ndarray) -> np.ndarray:
-    """Linear 2× upsampling of an image of 2 × 2 bins (edges held constant)."""
-    h, w = image.shape
-    p = np.pad(image, 1, mode="edge")
-    rows = np.empty((2 * h, w + 2), np.float32)
-    rows[0::2] = 0.75 * p[1:-1] + 0.25 * p[:-2]
-    rows[1::2] = 0.75 * p[1:-1] + 0.25 * p[2:]
-    out = np.empty((2 * h, 2 * w), np.float32)
-    out[:, 0::2] = 0.75 * rows[:, 1:-1] + 0.25 * rows[:, :-2]
-    out[:, 1::2] = 0.75 * rows[:, 1:-1] + 0.25 * rows[:, 2:]
-    return out
 
 
 def _opt(value: float) -> float | None:
