@@ -73,10 +73,9 @@ def test_onnx_export_is_the_torch_network(builtin_onnx):
         np.testing.assert_allclose(probs[0], ref.probabilities(image), atol=1e-4)
 
 
-def test_onnx_export_of_a_trained_model_file(tmp_path):
-    """A model file from `smartscope train` (here: a tiny random one) exports too."""
-    pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A model file as `smartscope train` writes it: a tiny random 3-level U-Net."""
     import torch
 
     from smartscope.segment._model import save_model_file
@@ -84,10 +83,22 @@ def test_onnx_export_of_a_trained_model_file(tmp_path):
 
     torch.manual_seed(0)
     net = SmartUNet((4, 8, 16), 1).eval()
-    pt = tmp_path / "tiny.pt"
+    pt = tmp_path_factory.mktemp("tiny") / "tiny.pt"
     meta = {"name": "tiny", "arch": {"widths": [4, 8, 16], "depth": 1}}
     save_model_file(pt, net.state_dict(), meta)
+    return pt, net
+
+
+def test_onnx_export_of_a_trained_model_file(tmp_path, tiny_model):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import torch
+
+    pt, net = tiny_model
     out = export_model(pt, "onnx", tmp_path / "tiny.onnx")
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["smartscope.multiple"] == "4"  # 3 levels: multiples of 4
+    assert meta["smartscope.model_id"].startswith("tiny-")
     x = np.random.default_rng(0).random((2, 1, 64, 48), dtype=np.float32)
     (probs,) = ort.InferenceSession(str(out)).run(None, {"raw": x})
     with torch.no_grad():
@@ -146,14 +157,18 @@ def test_bioimageio_core_reproduces_the_test_output(package, weights):
     assert summary.status == "passed", failed
 
 
-def test_bioimageio_folder_output(tmp_path):
+def test_bioimageio_folder_output_of_a_trained_model(tmp_path, tiny_model):
     pytest.importorskip("bioimageio.spec")
     pytest.importorskip("onnx")
-    out = export_model("builtin", "bioimageio", tmp_path / "pkg")
+    from smartscope.segment._export_bioimageio import validate_package
+
+    out = export_model(tiny_model[0], "bioimageio", tmp_path / "pkg")
     assert out.is_dir() and (out / "rdf.yaml").exists()
-    assert (out / "weights.onnx").stat().st_size > 100_000
+    assert validate_package(out / "rdf.yaml").status == "valid-format"
     rdf = (out / "rdf.yaml").read_text()
     assert "weights_torchscript.pt" in rdf and "scale_range" in rdf
+    assert "step: 4" in rdf  # the input sizes the 3-level network takes
+    assert "No metrics were recorded" in (out / "README.md").read_text()
 
 
 # -- dispatch and errors: one line each ---------------------------------------------

@@ -29,6 +29,7 @@ from smartscope.segment._export_onnx import (
     ExportError,
     _require,
     export_onnx,
+    input_multiple,
     packaged_network,
 )
 from smartscope.segment._model import ModelFile
@@ -115,8 +116,9 @@ sha256 `{mf.sha256}`).
 
 ## Input
 `{INPUT_NAME}`: one channel, `(batch, channel, y, x)` float32; y and x
-multiples of 16 (pad with reflection). Pre-processing `scale_range`: per image,
-the {lo:g}th percentile maps to 0 and the {hi:g}th to 1. Inside the network
+multiples of {input_multiple(mf)} (pad with reflection). Pre-processing
+`scale_range`: per image, the {lo:g}th percentile maps to 0 and the {hi:g}th
+to 1. Inside the network
 values above 1 are compressed as `1 + log1p(x - 1)` and values below -1
 clipped, as smartscope does.
 
@@ -163,9 +165,10 @@ def _describe(mf: ModelFile, files: dict[str, Path]) -> Any:
     from bioimageio.spec.model import v0_5 as bio
 
     ref = bio.TensorId(INPUT_NAME)
+    step = input_multiple(mf)
     spatial = [
         bio.SpaceInputAxis(
-            id=bio.AxisId(ax), size=bio.ParameterizedSize(min=16, step=16)
+            id=bio.AxisId(ax), size=bio.ParameterizedSize(min=step, step=step)
         )
         for ax in ("y", "x")
     ]

@@ -4,7 +4,7 @@ The exported graph is the network as a consumer outside smartscope needs it:
 
 * input ``raw``: ``(B, 1, Y, X)`` float32, percentile-scaled per image
   (1st percentile → 0, 99.8th → 1; the standard bioimage.io ``scale_range``),
-  Y and X multiples of 16;
+  Y and X multiples of 16 (of ``2 ** (levels - 1)`` for other architectures);
 * inside: the rest of smartscope's normalisation (values above 1 compressed
   as ``1 + log1p(x - 1)``, values below -1 clipped), the U-Net and a softmax;
 * output ``probabilities``: ``(B, 3, Y, X)`` background / interior / boundary.
@@ -102,6 +102,11 @@ def quiet_onnx_export() -> Iterator[None]:
         yield
 
 
+def input_multiple(mf: ModelFile) -> int:
+    """Y and X of the network's input must be multiples of this."""
+    return 1 << (len(mf.meta["arch"]["widths"]) - 1)
+
+
 def metadata(mf: ModelFile) -> dict[str, str]:
     """The ``smartscope.*`` metadata written into exported ONNX files."""
     return {
@@ -111,7 +116,7 @@ def metadata(mf: ModelFile) -> dict[str, str]:
         "smartscope.output": "boundary3",
         "smartscope.activation": "none",
         "smartscope.classes": ",".join(CLASSES),
-        "smartscope.multiple": "16",
+        "smartscope.multiple": str(input_multiple(mf)),
     }
 
 
@@ -153,7 +158,8 @@ def export_onnx(model: str | Path, out: str | Path, opset: int = OPSET) -> Path:
     proto = onnx.load(str(out))
     proto.doc_string = (
         f"smartscope model {mf.model_id}: (B,1,Y,X) percentile-scaled image "
-        "(1st->0, 99.8th->1), Y and X multiples of 16 -> (B,3,Y,X) "
+        f"(1st->0, 99.8th->1), Y and X multiples of {input_multiple(mf)} -> "
+        "(B,3,Y,X) "
         "background/interior/boundary probabilities"
     )
     del proto.metadata_props[:]
