@@ -399,3 +399,19 @@ def test_microscope_loads_the_livecells_config():
         frame = scope.core.snap()
         assert frame.dtype == np.uint16 and frame.max() > frame.min()
     gc.collect()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("shape", [(256, 300), (101, 77), (333, 222), (511, 511)])
+def test_defocused_fields_of_any_shape_render(shape):
+    """Odd and non-square frames (camera ROIs) with a defocus blur never hang."""
+    from smartscope.sim.plate import PlateSpecimen
+    from smartscope.sim.specimen import LiveSpecimen
+
+    live = LiveSpecimen(0).render(0.0, 0.0, 6.0, shape=shape)
+    sharp = LiveSpecimen(0).render(0.0, 0.0, 0.0, shape=shape)
+    assert live.shape == sharp.shape == shape
+    assert live.std() < sharp.std()  # blurred: less contrast than in focus
+    plate = PlateSpecimen(seed=0)
+    x, y = plate.well_center_um(plate.well_names[0])
+    assert plate.render(x, y, 5.0, shape=shape).shape == shape

@@ -253,6 +253,10 @@ def check_field(shape: tuple[int, int], pixel_size_um: float) -> tuple[int, int,
     return h, w, ps
 
 
+#: How far past 3 sigma `blur_margin` looks for fast FFT lengths.
+_MARGIN_SEARCH = 512
+
+
 def blur_margin(h: int, w: int, sigma_px: float) -> int:
     """Padding (px) a ``(h, w)`` field needs for a defocus blur of `sigma_px`.
 
@@ -261,16 +265,25 @@ def blur_margin(h: int, w: int, sigma_px: float) -> int:
     """
     if sigma_px < _MIN_BLUR_SIGMA:
         return 0
-    step = 2 if sigma_px >= _HALF_RES_SIGMA else 1
     fast = scipy.fft.next_fast_len
-    margin = math.ceil(3 * sigma_px)
-    while any(
-        (n + 2 * margin) % step
-        or fast((n + 2 * margin) // step, True) != ((n + 2 * margin) // step)
-        for n in (h, w)
-    ):
-        margin += 1
-    return margin
+    base = math.ceil(3 * sigma_px)
+
+    def fits(margin: int, step: int) -> bool:
+        return not any(
+            (n + 2 * margin) % step
+            or fast((n + 2 * margin) // step, True) != ((n + 2 * margin) // step)
+            for n in (h, w)
+        )
+
+    # fast FFT lengths for both sides at once (at half resolution for wide
+    # blurs, which needs even sides); odd or unlucky shapes may have none
+    # nearby: then full resolution, then any length (slower, never stuck)
+    steps = (2, 1) if sigma_px >= _HALF_RES_SIGMA else (1,)
+    for step in steps:
+        for margin in range(base, base + _MARGIN_SEARCH):
+            if fits(margin, step):
+                return margin
+    return base
 
 
 def defocused(
