@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from smartscope.approval import ApprovalGate, Proposal
+from smartscope.detections import Detections
 from smartscope.frame import Frame, event_tag
 from smartscope.microscope import Objective
 from smartscope.policies import PolicyContext
@@ -64,6 +65,53 @@ class FakeClock:
             return self._cond.wait_for(lambda: self.reads >= n, timeout)
 
 
+class IdleClock(FakeClock):
+    """A `FakeClock` that notices when the Scheduler waits with nothing due.
+
+    While `waiting` (set around ``next()``), every `idle_reads`-th read in a
+    row at the same time calls `on_idle()`, which may let time pass: a
+    Scheduler held open by a policy's pending work (or waiting for an event
+    `upcoming` does not show) then sees time go on, as on a microscope,
+    instead of waiting forever. A ``next()`` that does not wait reads the
+    clock a few times (the Scheduler, the policies), far fewer than
+    `idle_reads`.
+    """
+
+    def __init__(
+        self, on_idle: Callable[[], None] | None = None, idle_reads: int = 12
+    ) -> None:
+        super().__init__()
+        self.on_idle = on_idle
+        self.idle_reads = idle_reads
+        self.n_idle = 0
+        self._waiting = False
+        self._same = 0
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the Scheduler is inside ``next()``."""
+        return self._waiting
+
+    @waiting.setter
+    def waiting(self, on: bool) -> None:
+        self._waiting = on
+        self._same = 0
+
+    def __call__(self) -> float:
+        if self._waiting:
+            self._same += 1
+            if self._same >= self.idle_reads:
+                self._same = 0
+                self.n_idle += 1
+                if self.on_idle is not None:
+                    self.on_idle()
+        return super().__call__()
+
+    def advance(self, dt: float) -> None:
+        self._same = 0
+        super().advance(dt)
+
+
 def next_due(
     sched: Scheduler,
     clock: FakeClock,
@@ -97,6 +145,8 @@ def simulate(
     exposure_ms: float = 10.0,
     objectives: Mapping[str, Objective] | None = None,
     operator: Callable[[Proposal], bool] | None = None,
+    idle_step_s: float = 5.0,
+    on_detections: Callable[[Frame, Detections], None] | None = None,
     **sched_kw: Any,
 ) -> tuple[list[Frame], list[dict[str, float]], Scheduler]:
     """Run the closed loop; return the frames, their snaps and the Scheduler.
@@ -128,13 +178,19 @@ def simulate(
         Approval mode: actions go to an `ApprovalGate` and, after each frame,
         the operator approves (True) or rejects (False) each pending proposal.
         The gate is available as ``sched.approval``.
+    idle_step_s : float
+        Run time that passes at a time while the Scheduler waits with nothing
+        due (a policy's pending work that ends with time, an untimed wait).
+    on_detections : callable, optional
+        Called with each frame and its `Detections` (the worker's
+        ``detectionsReady``).
     **sched_kw
         More `Scheduler` arguments.
 
     The Scheduler's ``skipped_log`` lists what it dropped, ``worker`` is the
-    `InferenceWorker`.
+    `InferenceWorker`, ``clock`` the `IdleClock`.
     """
-    clock = FakeClock()
+    clock = IdleClock()
 
     def tick(dt: float) -> None:
         clock.advance(dt)
@@ -168,8 +224,6 @@ def simulate(
         clock=clock,
         objectives=turret,
     )
-    for p in policies:
-        sched.add_pending_check(p.has_pending_work)
     gate = None
     if operator is not None:
         gate = ApprovalGate()
@@ -195,16 +249,33 @@ def simulate(
         approval=gate,
         pixel_size_um=pixel_size_um,
     )
+    # as the Runner: the policies' pending work as the worker last published it
+    sched.add_pending_check(worker.pending_work)
+    if on_detections is not None:
+        worker.events.detectionsReady.connect(on_detections)
+
+    def idle() -> None:
+        """The Scheduler waits: the worker, idle too, asks the policies again."""
+        before = worker.pending_work()
+        worker.refresh_pending()
+        if before and not worker.pending_work():
+            return  # their work is done: the run ends with no more time passing
+        tick(idle_step_s)
+
+    clock.on_idle = idle
     frames: list[Frame] = []
     snaps: list[dict[str, float]] = []
     roi_now = None
     x_um = y_um = z_um = 0.0
     exposure_now = exposure_ms
     while True:
+        clock.waiting = True
         try:
             event = next_due(sched, clock, advance)
         except StopIteration:
             break
+        finally:
+            clock.waiting = False
         # the engine: the stage and camera keep what an event does not set
         if event.roi is not None:
             roi_now = event.roi
@@ -276,6 +347,7 @@ def simulate(
         gate.close()
     sched.skipped_log = skipped  # type: ignore[attr-defined]
     sched.worker = worker  # type: ignore[attr-defined]
+    sched.clock = clock  # type: ignore[attr-defined]
     sched.approval = gate  # type: ignore[attr-defined]
     return frames, snaps, sched
 

@@ -2,9 +2,10 @@
 
 `_simulate` is the closed loop of ``test_live_policies.py`` adapted to a fixed
 `PlateSpecimen`: the Scheduler serves events on a simulated clock, the specimen
-renders each at its stage X/Y/Z and camera ROI, the threshold segmenter segments
-it, and the policies' actions go back to the Scheduler — deterministic, checked
-against the plate's ground truth.
+renders each at its stage X/Y/Z, camera ROI and objective, and the real
+`InferenceWorker` segments it (threshold segmenter), asks the policies and
+applies their actions — deterministic, checked against the plate's ground
+truth.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from _closed_loop import simulate
 from useq import MDAEvent, MDASequence
 
 from smartscope.frame import event_tag, well_of
+from smartscope.microscope import Objective
 from smartscope.policies import (
     HitDetection,
     ObjectAutofocus,
@@ -30,6 +32,10 @@ from smartscope.segment import create_segmenter
 from smartscope.sim.plate import PlateSpecimen
 
 SENSOR = 256  # px at 1 µm/px: small fields keep the tests quick
+OBJECTIVES = {  # the turret of plate.cfg
+    "10X": Objective((("Objective", "State", "1"),), 1.0),
+    "40X": Objective((("Objective", "State", "0"),), 0.25),
+}
 FILTER = {"min_area_px": 40}  # nuclei are ≥ 60 µm²; no specks
 SEGMENTER = {"threshold": 200, "min_area_px": 20, "min_distance_px": 8}
 
@@ -204,6 +210,85 @@ def test_hit_detection_finds_the_hit_wells_and_targets_hit_cells(screen, wells, 
     assert {f.position.rsplit("_", 1)[0] for f in hit_frames} == {
         f"hit_{w}" for w in truth_hits
     }
+
+
+def test_hit_cells_through_the_40x_are_measured_where_they_are(plate, wells, segmenter):
+    """Hit frames at 0.25 µm/px through a camera ROI, analysed by the worker.
+
+    The worker maps their pixels to the stage with the ROI's offset, and
+    resamples them to the survey's scale for the segmenter, which then finds
+    each targeted nucleus whole, once (at 0.25 µm/px itself, the threshold
+    segmenter cuts a nucleus into 5-10 pieces).
+    """
+    chosen = wells[:2]  # a normal well (the reference), then a hit well
+    assert [w["hit"] for w in chosen] == [False, True]
+    hits = HitDetection(  # 4x the exposure: a 16th of the light per pixel
+        filter=FILTER,
+        objective="40X",
+        field_um=48,
+        exposure_ms=40,
+        max_targets_per_well=4,
+    )
+    seen = []
+    frames, _ = _simulate(
+        plate,
+        _sequence(plate, chosen),
+        [hits],
+        segmenter,
+        objectives=OBJECTIVES,
+        on_detections=lambda f, d: seen.append((f, d)),
+    )
+    on_target = [(f, d) for f, d in seen if f.kind == "hit"]
+    assert len(on_target) == len(hits.targets()) == 4
+    cells = plate.cell_table([chosen[1]["id"]])
+    for frame, det in on_target:
+        assert frame.pixel_size_um == 0.25
+        roi = frame.event.roi  # 48 µm at 0.25 µm/px, in the sensor's middle
+        assert (roi.offset_x, roi.width) == ((SENSOR - 192) // 2, 192)
+        assert det.labels.shape == (192, 192)
+        o = det.objects
+        xy = np.column_stack([o["stage_x_um"], o["stage_y_um"]])
+        # the targeted nucleus: one object, at the stage position (without the
+        # ROI offset it would be 8 µm off), whole
+        d = np.hypot(*(xy - frame.stage_xy_um).T)
+        (k,) = np.flatnonzero(d < 4.0)
+        assert len(det) == 1  # no neighbour within 24 µm, no piece of it
+        target = plate.truth_labels(*frame.stage_xy_um, shape=(1, 1))[0, 0]
+        assert target > 0
+        radius = cells["radius_um"][cells["id"] == target][0]
+        assert o["area_px"][k] * 0.25**2 == pytest.approx(np.pi * radius**2, rel=0.3)
+    # the survey is back on the 10X
+    assert {f.pixel_size_um for f in frames if f.kind == "base"} == {1.0}
+
+
+def test_operator_decisions_change_what_is_imaged(plate, wells, segmenter, screen):
+    """Through the approval gate: all approved, the same run; all rejected, the
+    plain plan (every field, at the plan's Z, no hit targets)."""
+
+    def policies():
+        return [
+            WellQuota(max_cells=25, filter=FILTER),
+            ObjectAutofocus(filter=FILTER, min_objects=3),
+            HitDetection(filter=FILTER, z_plan={"range": 2, "step": 1}),
+        ]
+
+    def imaged(frames):
+        return [(f.position, f.kind, f.stage_z_um) for f in frames]
+
+    plan = _sequence(plate, wells)
+    approved, sched = _simulate(plate, plan, policies(), segmenter, operator=bool)
+    assert imaged(approved) == imaged(screen[0])
+    gate = sched.approval
+    assert gate.n_approved == len(gate.proposals) > 0 and gate.n_rejected == 0
+
+    rejected, sched = _simulate(
+        plate, plan, policies(), segmenter, operator=lambda p: False
+    )
+    assert [f.kind for f in rejected] == ["base"] * len(wells) * 9
+    assert {f.stage_z_um for f in rejected} == {0.0}
+    assert sched.n_skipped == 0
+    gate = sched.approval
+    assert gate.n_rejected == len(gate.proposals) > 0
 
 
 # ------------------------------------------------------------ object autofocus

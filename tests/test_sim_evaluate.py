@@ -179,7 +179,9 @@ def test_nearest_cell_finds_the_cell_at_a_point(run: ImagedRun) -> None:
         assert nearest_cell(run.gt, t, x, y) == table["id"][row]
         assert nearest_cell(run.gt, t, x, y, max_distance_um=2) == table["id"][row]
     assert nearest_cell(run.gt, t, 5000.0, 0.0, max_distance_um=50) is None
-    assert nearest_cell(run.gt, t, 5000.0, 0.0) is not None
+    # without a limit, the cell nearest to a point far outside the dish
+    far = np.argmin(np.hypot(table["x_um"] - 5000.0, table["y_um"]))
+    assert nearest_cell(run.gt, t, 5000.0, 0.0) == table["id"][far]
 
 
 # ------------------------------------------------------------------ divisions
