@@ -282,15 +282,17 @@ class Microscope:
         (see `smartscope.runner.Runner.finish`).
         """
         core = self.core
-        get = getattr(core, "_get_py_device_instance", None)
-        is_py = getattr(core, "isPyDevice", None)
-        if get is None or is_py is None:
+        # unicore keeps its Python devices in a manager indexed by label
+        # (``_get_py_device_instance`` is its loader: (module, class), not a
+        # lookup by label)
+        devices = getattr(core, "_pydevices", None)
+        if devices is None:
             return {}
         out = {}
         for label in core.getLoadedDevices():
             try:
-                if is_py(label):
-                    out[str(label)] = get(label)
+                if label in devices:
+                    out[str(label)] = devices[label]
             except Exception:  # a device that cannot be asked is not one of ours
                 continue
         return out
