@@ -315,11 +315,40 @@ def test_train_cli_fine_tunes_on_user_tiff_pairs(tmp_path):
     assert res.returncode == 2 and "not found" in res.stderr
 
 
-def test_bench_segment_reports_latency_and_accuracy(builtin):
+def test_bench_segment_reports_latency_and_accuracy(builtin, tmp_path):
     from smartscope.bench import bench_segment
+    from smartscope.segment import available_segmenters
 
-    result = bench_segment(sizes=(128,), repeats=3, n_val=5, bead_fields=1)
+    # a local annotated image stands in for a real one (nothing is downloaded)
+    real, real_truth = synth_sample(31, (192, 160), kind="nuclei", depth="16")
+    tifffile.imwrite(tmp_path / "real.tif", real)
+    tifffile.imwrite(tmp_path / "real_mask.tif", real_truth)
+    result = bench_segment(
+        sizes=(128,),
+        repeats=3,
+        n_val=5,
+        bead_fields=1,
+        real_image=tmp_path / "real.tif",
+        real_mask=tmp_path / "real_mask.tif",
+    )
     assert result["device"] == "cpu"
+    # one row per installed segmenter, or the reason it was not measured
+    rows = {row["segmenter"]: row for row in result["table"]}
+    others = set(available_segmenters()) - {"unet", "threshold"}
+    assert {"builtin", "threshold"} <= set(rows)
+    assert others == (set(rows) - {"builtin", "threshold"}) | set(result["skipped"])
+    for name, row in rows.items():
+        assert row["p50_ms_128"] == result["latency_ms"][name]["128"]["p50"]
+        assert row["p99_ms_128"] >= row["p50_ms_128"] > 0
+        for dataset in ("synthetic_val", "democam_beads", "real_nuclei"):
+            got = result["accuracy"][dataset][name]
+            assert row[f"{dataset}.f1@0.5"] == got["f1@0.5"]
+            assert row[f"{dataset}.mean_ap"] == got["mean_ap"]
+    expected = evaluate(builtin, [real], [real_truth])
+    got = result["accuracy"]["real_nuclei"]["builtin"]
+    assert got["f1@0.5"] == pytest.approx(expected["f1@0.5"], abs=1e-6)
+    assert got["mean_ap"] == pytest.approx(expected["mean_ap"], abs=1e-6)
+    assert result["validation"]["real_images"] == 1
     for name in ("builtin", "threshold"):
         assert result["latency_ms"][name]["128"]["n"] == 3
         for dataset in ("synthetic_val", "synthetic_large_nuclei", "democam_beads"):

@@ -34,6 +34,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 SceneKind = Literal["nuclei", "beads", "empty"]
+SceneStyle = Literal["classic", "widefield"]
 KIND_WEIGHTS: dict[str, float] = {"nuclei": 0.78, "beads": 0.16, "empty": 0.06}
 BEAD_LABEL_FRACTION = 0.25  # a bead's label: its profile above 25 % of its peak
 
@@ -108,16 +109,21 @@ def _place_centers(
 
 
 def _render_nuclei(
-    rng: np.random.Generator, shape, max_radius: float = 36.0
+    rng: np.random.Generator,
+    shape,
+    max_radius: float = 36.0,
+    style: SceneStyle = "classic",
 ) -> tuple[np.ndarray, np.ndarray]:
     h, w = shape
+    real = style == "widefield"
     r_mean = float(np.exp(rng.uniform(np.log(3.0), np.log(max_radius))))
-    coverage = rng.uniform(0.03, 0.55)
+    coverage = rng.uniform(0.08, 0.6) if real else rng.uniform(0.03, 0.55)
     n = int(coverage * h * w / (np.pi * r_mean**2))
     n = int(np.clip(n, 1, 1500))
     radii = r_mean * np.exp(rng.normal(0, rng.uniform(0.08, 0.3), n))
     radii = np.clip(radii, 2.2, 60)
-    min_sep = rng.uniform(0.78, 1.05)
+    # widefield: crowded fields where many nuclei touch or press together
+    min_sep = rng.uniform(0.7, 1.0) if real else rng.uniform(0.78, 1.05)
     centers, radii = _place_centers(rng, shape, radii, min_sep)
 
     image = np.zeros(shape, np.float32)
@@ -137,13 +143,22 @@ def _render_nuclei(
         spots *= rng.choice([-0.5, 0.8])
     bright_spread = rng.uniform(0.0, np.log(12.0))
     gamma_img = rng.uniform(0.0, 0.7)
+    if real:
+        # widefield nuclei: in-focus nuclei share a brightness (log-normal
+        # spread) and a few (mitotic, G2, doublets) are 1.8-6x brighter at
+        # full size, so after percentile normalisation the typical in-focus
+        # nucleus is dim (0.1-0.3) beside saturating neighbours
+        base_sigma = rng.uniform(0.08, 0.45)
+        bright_frac = rng.uniform(0.0, 0.15) if rng.random() < 0.75 else 0.0
+        bright_gain = (np.log(1.8), np.log(6.0))
+        tex_amp *= 0.7
     for label, ((cy, cx), r) in enumerate(zip(centers, radii, strict=False), start=1):
         aspect = 1.0 + min(1.6, abs(rng.normal(0, 0.25)))
         theta0 = rng.uniform(0, np.pi)
         harm_k = np.arange(2, 7)
         harm_a = rng.normal(0, 0.035, len(harm_k)) * rng.uniform(0.3, 1.5)
         harm_p = rng.uniform(0, 2 * np.pi, len(harm_k))
-        condensed = rng.random() < 0.04
+        condensed = rng.random() < (0.02 if real else 0.04)
         if condensed:
             r = max(2.2, r * 0.6)
             radii[label - 1] = r
@@ -171,7 +186,12 @@ def _render_nuclei(
         inside = cover > 0.5
         if not inside.any():
             continue
-        brightness = float(np.exp(-rng.uniform(0, bright_spread)))
+        if real:
+            brightness = float(np.exp(rng.normal(0, base_sigma)))
+            if rng.random() < bright_frac:
+                brightness *= float(np.exp(rng.uniform(*bright_gain)))
+        else:
+            brightness = float(np.exp(-rng.uniform(0, bright_spread)))
         if condensed:
             brightness = min(1.6, brightness * 2.0)
         gamma = float(np.clip(gamma_img + rng.normal(0, 0.1), 0, 1))
@@ -197,6 +217,23 @@ def _render_nuclei(
         labels = _largest_piece_per_label(labels)
 
     # unlabelled out-of-focus neighbours and haze
+    if real:
+        # out of focus means blurred, not dim: a ghost is a wide, soft blob
+        # well below the typical in-focus nucleus, so dim sharp nuclei stay
+        # objects
+        typical = float(np.median(image[labels > 0])) if labels.any() else 1.0
+        if rng.random() < 0.3:
+            ghost = np.zeros(shape, np.float32)
+            k = max(1, int(n * rng.uniform(0.05, 0.3)))
+            ghost[rng.integers(0, h, k), rng.integers(0, w, k)] = 1.0
+            ghost = ndi.gaussian_filter(ghost, r_mean * rng.uniform(1.0, 1.8))
+            ghost /= max(float(ghost.max()), 1e-6)
+            image += typical * rng.uniform(0.05, 0.35) * ghost * (labels == 0)
+        if rng.random() < 0.3:
+            haze = ndi.gaussian_filter(image, r_mean * rng.uniform(1.5, 4.0))
+            image += rng.uniform(0.02, 0.15) * haze
+        psf = rng.uniform(0.6, 2.0)
+        return ndi.gaussian_filter(image, psf), labels
     if rng.random() < 0.35:
         ghost = np.zeros(shape, np.float32)
         k = max(1, int(n * rng.uniform(0.05, 0.4)))
@@ -272,18 +309,24 @@ def render_scene(
     shape: tuple[int, int] = (256, 256),
     kind: SceneKind | None = None,
     max_radius: float = 36.0,
+    style: SceneStyle = "classic",
 ) -> Scene:
     """Draw one clean specimen (before the camera) with its instance labels.
 
     `max_radius` bounds the mean nucleus radius of a scene (px; drawn
-    log-uniformly from 3).
+    log-uniformly from 3). `style` ``"classic"`` is the original world (the
+    validation set is drawn from it, so its numbers stay comparable);
+    ``"widefield"`` is closer to real widefield nuclei images: in-focus nuclei
+    of one brightness with a few 2-6x brighter ones, crowded touching nuclei,
+    out-of-focus ghosts that are blurred rather than merely dim, less haze,
+    a higher background.
     """
     if kind is None:
         kinds = list(KIND_WEIGHTS)
         p = np.asarray(list(KIND_WEIGHTS.values()))
         kind = kinds[int(rng.choice(len(kinds), p=p / p.sum()))]
     if kind == "nuclei":
-        image, labels = _render_nuclei(rng, shape, max_radius)
+        image, labels = _render_nuclei(rng, shape, max_radius, style)
     elif kind == "beads":
         image, labels = _render_beads(rng, shape)
     elif kind == "empty":
@@ -294,6 +337,8 @@ def render_scene(
     peak = float(np.percentile(image, 99.9)) if image.any() else 1.0
     image = image / max(peak, 1e-6)
     background = rng.uniform(0.0, 0.12) if kind != "beads" else rng.uniform(0, 0.05)
+    if style == "widefield" and kind == "nuclei":
+        background = rng.uniform(0.0, 0.2)
     image = (image + background) * _illumination(rng, shape)
     return Scene(image.astype(np.float32), _relabel(labels), kind)
 
