@@ -117,14 +117,15 @@ def test_registered_as_entry_point(package):
 
 
 # -- foreign packages: other outputs ------------------------------------------------
-def _pointwise_onnx(path, op: str):
+def _pointwise_onnx(path, op: str, channel_last: bool = False):
     """A per-pixel ONNX model: ``sigmoid`` (foreground) or ``identity`` (distance).
 
     ``sigmoid``: sigmoid(12 (x - 0.1)) of the scaled input: above 0.5 wherever
     the input is above a tenth of its range.
     """
-    x = helper.make_tensor_value_info("raw", TensorProto.FLOAT, ["b", 1, "y", "x"])
-    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", 1, "y", "x"])
+    dims = ["b", "y", "x", 1] if channel_last else ["b", 1, "y", "x"]
+    x = helper.make_tensor_value_info("raw", TensorProto.FLOAT, dims)
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, dims)
     consts = [
         helper.make_tensor("offset", TensorProto.FLOAT, [], [0.1]),
         helper.make_tensor("gain", TensorProto.FLOAT, [], [12.0]),
@@ -143,15 +144,18 @@ def _pointwise_onnx(path, op: str):
     return path
 
 
-def _foreign_package(tmp_path, op: str, channel: str):
-    """A bioimage.io package of a per-pixel ONNX model, as another tool writes it."""
+def _foreign_package(tmp_path, op: str, channel: str, channel_last: bool = False):
+    """A bioimage.io package of a per-pixel ONNX model, as another tool writes it.
+
+    Axes (batch, channel, y, x), or (batch, y, x, channel) with `channel_last`.
+    """
     import onnxruntime as ort
     from bioimageio.spec import save_bioimageio_package
     from bioimageio.spec.model import v0_5 as bio
 
-    weights = _pointwise_onnx(tmp_path / "model.onnx", op)
+    weights = _pointwise_onnx(tmp_path / "model.onnx", op, channel_last)
     image, _ = _cones()
-    x = image[None, None]
+    x = image[None, :, :, None] if channel_last else image[None, None]
     scaled = (x - x.min()) / (x.max() - x.min() + 1e-6)
     sess = ort.InferenceSession(str(weights), providers=["CPUExecutionProvider"])
     np.save(tmp_path / "in.npy", x)
@@ -170,7 +174,10 @@ def _foreign_package(tmp_path, op: str, channel: str):
         inputs=[
             bio.InputTensorDescr(
                 id=ref,
-                axes=[bio.BatchAxis(), bio.ChannelAxis(channel_names=["c"]), *space],
+                axes=_order(
+                    [bio.BatchAxis(), bio.ChannelAxis(channel_names=["c"]), *space],
+                    channel_last,
+                ),
                 test_tensor=bio.FileDescr(source=tmp_path / "in.npy"),
                 preprocessing=[
                     bio.ScaleRangeDescr(
@@ -186,19 +193,22 @@ def _foreign_package(tmp_path, op: str, channel: str):
         outputs=[
             bio.OutputTensorDescr(
                 id=bio.TensorId("out"),
-                axes=[
-                    bio.BatchAxis(),
-                    bio.ChannelAxis(channel_names=[channel]),
-                    *[
-                        bio.SpaceOutputAxis(
-                            id=bio.AxisId(a),
-                            size=bio.SizeReference(
-                                tensor_id=ref, axis_id=bio.AxisId(a)
-                            ),
-                        )
-                        for a in ("y", "x")
+                axes=_order(
+                    [
+                        bio.BatchAxis(),
+                        bio.ChannelAxis(channel_names=[channel]),
+                        *[
+                            bio.SpaceOutputAxis(
+                                id=bio.AxisId(a),
+                                size=bio.SizeReference(
+                                    tensor_id=ref, axis_id=bio.AxisId(a)
+                                ),
+                            )
+                            for a in ("y", "x")
+                        ],
                     ],
-                ],
+                    channel_last,
+                ),
                 test_tensor=bio.FileDescr(source=tmp_path / "out.npy"),
             )
         ],
@@ -207,6 +217,11 @@ def _foreign_package(tmp_path, op: str, channel: str):
         ),
     )
     return save_bioimageio_package(descr, output_path=tmp_path / f"{op}.zip")
+
+
+def _order(axes, channel_last: bool):
+    """(batch, channel, y, x) → (batch, y, x, channel) when `channel_last`."""
+    return [axes[0], *axes[2:], axes[1]] if channel_last else axes
 
 
 def _cones():
@@ -223,8 +238,9 @@ def _cones():
     return image, truth
 
 
-def test_foreign_foreground_package(tmp_path):
-    path = _foreign_package(tmp_path, "sigmoid", "foreground")
+@pytest.mark.parametrize("channel_last", [False, True])
+def test_foreign_foreground_package(tmp_path, channel_last):
+    path = _foreign_package(tmp_path, "sigmoid", "foreground", channel_last)
     image, truth = _cones()
     seg = BioimageioSegmenter(model=str(path), device="cpu")
     assert seg.output_kind(1) == "foreground"  # no config: from the channel name

@@ -373,26 +373,28 @@ class BioimageioSegmenter(BaseModel):
         pw = self._valid_size(sizes["x"], w) - w
         if ph or pw:
             batch = np.pad(batch, ((0, 0), (0, ph), (0, pw)), mode="reflect")
-        has_batch = any(kind == "batch" for _, kind, _ in self._axes)
-        step = b if has_batch else 1
-        order = [name for name, _, _ in self._axes]
+        ids = [name for name, _, _ in self._axes]
+        batch_ids = [name for name, kind, _ in self._axes if kind == "batch"]
+        step = b if batch_ids else 1
         in_id = MemberId(str(self._descr.inputs[0].id))
         out_id = MemberId(str(self._out.id))
+        # output axis id → batch / channel / y / x (anything else is squeezed)
+        out_role = {
+            str(a.id): a.type if a.type in ("batch", "channel") else str(a.id)
+            for a in self._out.axes
+        }
         results = []
         for i in range(0, b, step):
             chunk = batch[i : i + step]
-            arr = chunk.reshape(
-                [
-                    len(chunk)
-                    if kind == "batch"
-                    else (chunk.shape[1] if name == "y" else chunk.shape[2])
-                    if name in ("y", "x")
-                    else 1
-                    for name, kind, _ in self._axes
-                ]
-            )
+            # (n, y, x) → the model's axes, in its order (singletons added)
+            arr = chunk if batch_ids else chunk[0]
+            names = [*batch_ids, "y", "x"]
+            for name in ids:
+                if name not in names:
+                    arr, names = arr[..., None], [*names, name]
+            arr = np.transpose(arr, [names.index(name) for name in ids])
             sample = Sample(
-                members={in_id: Tensor.from_numpy(arr, dims=order)}, stat={}, id=i
+                members={in_id: Tensor.from_numpy(arr, dims=ids)}, stat={}, id=i
             )
             with self._lock, _quiet_torchscript():
                 try:
@@ -402,11 +404,15 @@ class BioimageioSegmenter(BaseModel):
                         f"the model failed on a {arr.shape} input: {_first_line(exc)}"
                     ) from None
             data = out.members[out_id].data
+            data = data.rename({d: out_role.get(str(d), str(d)) for d in data.dims})
+            extra = [d for d in data.dims if d not in ("batch", "channel", "y", "x")]
+            if any(data.sizes[d] != 1 for d in extra):
+                raise BioimageioModelError(
+                    f"model output axes {tuple(data.dims)}: smartscope reads "
+                    "(batch, channel, y, x) per-pixel maps"
+                )
+            data = data.squeeze(extra) if extra else data
             dims = [str(d) for d in data.dims]
-            extra = [d for d in dims if d not in ("batch", "channel", "y", "x")]
-            if extra:
-                data = data.squeeze(extra)
-                dims = [str(d) for d in data.dims]
             arr_out = data.values.astype(np.float32)
             if "channel" not in dims:
                 arr_out, dims = arr_out[..., None], [*dims, "channel"]
