@@ -216,6 +216,23 @@ def test_kill_9_mid_well_then_resume_keeps_the_policies_state(
         state.finished + state.skipped + state.kept_added
     )
     kept = {p: read_position(out, p) for p in state.finished + state.kept_added}
+    # the policies are given again every analysed frame of what is kept (not
+    # those skipped for fresher ones or failed)
+    analysed = {
+        r["frame_index"]
+        for r in read_jsonl(out / "detections.jsonl")
+        if r.get("frame_index") is not None and not {"error", "skipped"} & set(r)
+    }
+    kept_names = set(state.finished + state.skipped + state.kept_added)
+    to_replay = [
+        f
+        for f in read_jsonl(out / "frames.jsonl")
+        if f["array"]["position"] in kept_names
+        and f["frame_index"] in analysed
+        and not f.get("partial")
+        and not f.get("dropped")
+    ]
+    assert len(state.replay) == len(to_replay) > 0
 
     result = smartscope("resume", str(out))
     assert result.returncode == 0, result.stderr
@@ -235,7 +252,7 @@ def test_kill_9_mid_well_then_resume_keeps_the_policies_state(
         assert read_position(out, name).any()  # every array opens, with data
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "completed"
-    assert info["resumed"][0]["replayed_frames"] > 0
+    assert info["resumed"][0]["replayed_frames"] == len(to_replay)
     ref_info = json.loads((reference / "run.json").read_text())
     # the policies' own account covers the whole run, as if never interrupted
     assert info["policy_reports"] == ref_info["policy_reports"]

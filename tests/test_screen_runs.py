@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import math
 
 import pytest
 from _closed_loop import smartscope
@@ -172,12 +173,28 @@ def test_bench_screen_reports_the_screen_and_the_scheduler(tmp_path):
     assert screen["time_to_results_s"]["fixed"] == pytest.approx(
         screen["fixed_wall_s"] + offline, abs=0.01
     )
-    for key in ("smart", "fixed", "fixed_row_major"):
-        assert screen["travel_um"][key] > 0
+    # the fixed plan travels the plan's fields in order (E4 then E5: one row,
+    # so row-major is that order too); the smart run travels somewhere
+    fields = screen_experiment("fixed", wells=2).sequence.stage_positions
+    xy = [(p.x, p.y) for p in fields]
+    planned_um = sum(math.dist(a, b) for a, b in itertools.pairwise(xy))
+    assert len(xy) == 18
+    assert screen["travel_um"]["fixed"] == pytest.approx(planned_um, abs=1.0)
+    assert screen["travel_um"]["fixed_row_major"] == pytest.approx(planned_um, abs=1)
+    assert screen["travel_um"]["smart"] > 0
     sched = result["scheduler"]
     assert set(sched) == {"96x1", "96x4"}
-    for row in sched.values():
-        assert row["us_per_event"] > 0 and row["peak_mb"] > 0
+    for name, row in sched.items():
+        per_well = int(name.split("x")[1])
+        assert row["fields"] == 96 * per_well
+        # every planned or added event was either served or skipped
+        assert (
+            row["events_served"] + row["events_skipped"]
+            == row["fields"] + row["events_added"]
+        )
+        assert row["events_added"] == 3 * (row["events_served"] // 100)
+        # every 10th well is skipped after its first field
+        assert row["events_skipped"] == (96 // 10) * (per_well - 1)
     assert set(result["goals_met"]) >= {
         "scheduler_overhead",
         "hit_recall",
