@@ -410,11 +410,14 @@ class InferenceWorker(threading.Thread):
             if self.error is None:
                 self._process(batch)
         except Exception as e:
-            self._fail(f"analysis failed: {type(e).__name__}: {e}")
+            self._fail(f"analysis failed: {type(e).__name__}: {first_line(e)}")
             if self.storage is not None:
-                self.storage.log_detections(
-                    {"error": self.error, "traceback": traceback.format_exc()}
-                )
+                try:  # best effort: the failure may be the log itself (full disk)
+                    self.storage.log_detections(
+                        {"error": self.error, "traceback": traceback.format_exc()}
+                    )
+                except Exception:
+                    pass
         finally:
             for _ in batch:
                 self.scheduler.analysis_finished()
