@@ -20,13 +20,40 @@ from smartscope.reanalyze import (
     reanalysis_name,
     reanalyze,
 )
-from smartscope.rundir import read_jsonl, read_position
+from smartscope.rundir import array_names, position_path, read_jsonl, read_position
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "run"
     shutil.copytree(run, dst)
     return dst
+
+
+def _new_labels(run: Path, position: str, name: str) -> Path:
+    """Where reanalyze puts labels named `name`: beside the live ones."""
+    return position_path(run, position) / "labels" / name
+
+
+def _has_labels(run: Path, name: str) -> bool:
+    return any(
+        (position_path(run, p) / "labels" / name / "0").is_dir()
+        for p in array_names(run)
+    )
+
+
+def _live_labels(run: Path) -> dict[str, int]:
+    """Each position's live labels: the size of every chunk file on disk."""
+    out = {}
+    for p in array_names(run):
+        folder = position_path(run, p, labels=True)
+        out.update(
+            {
+                str(f.relative_to(run)): f.stat().st_size
+                for f in folder.rglob("*")
+                if f.is_file()
+            }
+        )
+    return out
 
 
 def _read(path: Path) -> np.ndarray:
@@ -71,7 +98,7 @@ def _live(run: Path) -> dict[int, dict]:
 
 def test_same_model_on_local_cluster_reproduces_live_labels(demo_run, tmp_path):
     run = _copy(demo_run[0], tmp_path)
-    live_before = sorted(p.name for p in (run / "labels").iterdir())
+    live_before = _live_labels(run)
     result = reanalyze(run, workers=1, processes=True)  # the run's own segmenter
 
     frames = read_jsonl(run / "frames.jsonl")
@@ -89,14 +116,14 @@ def test_same_model_on_local_cluster_reproduces_live_labels(demo_run, tmp_path):
     assert saved["overall"] == overall and len(saved["frames"]) == len(frames)
 
     # every label plane: same layout as the images; live frames identical
-    new_dir = run / f"labels-{result['name']}"
     arrays: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     for rec in frames:
         a = rec["array"]
         if a["position"] not in arrays:
-            new = _read(new_dir / f"{a['position']}.ome.zarr")
+            new = _read(_new_labels(run, a["position"], result["name"]))
             assert new.shape == read_position(run, a["position"]).shape
-            has_live = (run / "labels" / f"{a['position']}.ome.zarr").exists()
+            live_dir = position_path(run, a["position"], labels=True)
+            has_live = (live_dir / "0").exists()
             old = read_position(run, a["position"], labels=True) if has_live else None
             arrays[a["position"]] = (new, old)
         new, old = arrays[a["position"]]
@@ -109,7 +136,7 @@ def test_same_model_on_local_cluster_reproduces_live_labels(demo_run, tmp_path):
             )
             assert not row["analysed_live"] and row["n_old"] is None
             assert row["n_new"] == len(np.unique(plane[plane > 0]))
-    assert sorted(p.name for p in (run / "labels").iterdir()) == live_before
+    assert _live_labels(run) == live_before
 
 
 def test_other_model_writes_labels_beside_and_compares(demo_run, tmp_path):
@@ -121,14 +148,12 @@ def test_other_model_writes_labels_beside_and_compares(demo_run, tmp_path):
 
     assert result["name"] == "unet-builtin" and not result["same_model"]
     assert result["model"]["model_id"].startswith("builtin-")
-    assert (run / "labels").is_dir() and (run / "labels-unet-builtin").is_dir()
+    assert _has_labels(run, "segmentation") and _has_labels(run, "unet-builtin")
     saved = json.loads((run / "reanalysis-unet-builtin.json").read_text())
     live = _live(run)
     positions = {r["position"] for r in saved["frames"]}
     assert len(lines) == len(positions)
-    new_labels = {
-        p: _read(run / "labels-unet-builtin" / f"{p}.ome.zarr") for p in positions
-    }
+    new_labels = {p: _read(_new_labels(run, p, "unet-builtin")) for p in positions}
     for row in saved["frames"]:
         a = row["array"]
         new = new_labels[row["position"]][a["t"], a["c"], a["z"]]
@@ -155,7 +180,7 @@ def test_other_model_writes_labels_beside_and_compares(demo_run, tmp_path):
     assert o["n_compared"] == len(live) and o["identical_fraction"] == 0.0
     assert o["n_new_only"] == o["n_frames"] - o["n_compared"] > 0
     for position in positions:
-        labels = _read(run / "labels-unet-builtin" / f"{position}.ome.zarr")
+        labels = _read(_new_labels(run, position, "unet-builtin"))
         assert labels.dtype == np.uint16
         assert labels.shape == read_position(run, position).shape
 
@@ -174,7 +199,7 @@ def test_existing_cluster_by_address(demo_run, tmp_path):
     assert result["cluster"]["scheduler"] == address
     assert result["name"] == result["model"]["model_id"] != result["live_model_id"]
     assert result["name"].startswith("threshold-")
-    assert (run / f"labels-{result['name']}").is_dir()
+    assert _has_labels(run, result["name"])
     assert result["overall"]["n_compared"] == len(_live(run))
 
 
@@ -276,7 +301,7 @@ def test_cli_on_a_cluster_of_other_processes(demo_run, tmp_path, dask_processes)
     assert overall["identical_fraction"] == 1.0 and overall["f1@0.5"] == 1.0
     assert overall["n_frames"] == len(read_jsonl(run / "frames.jsonl"))
     for position in {r["position"] for r in result["frames"] if r["analysed_live"]}:
-        new = _read(run / f"labels-{result['name']}" / f"{position}.ome.zarr")
+        new = _read(_new_labels(run, position, result["name"]))
         old = read_position(run, position, labels=True)
         for row in result["frames"]:
             if row["position"] == position and row["analysed_live"]:
@@ -298,7 +323,7 @@ def test_cli_on_a_cluster_of_other_processes(demo_run, tmp_path, dask_processes)
     assert result["model"]["spec"]["model"] == str(tmp_path / "nuclei.pt")
     assert result["model"]["worker_model_ids"] == [result["model"]["model_id"]]
     assert result["overall"]["n_frames"] == overall["n_frames"]
-    assert (run / "labels-nuclei").is_dir()
+    assert _has_labels(run, "nuclei")
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from _closed_loop import smartscope
 
-from smartscope.rundir import inspect_run, read_jsonl, read_position
+from smartscope.rundir import inspect_run, position_path, read_jsonl, read_position
 
 DEMO_CFG = Path(__file__).parents[1] / "hardware_configs" / "demo.cfg"
 N_POSITIONS = 12
@@ -102,7 +102,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
     before = inspect_run(out)
     assert before.finished, "killed before any field was finished"
     lost = before.finished[0]
-    chunk = out / "images" / f"{lost}.ome.zarr" / "0" / "c" / "0" / "0" / "1" / "0"
+    chunk = position_path(out, lost) / "0" / "c" / "0" / "0" / "1" / "0"
     (chunk / "0").unlink()
     state = inspect_run(out)
     assert lost in state.partial
@@ -140,7 +140,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
     assert resumed["finished_positions"] == len(kept)
     assert lost in resumed["partial"]
     for name, moved in resumed["moved_aside"].items():
-        assert (out / "images" / f"{moved}.ome.zarr").is_dir()
+        assert (position_path(out, moved) / "0").is_dir()
         assert name in state.partial
     assert info["summary"]["frames_acquired"] == len(frames)
     assert info["summary"]["positions"] == N_POSITIONS

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from smartscope.bench._screen import bench_screen, screen_experiment
 from smartscope.cli import app
-from smartscope.rundir import read_jsonl
+from smartscope.rundir import position_path, read_jsonl
 from smartscope.sim.plate import PlateSpecimen
 
 # E4 E5 E6 E7 E8 E9 of the demo: E5 is a hit well and E9 an empty one (seed 0)
@@ -95,7 +95,7 @@ def test_hit_cells_are_imaged_through_the_40x_objective(screen_run, truth):
     assert {f["pixel_size_um"] for f in frames if f["kind"] == "base"} == {1.0}
     # the arrays say so, and each hit frame holds its one nucleus, whole: the
     # segmenter saw it at the survey's scale
-    array = out / "images" / f"{hits[0]['position']}.ome.zarr"
+    array = position_path(out, hits[0]["position"])
     meta = json.loads((array / "zarr.json").read_text())
     scales = meta["attributes"]["ome"]["multiscales"][0]["datasets"][0][
         "coordinateTransformations"
@@ -148,7 +148,7 @@ def test_an_objective_the_config_lacks_is_one_error_line(tmp_path):
             "error: hit_detection: objective '60X' is not a preset of config group "
             f"'Objective' in {exp.config_path()} (presets: 10X, 20X, 40X)"
         )
-    assert not (out / "images").exists()
+    assert not (out / "run.ome.zarr").exists()
 
 
 def test_bench_screen_reports_the_screen_and_the_scheduler(tmp_path):
