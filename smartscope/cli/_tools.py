@@ -231,8 +231,14 @@ def segment(
     ] = 1.0,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads.")] = None,  # noqa: UP045
 ) -> None:
-    """Segment an image or stack into uint16 instance labels of the same shape."""
-    from smartscope.segment._dl import UNetSegmenter
+    """Segment an image or stack into uint16 instance labels of the same shape.
+
+    --model picks the segmenter from the file: builtin or a .pt from
+    `smartscope train` (the built-in U-Net), .onnx (plugin smartscope-onnx), a
+    bioimage.io package .zip / rdf.yaml / folder (smartscope-bioimageio), any
+    other file a Cellpose model (smartscope-cellpose).
+    """
+    from smartscope.segment import segmenter_for_model
     from smartscope.segment._io import (
         default_output,
         read_image,
@@ -245,7 +251,7 @@ def segment(
         bad_input(f"--scale must be in (0.05, 4], not {scale}")
     with user_errors():
         arr = read_image(image)
-        seg = UNetSegmenter(model=model, device=device, scale=scale, threads=threads)
+        seg = segmenter_for_model(model, device=device, threads=threads, scale=scale)
         t0 = time.perf_counter()
         labels = segment_array(seg, arr)
         dt = time.perf_counter() - t0
@@ -254,11 +260,45 @@ def segment(
     n_obj = [int(p.max()) for p in labels.reshape(-1, *labels.shape[-2:])]
     err_console.print(
         f"{image.name}: {planes} plane(s) {arr.shape[-2]}x{arr.shape[-1]}, "
-        f"{sum(n_obj)} objects ({seg.model_id}, {seg.device_name}, "
+        f"{sum(n_obj)} objects ({seg.model_id}, "
+        f"{getattr(seg, 'device_name', 'cpu')}, "
         f"{dt * 1000 / planes:.0f} ms/plane) → {path}",
         markup=False,
         highlight=False,
     )
+
+
+@app.command()
+def export(
+    model: ModelOpt = "builtin",
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="onnx | bioimageio")
+    ] = "onnx",
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--out",
+            "-o",
+            help=".onnx file; bioimage.io: a .zip, else a folder "
+            "[default: MODEL.onnx / MODEL.bioimageio.zip]",
+        ),
+    ] = None,
+) -> None:
+    """Export the built-in (or a trained) model as ONNX or a bioimage.io package.
+
+    ONNX: the U-Net with smartscope's input scaling and a softmax in the graph
+    (run it with the smartscope-onnx plugin or any ONNX runtime). bioimage.io:
+    a 0.5 package (rdf.yaml, TorchScript and ONNX weights, test tensors, cover,
+    citation, license) that the bioimage.io validator accepts offline. Needs
+    the export extra: pip install "smartscope[export]".
+    """
+    from smartscope.segment._export import export_model
+
+    if fmt not in ("onnx", "bioimageio"):
+        bad_input(f"--format must be onnx or bioimageio, not {fmt!r}")
+    with user_errors():
+        path = export_model(model, fmt, out)
+    console.print(str(path), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -373,5 +413,3 @@ class _TrainProgress:
     def __exit__(self, *exc: Any) -> None:
         if self._bar is not None:
             self._bar.stop()
-
-

@@ -12,6 +12,7 @@ from smartscope.segment._registry import (
     available_segmenters,
     create_segmenter,
     segmenter_factory,
+    segmenter_for_model,
 )
 from smartscope.segment._threshold import ThresholdSegmenter
 
@@ -35,4 +36,5 @@ __all__ = [
     "available_segmenters",
     "create_segmenter",
     "segmenter_factory",
+    "segmenter_for_model",
 ]

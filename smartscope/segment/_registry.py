@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from importlib import import_module
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 from smartscope._errors import RegistryError
@@ -81,3 +82,59 @@ def create_segmenter(name: str, params: dict[str, Any] | None = None) -> PSegmen
     if not isinstance(segmenter, PSegmenter):
         raise RegistryError(f"segmenter {name!r} does not implement PSegmenter")
     return segmenter
+
+
+def segmenter_for_model(
+    model: str | Path,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    scale: float = 1.0,
+) -> PSegmenter:
+    """The segmenter that runs a model file, chosen from what the file is.
+
+    ``builtin`` or a ``.pt`` / ``.ts`` file from ``smartscope train``: the
+    built-in U-Net; ``.onnx``: the ``onnx`` plugin; a bioimage.io package (a
+    ``.zip``, its ``rdf.yaml`` / ``bioimageio.yaml``, or a folder holding one):
+    the ``bioimageio`` plugin; any other file: the ``cellpose`` plugin.
+
+    Raises
+    ------
+    RegistryError
+        If the file does not exist, or its plugin is not installed.
+    """
+    name = str(model)
+    if name != "builtin" and not Path(name).exists():
+        raise RegistryError(f"no model file at {name}")
+    path = Path(name)
+    suffix = path.suffix.lower()
+    if name == "builtin" or suffix in (".pt", ".ts"):
+        params: dict[str, Any] = {"model": name, "device": device, "scale": scale}
+        if threads:
+            params["threads"] = threads
+        return create_segmenter("unet", params)
+    if scale != 1.0:
+        raise RegistryError("--scale applies to the built-in model only")
+    if suffix == ".onnx":
+        plugin, params = "onnx", {"model": name, "device": device}
+        if threads:
+            params["threads"] = threads
+    elif (
+        suffix == ".zip"
+        or path.name in ("rdf.yaml", "bioimageio.yaml")
+        or (
+            path.is_dir()
+            and any((path / f).is_file() for f in ("rdf.yaml", "bioimageio.yaml"))
+        )
+    ):
+        plugin, params = "bioimageio", {"model": name, "device": device}
+    elif path.is_file():
+        plugin, params = "cellpose", {"model": name, "device": device}
+    else:
+        raise RegistryError(f"{name}: not a model file smartscope knows")
+    if plugin not in available_segmenters():
+        raise RegistryError(
+            f"{name} needs the {plugin} plugin: pip install smartscope-{plugin} "
+            f"(in a checkout: pip install -e plugins/smartscope-{plugin})"
+        )
+    return create_segmenter(plugin, params)
