@@ -386,15 +386,17 @@ class InferenceWorker(threading.Thread):
         torch = sys.modules.get("torch")  # only torch segmenters import it
         if self.num_threads and torch is not None:
             torch.set_num_threads(self.num_threads)
-        self.refresh_pending()
         while True:
-            batch = self.stream.get_batch(self.batch_size)
+            try:
+                self.refresh_pending()
+                batch = self.stream.get_batch(self.batch_size)
+            except Exception as e:  # logging a skipped frame or a fault failed
+                self._fail(f"analysis failed: {type(e).__name__}: {first_line(e)}")
+                continue  # drain what is queued until the stream closes
             if batch is None:
                 return
             if batch:
                 self.process(batch)
-            else:  # idle: policies whose pending work ends with time
-                self.refresh_pending()
 
     def process(self, batch: list[tuple[Frame, np.ndarray]]) -> None:
         """Analyse a batch of ``(frame, image)`` now, on the calling thread.
@@ -540,17 +542,19 @@ class InferenceWorker(threading.Thread):
 
     def _skipped(self, frame: Frame, reason: str) -> None:
         """A frame the stream skipped: log it; its analysis is over."""
-        if self.storage is not None:
-            self.storage.log_detections(
-                {
-                    "frame_index": frame.frame_index,
-                    "position": frame.position,
-                    "kind": frame.kind,
-                    "skipped": reason,
-                    "age_ms": round((self._clock() - frame.t_acquired) * 1000, 3),
-                }
-            )
-        self.scheduler.analysis_finished()
+        try:
+            if self.storage is not None:
+                self.storage.log_detections(
+                    {
+                        "frame_index": frame.frame_index,
+                        "position": frame.position,
+                        "kind": frame.kind,
+                        "skipped": reason,
+                        "age_ms": round((self._clock() - frame.t_acquired) * 1000, 3),
+                    }
+                )
+        finally:
+            self.scheduler.analysis_finished()
 
     @property
     def n_skipped(self) -> dict[str, int]:

@@ -267,7 +267,11 @@ def test_a_disk_that_fills_during_the_run_fails_it_cleanly(tmp_path):
 
         kept = {f["position"] for f in load_run(out).frames}
         assert kept == {f"f{k}" for k in range(40)}
-        assert all(read_position(out, p).max() > 0 for p in kept)
+        # a field whose array the full disk left half-created has its frame
+        # written aside by the writer (overflow/), never lost
+        aside = {p.name.split("_t")[0] for p in (out / "overflow").glob("*.tif")}
+        for position in kept - aside:
+            assert read_position(out, position).max() > 0, position
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
         shutil.rmtree(mnt, ignore_errors=True)
