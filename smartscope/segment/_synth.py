@@ -128,6 +128,10 @@ def _render_nuclei(
 
     image = np.zeros(shape, np.float32)
     labels = np.zeros(shape, np.int32)
+    # widefield: where nuclei press together each pixel goes to the nucleus
+    # it is deepest inside (relative radius), a flat contact with both
+    # nuclei's edges meeting there, instead of one occluding the other
+    depth_map = np.full(shape, np.inf, np.float32) if real else None
     # per-image texture fields shared by all nuclei (chromatin-like)
     tex_sigma = rng.uniform(0.6, max(0.8, r_mean / 4))
     texture = _smooth_noise(rng, shape, tex_sigma)
@@ -151,12 +155,16 @@ def _render_nuclei(
         base_sigma = rng.uniform(0.08, 0.45)
         bright_frac = rng.uniform(0.0, 0.15) if rng.random() < 0.75 else 0.0
         bright_gain = (np.log(1.8), np.log(6.0))
-        tex_amp *= 0.7
+        tex_amp *= 0.5
     for label, ((cy, cx), r) in enumerate(zip(centers, radii, strict=False), start=1):
         aspect = 1.0 + min(1.6, abs(rng.normal(0, 0.25)))
+        if real:  # smooth, often elongated ellipses
+            aspect = 1.0 + min(1.3, (aspect - 1.0) * 1.8)
         theta0 = rng.uniform(0, np.pi)
         harm_k = np.arange(2, 7)
         harm_a = rng.normal(0, 0.035, len(harm_k)) * rng.uniform(0.3, 1.5)
+        if real:
+            harm_a = harm_a * 0.5
         harm_p = rng.uniform(0, 2 * np.pi, len(harm_k))
         condensed = rng.random() < (0.02 if real else 0.04)
         if condensed:
@@ -200,6 +208,12 @@ def _render_nuclei(
         sub_tex = 1.0 + (tex_amp * (1.6 if condensed else 1.0)) * texture[y0:y1, x0:x1]
         sub_tex = sub_tex + spots[y0:y1, x0:x1]
         obj = brightness * profile * np.clip(sub_tex, 0.15, None)
+        if depth_map is not None:
+            rel_d = d / np.maximum(radius, 1e-3)
+            deeper = rel_d < depth_map[y0:y1, x0:x1]
+            cover = np.where(deeper, cover, 0.0)
+            inside = inside & deeper
+            depth_map[y0:y1, x0:x1][inside] = rel_d[inside]
         region = image[y0:y1, x0:x1]
         image[y0:y1, x0:x1] = region * (1 - cover) + cover * obj
         labels[y0:y1, x0:x1][inside] = label
@@ -232,7 +246,7 @@ def _render_nuclei(
         if rng.random() < 0.3:
             haze = ndi.gaussian_filter(image, r_mean * rng.uniform(1.5, 4.0))
             image += rng.uniform(0.02, 0.15) * haze
-        psf = rng.uniform(0.6, 2.0)
+        psf = rng.uniform(0.8, 2.6)
         return ndi.gaussian_filter(image, psf), labels
     if rng.random() < 0.35:
         ghost = np.zeros(shape, np.float32)
