@@ -370,6 +370,7 @@ class InferenceWorker(threading.Thread):
         self.n_segmenter_errors = 0
         self._fault_lock = threading.Lock()
         self._disabled: set[int] = set()
+        self._pending_faults: set[int] = set()
         #: each policy's last has_pending_work answer, published for the Scheduler
         self._pending = [False] * len(self.policies)
         # constant-memory summaries (n exact, percentiles within ~1 %)
@@ -387,10 +388,11 @@ class InferenceWorker(threading.Thread):
         if self.num_threads and torch is not None:
             torch.set_num_threads(self.num_threads)
         while True:
-            try:
-                self.refresh_pending()
+            try:  # logging a skipped frame or a policy's fault may fail (full disk)
+                if self.error is None:
+                    self.refresh_pending()
                 batch = self.stream.get_batch(self.batch_size)
-            except Exception as e:  # logging a skipped frame or a fault failed
+            except Exception as e:
                 self._fail(f"analysis failed: {type(e).__name__}: {first_line(e)}")
                 continue  # drain what is queued until the stream closes
             if batch is None:
@@ -460,7 +462,9 @@ class InferenceWorker(threading.Thread):
             self._pending[k] = bool(self.policies[k].has_pending_work())
         except Exception as e:
             self._pending[k] = False
-            self.policy_fault(k, frame, e, "has_pending_work")
+            if k not in self._pending_faults:  # asked often: logged once (skip)
+                self._pending_faults.add(k)
+                self.policy_fault(k, frame, e, "has_pending_work")
 
     def policy_fault(
         self, k: int, frame: Frame | None, error: BaseException, call: str

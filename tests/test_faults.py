@@ -86,6 +86,18 @@ class PendingFails(Flaky):
         return False
 
 
+class PendingAlwaysFails(Flaky):
+    """has_pending_work always raises."""
+
+    name = "pending_always_fails"
+
+    def __init__(self):
+        super().__init__(fail_at=0)
+
+    def has_pending_work(self):
+        raise RuntimeError("pending-work check always breaks")
+
+
 class NeedsFails(Flaky):
     """needs(frame) raises at the second frame."""
 
@@ -380,6 +392,22 @@ def test_pending_work_is_asked_on_the_worker_thread_and_a_fault_there_is_contain
     for policy in runner.policies:
         assert policy.threads <= {"smartscope-inference", "MainThread"}
         assert "smartscope-inference" in policy.threads
+
+
+def test_a_pending_work_check_that_always_fails_is_logged_once_under_skip(
+    modules, tmp_path
+):
+    policy = {"name": "faultmods:PendingAlwaysFails", "on_error": "skip"}
+    path = _write(tmp_path, policies=[policy])
+    out = tmp_path / "run"
+    runner, summary, _ = _run(path, out)
+
+    assert summary.status == "completed_with_errors"
+    assert runner.policies[0].frames == list(range(9))  # still asked (skip)
+    assert summary.n_errors == 1
+    assert summary.errors[0]["call"] == "has_pending_work"
+    logged = [d for d in read_jsonl(out / "decisions.jsonl") if "error" in d]
+    assert len(logged) == 1
 
 
 def test_a_fault_in_needs_is_contained_and_the_frames_still_analysed(modules, tmp_path):
