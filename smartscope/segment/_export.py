@@ -165,7 +165,20 @@ def _command(tr: dict[str, Any], init: str | None) -> str:
         f"--crop {tr.get('crop')} --lr {tr.get('lr')} --seed {tr.get('seed')} "
         f"--pool {tr.get('pool_size')} --max-radius {tr.get('max_radius', 36.0)}"
     )
-    return f"`smartscope train --out OUT {opts}" + (f" --init {init}`" if init else "`")
+    if tr.get("threads"):
+        opts += f" --threads {tr['threads']}"
+    cmd = f"`smartscope train --out OUT {opts}" + (f" --init {init}`" if init else "`")
+    # data and loss settings that are not command options (TrainConfig fields)
+    wide = tr.get("widefield_fraction", 0.0)
+    contact = tr.get("contact_weight", 0.0)
+    if wide or contact:
+        cmd += (
+            f" (widefield-style share of nuclei scenes {wide:g}, "
+            f"contact weight {contact:g})"
+        )
+    else:
+        cmd += " (classic synthetic style only, no contact weighting)"
+    return cmd
 
 
 def _stages(tr: dict[str, Any]) -> str:
@@ -176,7 +189,7 @@ def _stages(tr: dict[str, Any]) -> str:
         tr = (tr.get("extra") or {}).get("init_training") or {}
     lines = []
     for i, stage in enumerate(reversed(chain), start=1):
-        init = "STAGE1/model.pt" if i > 1 else None
+        init = f"STAGE{i - 1}/model.pt" if i > 1 else None
         seconds = stage.get("seconds")
         lines.append(f"{i}. {_command(stage, init)} ({seconds} s)")
     return "\n".join(lines)
@@ -195,6 +208,25 @@ def write_card_markdown(card: dict[str, Any], path: str | Path) -> Path:
                 f"| {name} | {m['f1@0.5']:.3f} | {m['precision@0.5']:.3f} | "
                 f"{m['recall@0.5']:.3f} | {m['mean_ap']:.3f} |"
             )
+    other = []
+    for key, per in card.get("metrics", {}).items():
+        if key == "synthetic_val" or not isinstance(per, dict):
+            continue
+        desc = per.get("description", "")
+        for name, m in per.items():
+            if isinstance(m, dict) and "f1@0.5" in m:
+                other.append(
+                    f"| {key} | {name} | {m['f1@0.5']:.3f} | {m['mean_ap']:.3f} | "
+                    f"{desc} |"
+                )
+    other_table = ""
+    if other:
+        other_table = (
+            "\nOther evaluation data (never used for training):\n\n"
+            "| data | segmenter | F1@0.5 | mean AP | what |\n|---|---|---|---|---|\n"
+            + "\n".join(other)
+            + "\n"
+        )
     files = "\n".join(
         f"| `{name}` | {info['bytes']:,} | `{info['sha256']}` |"
         for name, info in card["files"].items()
@@ -218,7 +250,8 @@ other seeds than the validation set).
 ## Training recipe
 {_stages(tr)}
 (AdamW, weight decay {tr.get("weight_decay")}, linear warm-up then cosine decay,
-cross-entropy with class weights background 1, interior 1, boundary 2.5 plus
+cross-entropy with class weights background 1, interior 1, boundary 2.5
+(pixels where two objects touch weighted 1 + contact weight times more) plus
 0.5 x soft Dice on the foreground, bf16 autocast on CPU where supported,
 gradient clipping 5; at the end the BatchNorm statistics are recomputed
 over 40 fresh batches). Each stage ran on
@@ -229,9 +262,14 @@ above); final smoothed loss {tr.get("final_loss") and round(tr["final_loss"], 4)
 Synthetic only, generated in process from the seed (`smartscope/segment/_synth.py`):
 star-convex elliptical nuclei (scene mean radius from 3 px to `--max-radius`),
 alone, touching and in clusters, chromatin texture, nucleoli / chromocenters,
-condensed bright nuclei, a 12-fold spread of brightness within a field,
-out-of-focus haze and unlabelled out-of-focus neighbours, uneven
-illumination, PSF and defocus blur;
+condensed bright nuclei, out-of-focus haze and unlabelled out-of-focus
+neighbours, uneven illumination, PSF and defocus blur, in two styles:
+"classic" (a 12-fold spread of brightness within a field, dim ghosts; the
+validation set's style) and "widefield" (in-focus nuclei of one brightness,
+log-normal spread, with a few 1.8-6x brighter full-size ones, so after
+normalisation the typical nucleus is dim; smooth, often elongated ellipses;
+crowded nuclei pressed together with flat contacts; out-of-focus ghosts that
+are wide blurred blobs well below the in-focus brightness; softer PSF);
 DemoCamera-like Gaussian beads; empty fields. A pool of
 {tr.get("pool_size")} scenes is refreshed by one scene per step, and every
 crop gets a fresh camera: Poisson (8-3000 photons at peak) and Gaussian read
@@ -247,11 +285,14 @@ pooled over objects; mean AP is the Data Science Bowl 2018 score
 | segmenter | F1@0.5 | precision | recall | mean AP |
 |---|---|---|---|---|
 {chr(10).join(rows)}
-
+{other_table}
 Speed and accuracy on real DemoCamera frames: `smartscope bench segment --json`.
 
 ## Limitations
-Trained on synthetic images only; it has not seen a real nucleus image.
+Trained on synthetic images only; it has not seen a real nucleus image
+(real images above were used for evaluation only). Touching nuclei with no
+intensity dip between them are still the main source of errors on real
+images (two nuclei come out as one).
 `synthetic_large_nuclei` in `smartscope bench segment` tracks nuclei of
 40-70 px radius, the weakest range; for still larger objects use `scale` < 1.
 Bright-field, H&E and
