@@ -84,10 +84,9 @@ def parse_model(model: str | dict[str, Any]) -> dict[str, Any]:
     (values parsed as YAML), or a mapping as in an experiment file.
     """
     if isinstance(model, dict):
-        spec = dict(model)
-        if not isinstance(spec.get("name"), str):
+        if not isinstance(model.get("name"), str):
             raise ReanalysisError(f"a model spec needs a 'name': {model!r}")
-        return spec
+        return dict(model)
     text = str(model).strip()
     if not text:
         raise ReanalysisError("empty model spec")

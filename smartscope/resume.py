@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from smartscope._errors import ExperimentError, first_line
 from smartscope.experiment import Experiment, format_validation_error
@@ -73,10 +74,9 @@ def finish_resume(runner: Runner, summary: RunSummary) -> RunSummary:
     resumed = info.get("resumed") or [{}]
     resumed[-1]["summary"] = summary.to_json()
     before = float(resumed[-1].get("wall_time_before_s") or 0.0)
+    counts: dict[str, Any] = counts_from_logs(directory)
     total = replace(
-        summary,
-        wall_time_s=round(before + summary.wall_time_s, 3),
-        **counts_from_logs(directory),
+        summary, wall_time_s=round(before + summary.wall_time_s, 3), **counts
     )
     info["summary"] = total.to_json()
     info["summary_note"] = (

@@ -112,8 +112,8 @@ def _plan_fields(exp: Experiment) -> dict[str, list[tuple[float, float]]]:
     """Per well, in plan order: the stage XY of each field."""
     out: dict[str, list[tuple[float, float]]] = {}
     for pos in exp.sequence.stage_positions:
-        well = well_of(pos.name)
-        out.setdefault(well, []).append((float(pos.x), float(pos.y)))
+        well = well_of(str(pos.name))
+        out.setdefault(well, []).append((float(pos.x or 0.0), float(pos.y or 0.0)))
     return out
 
 

@@ -91,9 +91,9 @@ class user_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is None or not isinstance(exc, SmartscopeError):
-            return False
+            return
         err_console.print(f"error: {exc}", markup=False, highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT)
 

@@ -216,7 +216,16 @@ class DecisionLog(QTreeWidget):
 
     def row_statuses(self) -> list[str]:
         """The status column of every row (for tests and summaries)."""
-        return [self.topLevelItem(i).text(6) for i in range(self.topLevelItemCount())]
+        items = (self.topLevelItem(i) for i in range(self.topLevelItemCount()))
+        return [item.text(6) for item in items if item is not None]
+
+
+def _children(item: QTreeWidgetItem | None) -> list[QTreeWidgetItem]:
+    """The child items of a tree item (none for a missing item)."""
+    if item is None:
+        return []
+    kids = (item.child(i) for i in range(item.childCount()))
+    return [k for k in kids if k is not None]
 
 
 def _describe_action(action: dict[str, Any]) -> str:
@@ -363,9 +372,9 @@ class ApprovalPanel(QWidget):
                     self.table.setItem(row, col, item)
         if now_s is not None:
             for row, p in enumerate(pending):
-                item = self.table.item(row, 4)
-                if item is not None:
-                    item.setText(f"{max(0.0, now_s - p.t_proposed_s):.1f}")
+                cell = self.table.item(row, 4)
+                if cell is not None:
+                    cell.setText(f"{max(0.0, now_s - p.t_proposed_s):.1f}")
         on = gate is not None
         for b in (self.approve_button, self.reject_button):
             b.setEnabled(on and bool(pending))
@@ -442,8 +451,8 @@ class PolicyEditor(QTreeWidget):
                 else:
                     self._add_row(top, key, value, (key,))
             top.setExpanded(True)
-            for i in range(top.childCount()):
-                top.child(i).setExpanded(True)
+            for child in _children(top):
+                child.setExpanded(True)
 
     def _add_row(
         self, parent: QTreeWidgetItem, key: str, value: Any, path: tuple[str, ...]
@@ -461,13 +470,12 @@ class PolicyEditor(QTreeWidget):
         item.setText(1, _yaml_text(value))
 
     def _find(self, policy: int, path: tuple[str, ...]) -> QTreeWidgetItem:
-        top = self.topLevelItem(policy)
-        stack = [top.child(i) for i in range(top.childCount())]
+        stack = _children(self.topLevelItem(policy))
         while stack:
             item = stack.pop()
             if item.data(0, Qt.ItemDataRole.UserRole) == path:
                 return item
-            stack += [item.child(i) for i in range(item.childCount())]
+            stack += _children(item)
         raise KeyError(".".join(path))
 
     def policies(self) -> list[dict[str, Any]]:
@@ -475,11 +483,10 @@ class PolicyEditor(QTreeWidget):
         out = []
         for index, spec in enumerate(self._experiment.policies):
             params = copy.deepcopy(spec.params)
-            top = self.topLevelItem(index)
-            stack = [top.child(i) for i in range(top.childCount())]
+            stack = _children(self.topLevelItem(index))
             while stack:
                 item = stack.pop()
-                stack += [item.child(i) for i in range(item.childCount())]
+                stack += _children(item)
                 path = item.data(0, Qt.ItemDataRole.UserRole)
                 if not path or item.text(1) == self._initial.get(id(item)):
                     continue

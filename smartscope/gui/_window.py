@@ -485,14 +485,15 @@ class MainWindow(QMainWindow):
                 event_id=event_id,
                 frame_index=feed.n_frames - 1,
                 caption=_caption(feed.n_frames - 1, event),
-                detections=self._detections.get(event_id),
+                detections=None if event_id is None else self._detections.get(event_id),
                 pixel_offset=_roi_offset(event),
             )
         elif (
             self.live_view.detections is None
-            and self.live_view.event_id in self._detections
+            and (shown := self.live_view.event_id) is not None
+            and shown in self._detections
         ):
-            self.live_view.set_detections(self._detections[self.live_view.event_id])
+            self.live_view.set_detections(self._detections[shown])
         if self._newest_analysed is not None:
             frame, det = self._newest_analysed
             self._newest_analysed = None

@@ -151,7 +151,7 @@ def object_sharpness(
         return math.nan, 0
     img = np.asarray(image, np.float32)
     img = img - float(img.min())
-    gy, gx = np.gradient(img)
+    gy, gx = (np.asarray(g) for g in np.gradient(img))
     energy = float(np.mean((gx * gx + gy * gy)[mask]))
     level = float(np.mean(img[mask]))
     return (energy / (level * level) if level > 0 else math.nan), n

@@ -171,6 +171,13 @@ class _HitWell:
         return self.candidates / self.objects if self.objects else 0.0
 
 
+#: A hit cell by default: 40 % larger and 50 % brighter than the plate's cells.
+_HIT_CRITERION: Criterion = {
+    "relative_area": Bounds(min=1.4),
+    "relative_intensity": Bounds(min=1.5),
+}
+
+
 class HitDetection(PolicyBase):
     """Find hit wells from their cells' phenotype; image the hit cells up close.
 
@@ -200,10 +207,7 @@ class HitDetection(PolicyBase):
 
     name: Literal["hit_detection"] = "hit_detection"
     criterion: Criterion | list[Criterion] = Field(
-        default_factory=lambda: {
-            "relative_area": Bounds(min=1.4),
-            "relative_intensity": Bounds(min=1.5),
-        },
+        default_factory=lambda: _HIT_CRITERION.copy(),
         description="Bounds on object features of a hit cell (a list: any one).",
     )
     reference: Literal["plate", "field"] | dict[str, float] = "plate"
@@ -670,5 +674,3 @@ class ObjectAutofocus(PolicyBase):
                 )
             wells[well] = {"z_um": self.focus(well), "searches": runs}
         return {"wells": wells}
-
-

@@ -441,7 +441,7 @@ class _Arrays:
         names = list(store.domain.labels)
         if not all(names[:3]):  # no dimension names: (t, c, z, y, x)
             names = ["t", "c", "z", "y", "x"]
-        index = []
+        index: list[int | slice] = []
         for name, n in zip(names, store.domain.shape, strict=False):
             if name in where:
                 if where[name] >= n:

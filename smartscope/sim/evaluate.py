@@ -621,7 +621,9 @@ def live_run_report(
             for sn in base
         }
     )
-    region_f = [tuple(float(v) for v in r) for r in region]
+    region_f: list[Rect] = [
+        (float(r[0]), float(r[1]), float(r[2]), float(r[3])) for r in region
+    ]
     kinds: dict[str, int] = {}
     for fr in frames:
         kinds[fr["kind"]] = kinds.get(fr["kind"], 0) + 1

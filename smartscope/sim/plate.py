@@ -398,7 +398,7 @@ class PlateSpecimen(FluorescenceImaging):
         self._views[key] = n + 1
         words = [int(k) & 0xFFFFFFFF for k in key]  # SeedSequence takes uint32 words
         return np.random.default_rng(
-            np.random.SeedSequence([self._noise_entropy, *words, n])
+            np.random.SeedSequence([self._noise_entropy, *words, n])  # type: ignore[arg-type]
         )
 
     def truth_labels(

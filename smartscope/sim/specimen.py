@@ -169,7 +169,9 @@ class LiveSpecimen(FluorescenceImaging):
         self._t = 0.0
         self._drift_phase = float(self._rng.uniform(0, 2 * np.pi))
         self._texture = chromatin_texture(self._rng)
-        self._cells = {name: np.empty(0, dtype) for name, dtype in _FIELDS.items()}
+        self._cells: dict[str, np.ndarray] = {
+            name: np.empty(0, dtype) for name, dtype in _FIELDS.items()
+        }
         self._divisions: list[dict[str, Any]] = []
         self._deaths: list[dict[str, Any]] = []
         # ground-truth positions: (times, cell indices, x, y) arrays per record
@@ -429,7 +431,7 @@ class LiveSpecimen(FluorescenceImaging):
 
     def _new_cells(self, n: int, **values: np.ndarray) -> dict[str, np.ndarray]:
         rng = self._rng
-        new = {
+        new: dict[str, np.ndarray] = {
             name: np.full(n, 0 if dtype is np.int64 else np.nan, dtype)
             for name, dtype in _FIELDS.items()
         }
