@@ -249,10 +249,17 @@ def test_the_hierarchy_is_valid_after_a_crash_a_resume_and_a_reanalysis(tmp_path
     )
     assert json.loads((out / "run.json").read_text())["status"] == "running"
     _valid(out)  # killed mid-run: still valid, listing only what exists
+    # an image whose creation was cut short (a crash, a full disk): on disk,
+    # never listed; the resume must move it aside and image the position anew
+    orphan = Hierarchy.open(out).keys()[0]
+    Hierarchy.open(out).remove_image(orphan)
+    assert [k for k, _ in Hierarchy.open(out).orphans()] == [orphan]
     result = smartscope("resume", str(out), timeout=300)
     assert result.returncode == 0, result.stderr
     _valid(out)
     assert sorted(Hierarchy.open(out).keys()) == [f"p{i:03d}" for i in range(6)]
+    assert (out / "partial" / f"{orphan}.partial-1" / "0").is_dir()
+    assert not Hierarchy.open(out).orphans()
     for key in Hierarchy.open(out).keys():
         image = read_position(out, key)
         assert image.shape[:3] == (1, 1, 3) and all(

@@ -225,6 +225,40 @@ class Hierarchy:
             out += sorted(p.name for p in other.iterdir() if p.is_dir())
         return out
 
+    def orphans(self) -> list[tuple[str, Path]]:
+        """``(key, folder)`` of image folders on disk the metadata does not list.
+
+        What a crash during an image's creation leaves (`add_image` lists an
+        image only once it exists).
+        """
+        listed = {self.image_dir(k) for k in self.keys()}
+        if self.plate is None:
+            candidates = [
+                p for p in self.root.iterdir() if p.is_dir() and p.name != "OME"
+            ]
+        else:
+            candidates = [
+                field
+                for row in self.root.iterdir()
+                if row.is_dir() and row.name in self.plate.rows
+                for col in row.iterdir()
+                if col.is_dir()
+                for field in col.iterdir()
+                if field.is_dir()
+            ]
+            other = self.root / "other"
+            if other.is_dir():
+                candidates += [p for p in other.iterdir() if p.is_dir()]
+        out = []
+        for folder in sorted(candidates):
+            if folder in listed:
+                continue
+            key = _image_key(folder)
+            if key is None:  # metadata never written: name it by its path
+                key = "_".join(folder.relative_to(self.root).parts)
+            out.append((key, folder))
+        return out
+
     # ------------------------------------------------------------- metadata
     def add_image(self, key: str, *, kind: str = "base", stage_um: Any = None) -> None:
         """List a position's image (it exists on disk) in the metadata above it."""

@@ -475,6 +475,7 @@ def prepare_directory(state: RunState) -> tuple[set[str], list[dict[str, Any]]]:
     for name in LOGS:
         _drop_cut_off_line(directory / name)
     moved = _move_aside(directory, state.to_move)
+    moved.update(_move_orphans_aside(directory))
     if moved:
         _point_frames_to(directory / "frames.jsonl", moved)
 
@@ -499,6 +500,28 @@ def prepare_directory(state: RunState) -> tuple[set[str], list[dict[str, Any]]]:
         }
     )
     return done, resumed
+
+
+def _move_orphans_aside(directory: Path) -> dict[str, str]:
+    """Move images the hierarchy does not list to ``partial/`` (by position key).
+
+    An image whose creation a crash or a full disk cut short exists on disk
+    but was never listed; left in place it would block its position's new
+    image (its frames would go to ``overflow/``).
+    """
+    if not (directory / HIERARCHY / "zarr.json").is_file():
+        return {}
+    hierarchy = Hierarchy.open(directory)
+    moved = {}
+    for key, folder in hierarchy.orphans():
+        n = 1
+        while (directory / PARTIAL_DIR / f"{key}{PARTIAL}{n}").exists():
+            n += 1
+        new = f"{key}{PARTIAL}{n}"
+        (directory / PARTIAL_DIR).mkdir(exist_ok=True)
+        folder.rename(directory / PARTIAL_DIR / new)
+        moved[key] = new
+    return moved
 
 
 def _drop_cut_off_line(path: Path) -> None:
