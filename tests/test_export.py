@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import socket
 import zipfile
@@ -45,13 +46,13 @@ def _scaled(image: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def builtin_onnx(tmp_path_factory):
-    pytest.importorskip("onnx")
+    importlib.import_module("onnx")
     return export_model("builtin", "onnx", tmp_path_factory.mktemp("x") / "b.onnx")
 
 
 def test_onnx_export_is_the_torch_network(builtin_onnx):
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    onnx = importlib.import_module("onnx")
+    ort = importlib.import_module("onnxruntime")
     from smartscope.segment import UNetSegmenter
     from smartscope.segment._synth import synth_sample
 
@@ -90,8 +91,8 @@ def tiny_model(tmp_path_factory):
 
 
 def test_onnx_export_of_a_trained_model_file(tmp_path, tiny_model):
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    onnx = importlib.import_module("onnx")
+    ort = importlib.import_module("onnxruntime")
     import torch
 
     pt, net = tiny_model
@@ -108,8 +109,8 @@ def test_onnx_export_of_a_trained_model_file(tmp_path, tiny_model):
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
-    pytest.importorskip("bioimageio.spec")
-    pytest.importorskip("onnx")
+    importlib.import_module("bioimageio.spec")
+    importlib.import_module("onnx")
     out = tmp_path_factory.mktemp("x") / "builtin.bioimageio.zip"
     path = export_model("builtin", "bioimageio", out)
     gc.collect()
@@ -145,9 +146,9 @@ def test_bioimageio_package_is_valid_offline(package):
 @pytest.mark.parametrize("weights", ["torchscript", "onnx"])
 def test_bioimageio_core_reproduces_the_test_output(package, weights):
     """``bioimageio test``: both weights give the packaged test output."""
-    core = pytest.importorskip("bioimageio.core")
+    core = importlib.import_module("bioimageio.core")
     if weights == "onnx":
-        pytest.importorskip("onnxruntime")
+        importlib.import_module("onnxruntime")
     import warnings
 
     with warnings.catch_warnings():  # torch.jit.load is deprecated in torch 2.13
@@ -158,8 +159,8 @@ def test_bioimageio_core_reproduces_the_test_output(package, weights):
 
 
 def test_bioimageio_folder_output_of_a_trained_model(tmp_path, tiny_model):
-    pytest.importorskip("bioimageio.spec")
-    pytest.importorskip("onnx")
+    importlib.import_module("bioimageio.spec")
+    importlib.import_module("onnx")
     from smartscope.segment._export_bioimageio import validate_package
 
     out = export_model(tiny_model[0], "bioimageio", tmp_path / "pkg")
@@ -184,7 +185,7 @@ def test_default_paths_and_unknown_format(tmp_path):
 
 
 def test_bad_model_and_output_paths(tmp_path):
-    pytest.importorskip("onnx")
+    importlib.import_module("onnx")
     with pytest.raises(ModelFileError, match="not found"):
         export_model(tmp_path / "missing.pt", "onnx", tmp_path / "x.onnx")
     junk = tmp_path / "junk.pt"
@@ -200,7 +201,7 @@ def test_bad_model_and_output_paths(tmp_path):
 
 def test_card_of_export_matches_model(builtin_onnx):
     """The exported file names the model it came from (sha256 of builtin.pt)."""
-    onnx = pytest.importorskip("onnx")
+    onnx = importlib.import_module("onnx")
     from smartscope.segment._model import BUILTIN_CARD
 
     card = json.loads(BUILTIN_CARD.read_text())

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import socket
 import zipfile
 
 import numpy as np
 import pytest
 
-pytest.importorskip("bioimageio.core")
-onnx = pytest.importorskip("onnx")
+importlib.import_module("bioimageio.core")
+onnx = importlib.import_module("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 from smartscope.segment import PSegmenter, create_segmenter  # noqa: E402
 from smartscope.segment._metrics import scores  # noqa: E402
