@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -379,3 +380,33 @@ def smartscope(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         stdin=subprocess.DEVNULL,
         env=env,
     )
+
+
+def kill_9_when(
+    args: list[str], out: Path, far_enough: Callable[[list[dict]], bool]
+) -> None:
+    """Run ``smartscope ARGS`` (writing to `out`) and SIGKILL it.
+
+    It is killed once `far_enough` (of the frames logged so far) holds, after
+    120 s, or when it ends by itself.
+    """
+    import signal
+    import time
+
+    from smartscope.rundir import read_jsonl
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smartscope.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "CI": "true"},
+    )
+    frames_log = out / "frames.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if frames_log.exists() and far_enough(read_jsonl(frames_log)):
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)

@@ -10,18 +10,13 @@ re-analysis; and a run in the layout before the hierarchy still reads.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaozarrs
-from _closed_loop import smartscope
+from _closed_loop import kill_9_when, smartscope
 
 from smartscope.rundir import (
     Hierarchy,
@@ -206,24 +201,6 @@ def test_a_plate_run_is_an_ngff_plate_with_its_wells_fields_and_hits(plate_run):
     assert "hit" in kinds  # the demo plate's E5 and F6 are hit wells
 
 
-def _kill_9_when(cmd: list[str], out: Path, far_enough) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "smartscope.cli", *cmd],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "CI": "true"},
-    )
-    log = out / "frames.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.exists() and far_enough(read_jsonl(log)):
-            break
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-
-
 TIMELAPSE = f"""\
 name: crash
 config: {DEMO_CFG}
@@ -242,7 +219,7 @@ def test_the_hierarchy_is_valid_after_a_crash_a_resume_and_a_reanalysis(tmp_path
     exp = tmp_path / "crash.yaml"
     exp.write_text(TIMELAPSE)
     out = tmp_path / "run"
-    _kill_9_when(
+    kill_9_when(
         ["run", str(exp), "--out", str(out)],
         out,
         lambda frames: len({f["position"] for f in frames}) >= 3,

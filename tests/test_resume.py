@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from _closed_loop import smartscope
+from _closed_loop import kill_9_when, smartscope
 
 from smartscope.rundir import inspect_run, position_path, read_jsonl, read_position
 
@@ -42,22 +37,7 @@ def _run_and_kill_9(
     experiment: Path, out: Path, far_enough: Callable[[list[dict]], bool]
 ) -> None:
     """`smartscope run` in a subprocess, SIGKILLed once `far_enough(frames)`."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "smartscope.cli", "run", str(experiment)]
-        + ["--out", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "CI": "true"},
-    )
-    frames_log = out / "frames.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if frames_log.exists() and far_enough(read_jsonl(frames_log)):
-            break
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    kill_9_when(["run", str(experiment), "--out", str(out)], out, far_enough)
     assert json.loads((out / "run.json").read_text())["status"] == "running"
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any
 
 from smartscope._errors import RegistryError
+from smartscope._imports import import_path
 from smartscope.policies._protocol import PPolicy
 
 __all__ = ["available_policies", "create_policy", "policy_class"]
@@ -34,17 +34,6 @@ def available_policies() -> list[str]:
     return sorted(names)
 
 
-def _load(path: str, name: str) -> Any:
-    module, _, attr = path.partition(":")
-    try:
-        obj = import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise RegistryError(f"policy {name!r}: cannot import {path!r} ({e})") from e
-    return obj
-
-
 def policy_class(name: str) -> Any:
     """The class registered as policy `name`.
 
@@ -58,12 +47,12 @@ def policy_class(name: str) -> Any:
         If nothing of that name is registered or the path does not import.
     """
     if name in _BUILTINS:
-        return _load(_BUILTINS[name], name)
+        return import_path(_BUILTINS[name], f"policy {name!r}")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
             return ep.load()
     if ":" in name:
-        return _load(name, name)
+        return import_path(name, f"policy {name!r}")
     raise RegistryError(
         f"unknown policy {name!r} (available: {', '.join(available_policies())}; "
         "or an import path 'package.module:ClassName')"

@@ -268,11 +268,7 @@ class Hierarchy:
                     return
                 self._series.append(key)
                 self._images[key] = {"stage_um": stage_um}
-                write_json(
-                    self.root / "OME" / "zarr.json",
-                    _group({"ome": {"version": OME_VERSION, "series": self._series}}),
-                )
-                self._write_ome_xml()
+                self._write_series()
                 return
             place = self.plate.place(key)
             if place is None:
@@ -287,10 +283,7 @@ class Hierarchy:
             if any(i["path"] == fld for i in images):
                 return
             images.append({"path": fld, "acquisition": acq.id})
-            write_json(
-                self.root / row / col / "zarr.json",
-                _group({"ome": {"version": OME_VERSION, "well": {"images": images}}}),
-            )
+            self._write_well(row, col)
             self._write_root()
 
     def remove_image(self, key: str) -> None:
@@ -301,16 +294,7 @@ class Hierarchy:
                     return
                 self._series.remove(key)
                 self._images.pop(key, None)
-                if self._series:
-                    write_json(
-                        self.root / "OME" / "zarr.json",
-                        _group(
-                            {"ome": {"version": OME_VERSION, "series": self._series}}
-                        ),
-                    )
-                else:
-                    (self.root / "OME" / "zarr.json").unlink(missing_ok=True)
-                self._write_ome_xml()
+                self._write_series()
                 return
             place = self.plate.place(key)
             if place is None:
@@ -319,12 +303,7 @@ class Hierarchy:
             images = self._wells.get((row, col), [])
             images[:] = [i for i in images if i["path"] != fld]
             if images:
-                write_json(
-                    self.root / row / col / "zarr.json",
-                    _group(
-                        {"ome": {"version": OME_VERSION, "well": {"images": images}}}
-                    ),
-                )
+                self._write_well(row, col)
             else:
                 del self._wells[(row, col)]
                 self._write_root()
@@ -360,6 +339,24 @@ class Hierarchy:
                 else:
                     (folder / "zarr.json").unlink()
             shutil.rmtree(folder / name, ignore_errors=True)
+
+    def _write_series(self) -> None:
+        """``OME/zarr.json`` and the OME-XML: the images, in order (none: no file)."""
+        if self._series:
+            write_json(
+                self.root / "OME" / "zarr.json",
+                _group({"ome": {"version": OME_VERSION, "series": self._series}}),
+            )
+        else:
+            (self.root / "OME" / "zarr.json").unlink(missing_ok=True)
+        self._write_ome_xml()
+
+    def _write_well(self, row: str, col: str) -> None:
+        images = self._wells[(row, col)]
+        write_json(
+            self.root / row / col / "zarr.json",
+            _group({"ome": {"version": OME_VERSION, "well": {"images": images}}}),
+        )
 
     def _write_root(self) -> None:
         if self.plate is None:

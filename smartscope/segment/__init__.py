@@ -6,6 +6,7 @@
 `UNetSegmenter` is imported lazily (it imports torch).
 """
 
+from smartscope.segment._instances import foreground_to_labels
 from smartscope.segment._process import ProcessSegmenter, SegmenterProcessError
 from smartscope.segment._protocol import PSegmenter, Segmentation, as_batch
 from smartscope.segment._registry import (
@@ -35,6 +36,7 @@ __all__ = [
     "as_batch",
     "available_segmenters",
     "create_segmenter",
+    "foreground_to_labels",
     "segmenter_factory",
     "segmenter_for_model",
 ]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from importlib import import_module
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 from smartscope._errors import RegistryError
+from smartscope._imports import import_path
 from smartscope.segment._protocol import PSegmenter
 
 ENTRY_POINT_GROUP = "smartscope.segmenters"
@@ -31,17 +31,6 @@ def available_segmenters() -> list[str]:
     return sorted(names)
 
 
-def _import_path(path: str) -> Any:
-    module, _, attr = path.partition(":")
-    try:
-        obj: Any = import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise RegistryError(f"segmenter {path!r}: cannot import it ({e})") from e
-    return obj
-
-
 def segmenter_factory(name: str) -> Any:
     """What `create_segmenter` calls for `name` (a class or a function).
 
@@ -57,7 +46,7 @@ def segmenter_factory(name: str) -> Any:
         if ep.name == name:
             return ep.load()
     if ":" in name:
-        return _import_path(name)
+        return import_path(name, f"segmenter {name!r}")
     raise RegistryError(
         f"unknown segmenter {name!r} (available: "
         f"{', '.join(available_segmenters())}; or an import path "

@@ -12,7 +12,8 @@ Registers the segmenter ``bioimageio`` (entry point group
 
 from importlib.metadata import PackageNotFoundError, version
 
-from smartscope_bioimageio._instances import foreground_to_labels
+from smartscope.segment import foreground_to_labels
+
 from smartscope_bioimageio._segmenter import BioimageioModelError, BioimageioSegmenter
 
 try:

@@ -432,9 +432,8 @@ class BioimageioSegmenter(BaseModel):
 
     def segment(self, images: np.ndarray) -> Segmentation:
         """Segment a ``(B, Y, X)`` batch (or one ``(Y, X)`` image)."""
+        from smartscope.segment import foreground_to_labels
         from smartscope.segment._postprocess import probabilities_to_labels
-
-        from smartscope_bioimageio._instances import foreground_to_labels
 
         out = self.predict(images)
         kind = self.output_kind(out.shape[1])

@@ -11,7 +11,8 @@ Registers the segmenter ``onnx`` (entry point group ``smartscope.segmenters``):
 
 from importlib.metadata import PackageNotFoundError, version
 
-from smartscope_onnx._instances import foreground_to_labels
+from smartscope.segment import foreground_to_labels
+
 from smartscope_onnx._segmenter import OnnxModelError, OnnxSegmenter, percentile_scale
 
 try:

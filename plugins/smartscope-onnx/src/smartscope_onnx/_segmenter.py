@@ -303,9 +303,8 @@ class OnnxSegmenter(BaseModel):
 
     def segment(self, images: np.ndarray) -> Segmentation:
         """Segment a ``(B, Y, X)`` batch (or one ``(Y, X)`` image)."""
+        from smartscope.segment import foreground_to_labels
         from smartscope.segment._postprocess import probabilities_to_labels
-
-        from smartscope_onnx._instances import foreground_to_labels
 
         probs = self.probabilities(images)
         kind = self._output_kind(probs.shape[1])

@@ -1,9 +1,16 @@
-"""Instances from per-pixel maps that are not background/interior/boundary."""
+"""Instances from a foreground map: threshold, then a seeded watershed.
+
+For models whose output is a foreground probability (or a foreground and a
+distance map) rather than background/interior/boundary classes: the ONNX and
+bioimage.io plugins use it.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
+
+__all__ = ["foreground_to_labels"]
 
 
 def foreground_to_labels(
