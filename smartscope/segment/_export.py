@@ -174,7 +174,8 @@ def _command(tr: dict[str, Any], init: str | None) -> str:
     if wide or contact:
         cmd += (
             f" (widefield-style share of nuclei scenes {wide:g}, "
-            f"contact weight {contact:g})"
+            f"contact weight {contact:g}, contact boundary width "
+            f"{tr.get('contact_width', 1)} px)"
         )
     else:
         cmd += " (classic synthetic style only, no contact weighting)"

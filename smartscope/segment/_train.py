@@ -41,6 +41,8 @@ class TrainConfig:
     widefield_fraction: float = 0.6
     #: extra loss weight on pixels where two objects touch (x class weight)
     contact_weight: float = 4.0
+    #: touching objects' pixels within this many px of each other are boundary
+    contact_width: int = 2
     widths: tuple[int, ...] = (8, 16, 32, 64, 128)
     depth: int = 2
     bf16: bool = True
@@ -168,7 +170,7 @@ class _Data:
             img, lab = self._augment(img, lab)
             xs.append(normalize(np.ascontiguousarray(img)))
             lab = np.ascontiguousarray(lab)
-            ys.append(boundary_classes(lab))
+            ys.append(boundary_classes(lab, self.cfg.contact_width))
             cs.append(contact_mask(lab))
         return np.stack(xs)[:, None], np.stack(ys).astype(np.int64), np.stack(cs)
 
