@@ -361,7 +361,40 @@ def types_reference() -> str:
     )
 
 
+#: API pages (reference/api/NAME.md) of the modules the top level re-exports from
+API_PAGES = {
+    "smartscope.experiment": "experiment",
+    "smartscope.runner": "runner",
+    "smartscope.microscope": "microscope",
+    "smartscope.policies": "policies",
+    "smartscope.scheduler": "scheduler",
+    "smartscope.segment": "segment",
+}
+
+
+def exports_reference() -> str:
+    """The top-level names documented on their module's page, linked there."""
+    import smartscope
+
+    rows = ["| name | documented in |", "|---|---|"]
+    for name in smartscope.__all__:
+        module = smartscope._LAZY.get(name)
+        if module not in API_PAGES:
+            continue  # rendered on the top-level page itself
+        if name == "Action":  # a type alias: the union of the action classes
+            rows.append(
+                f"| `Action` | [`{module}`]({API_PAGES[module]}.md): the union "
+                "of the action classes |"
+            )
+            continue
+        rows.append(
+            f"| [`{name}`][{module}.{name}] | [`{module}`]({API_PAGES[module]}.md) |"
+        )
+    return "\n".join(rows)
+
+
 GENERATORS = {
+    "exports": exports_reference,
     "types": types_reference,
     "cli": cli_reference,
     "experiment": experiment_reference,
