@@ -2,7 +2,9 @@
 
 The Scheduler turns the base plan (a `useq.MDASequence`) plus the actions
 policies emit into the stream of `useq.MDAEvent`s the acquisition iterates:
-clocks, priorities, travel order, dose budgets, skipped wells. Policies live in
+clocks, priorities, travel order, dose budgets, skipped wells, and hardware
+sequences: a run of events the camera can stream (same place and settings, no
+wait between them) goes to the engine as one ``SequencedEvent``. Policies live in
 `smartscope.policies`.
 """
 
@@ -11,12 +13,15 @@ from smartscope.scheduler._actions import (
     Action,
     ActionOutcome,
     AddEvents,
+    ExtendStream,
     MovePosition,
     SetFocus,
     SetInterval,
     SkipPosition,
     SkipWell,
     Stop,
+    StopStream,
+    Stream,
     event_summary,
 )
 from smartscope.scheduler._scheduler import Scheduler, SchedulerEvents
@@ -25,6 +30,7 @@ __all__ = [
     "Action",
     "ActionOutcome",
     "AddEvents",
+    "ExtendStream",
     "MovePosition",
     "Scheduler",
     "SchedulerEvents",
@@ -33,6 +39,8 @@ __all__ = [
     "SkipPosition",
     "SkipWell",
     "Stop",
+    "StopStream",
+    "Stream",
     "base_position_key",
     "event_summary",
 ]

@@ -159,8 +159,102 @@ class SetFocus:
         }
 
 
+@dataclass(frozen=True)
+class Stream:
+    """A streamed burst: `n_frames` frames of `event`, as fast as the camera runs.
+
+    `event` says where and how (stage position, channel, exposure, camera ROI,
+    ``pos_name``: the position key its frames are stored under, and
+    ``metadata["smartscope"]`` entries such as ``dose_position``); its index and
+    ``min_start_time`` only place the first frame. Frame ``k`` is stored at
+    ``t = k`` of that position. The Scheduler queues the frames one chunk of
+    `chunk_frames` ahead of the chunk being acquired and hands each chunk to the
+    engine as one hardware sequence (event by event where the hardware cannot
+    sequence): the camera streams at its own rate inside a chunk, and decisions
+    take effect between chunks. `StopStream` ends the stream (the chunk being
+    acquired is finished, the queued one dropped), `ExtendStream` adds frames;
+    `Stop`, `SkipPosition` and a spent light-dose budget end it too. Without an
+    extension the stream ends after `n_frames`.
+
+    Streamed frames are analysed like any frame, but no policy needs them unless
+    its ``needs(frame)`` says so: when analysis is slower than the camera, only
+    the newest frames of the stream are analysed (the others are counted as
+    skipped, and stored).
+    """
+
+    event: MDAEvent
+    n_frames: int
+    chunk_frames: int = 20
+    priority: int = 10
+    reason: str = ""
+    type: Literal["stream"] = field(default="stream", init=False)
+
+    def frame_event(self, k: int) -> MDAEvent:
+        """Frame `k` of the stream as the Scheduler will serve it (unstamped)."""
+        tag = dict(self.event.metadata.get("smartscope") or {})
+        tag.update(visit=k, stream_frame=k)
+        index = {**self.event.index, "t": k}
+        metadata = {**self.event.metadata, "smartscope": tag}
+        return self.event.model_copy(
+            update={"index": index, "metadata": metadata, "min_start_time": None}
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "priority": self.priority,
+            "reason": self.reason,
+            "n_frames": self.n_frames,
+            "chunk_frames": self.chunk_frames,
+            "event": event_summary(self.event),
+        }
+
+
+@dataclass(frozen=True)
+class StopStream:
+    """End the stream at `position` (a Scheduler position key) between chunks."""
+
+    position: str
+    reason: str = ""
+    type: Literal["stop_stream"] = field(default="stop_stream", init=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "position": self.position, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class ExtendStream:
+    """Add `n_frames` frames to the stream at `position` (a Scheduler position key).
+
+    A stream that ended because its frames were all acquired goes on (its frames
+    keep their numbering); one that was stopped or skipped does not.
+    """
+
+    position: str
+    n_frames: int
+    reason: str = ""
+    type: Literal["extend_stream"] = field(default="extend_stream", init=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "position": self.position,
+            "n_frames": self.n_frames,
+            "reason": self.reason,
+        }
+
+
 Action = Union[  # noqa: UP007
-    AddEvents, SkipPosition, Stop, SetInterval, MovePosition, SkipWell, SetFocus
+    AddEvents,
+    SkipPosition,
+    Stop,
+    SetInterval,
+    MovePosition,
+    SkipWell,
+    SetFocus,
+    Stream,
+    StopStream,
+    ExtendStream,
 ]
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 from psygnal import Signal, SignalGroup
-from useq import CameraROI, MDAEvent, MDASequence
+from useq import AcquireImage, CameraROI, MDAEvent, MDASequence
 
 from smartscope._stats import StreamingPercentiles
 from smartscope.frame import base_position_key, event_tag, safe_name, well_of
@@ -21,12 +21,15 @@ from smartscope.scheduler._actions import (
     Action,
     ActionOutcome,
     AddEvents,
+    ExtendStream,
     MovePosition,
     SetFocus,
     SetInterval,
     SkipPosition,
     SkipWell,
     Stop,
+    StopStream,
+    Stream,
     event_summary,
 )
 
@@ -39,7 +42,8 @@ class SchedulerEvents(SignalGroup):
     """Signals of the `Scheduler` (emitted from the thread that causes them)."""
 
     eventsScheduled = Signal(list)  # list[MDAEvent] added by an action
-    eventServed = Signal(object)  # MDAEvent handed to the runner
+    eventServed = Signal(object)  # MDAEvent handed to the runner (each of a sequence)
+    sequenceServed = Signal(object)  # SequencedEvent handed to the runner
     eventsSkipped = Signal(str, int, str)  # position, number of events, reason
     finished = Signal(str)  # reason: "completed" | "stopped: ..."
 
@@ -120,6 +124,24 @@ class _Timeline:
         self.done = self.next_due > self.end_s + 1e-9
 
 
+@dataclass
+class _StreamState:
+    """A `Stream` the Scheduler serves chunk by chunk."""
+
+    key: str  # position key of its frames
+    template: MDAEvent
+    tag: dict[str, Any]  # smartscope tag of its frames (decision, kind, dose)
+    priority: int
+    chunk_frames: int
+    n_total: int
+    budget_key: str
+    first_due: float  # -inf: at once
+    n_queued: int = 0  # frames put in the queue (frame numbers 0 .. n_queued-1)
+    n_served: int = 0
+    n_chunks: int = 0  # chunks queued so far
+    ended: str | None = None  # why it ended; None while it goes on
+
+
 def _timelapse_layout(plan: Any) -> MDASequence | None:
     """The plan without its time axis, when it is a position-major time-lapse."""
     if not isinstance(plan, MDASequence) or plan.time_plan is None:
@@ -175,10 +197,26 @@ class Scheduler(Iterator[MDAEvent]):
     analysed, no added event is queued, and no pending-work check reports work
     — or when the run is stopped.
 
+    With `max_sequence_frames` ≥ 2, a run of events the hardware can sequence
+    — image acquisitions at the same stage position with the same channel,
+    exposure, camera ROI and device properties, none of which has to wait for
+    its due time — is handed to the runner as one
+    ``pymmcore_plus.core.SequencedEvent`` of at most that many frames: the
+    camera then streams at its own rate (frames still arrive one by one, each
+    with its own event) and decisions are served between sequences. Runs are
+    found among the events the Scheduler would serve next anyway (the rest of
+    a visit, the next due visits of the same place, queued added events, the
+    chunks of a `Stream`), so the order of events never changes; a sequence
+    never crosses a `Stream`'s chunk boundary, and with `max_analysis_lag` a
+    base visit joins a sequence only if the frames before it leave the lag
+    within bounds. `disable_sequencing` (the engine found the camera cannot
+    sequence) turns it off for the rest of the run.
+
     Every served event carries ``metadata["smartscope"]``: ``event_id``,
     ``kind`` ("base" or the adding policy's kind), ``position`` key, ``visit``
     index and visit ``shape`` (for storage), ``due_s``, and for added events the
-    ``decision_id`` and ``trigger_frame`` that caused them.
+    ``decision_id`` and ``trigger_frame`` that caused them; a stream's frames
+    also ``stream`` (its position key), ``stream_frame`` and ``chunk``.
 
     Parameters
     ----------
@@ -230,6 +268,9 @@ class Scheduler(Iterator[MDAEvent]):
         them, to a non-finite position, or expose longer than their maximum is
         refused as a whole, with the reason (`n_limit_refusals`); nothing of it
         reaches the hardware.
+    max_sequence_frames : int
+        Longest hardware sequence (the camera's sequence buffer, in frames, or
+        less). Below 2: every event is served on its own.
     """
 
     def __init__(
@@ -249,6 +290,7 @@ class Scheduler(Iterator[MDAEvent]):
         max_analysis_lag: int | None = None,
         done_positions: Iterable[str] = (),
         limits: SafetyLimits | None = None,
+        max_sequence_frames: int = 0,
     ) -> None:
         if travel_order not in ("plan", "nearest"):
             raise ValueError(
@@ -332,6 +374,13 @@ class Scheduler(Iterator[MDAEvent]):
         self._skipped_wells: set[str] = set()
         self._well_focus: dict[str, float] = {}
         self._default_focus: float | None = None  # SetFocus("*")
+        # hardware sequences and streams
+        self.max_sequence_frames = max(0, int(max_sequence_frames))
+        self.sequencing_off: str | None = None  # why it was turned off mid-run
+        self.n_sequences = 0
+        self.n_sequenced_frames = 0
+        self.n_stream_frames = 0  # stream frames queued
+        self._streams: dict[str, _StreamState] = {}
 
     @staticmethod
     def _build_timelines(
@@ -467,6 +516,17 @@ class Scheduler(Iterator[MDAEvent]):
                 dose_budget_ms=self.dose_budget_ms,
                 dose_refusals=self.dose_refusals,
                 limit_refusals=self.n_limit_refusals,
+                sequences={
+                    "n": self.n_sequences,
+                    "frames": self.n_sequenced_frames,
+                    "max_frames": self.max_sequence_frames,
+                    "off": self.sequencing_off,
+                },
+                streams={
+                    "n": len(self._streams),
+                    "frames_queued": self.n_stream_frames,
+                    "ended": {k: s.ended for k, s in self._streams.items()},
+                },
             )
             return out
 
@@ -508,6 +568,14 @@ class Scheduler(Iterator[MDAEvent]):
                 outcome = self._skip_well(action)
             elif isinstance(action, SetFocus):
                 outcome = self._set_focus(action)
+            elif isinstance(action, Stream):
+                outcome = self._stream(
+                    action, decision_id, trigger_frame, trigger_position, kind
+                )
+            elif isinstance(action, StopStream):
+                outcome = self._stop_stream(action)
+            elif isinstance(action, ExtendStream):
+                outcome = self._extend_stream(action)
             elif isinstance(action, Stop):
                 self._stop_reason = f"stopped by policy: {action.reason}".rstrip(": ")
                 outcome = ActionOutcome(action, True)
@@ -527,8 +595,9 @@ class Scheduler(Iterator[MDAEvent]):
         limits = self.limits
         if limits is None:
             return None
-        if isinstance(action, AddEvents):
-            for event in action.events:
+        if isinstance(action, (AddEvents, Stream)):
+            events = action.events if isinstance(action, AddEvents) else [action.event]
+            for event in events:
                 why = limits.why_not(event)
                 if why:
                     name = event.pos_name or "an added event"
@@ -614,6 +683,207 @@ class Scheduler(Iterator[MDAEvent]):
             scheduled=added,
         )
 
+    # ---------------------------------------------------------------- streams
+    def _stream(
+        self,
+        action: Stream,
+        decision_id: int | None,
+        trigger_frame: int | None,
+        trigger_position: str | None,
+        kind: str,
+    ) -> ActionOutcome:
+        if action.n_frames < 1 or action.chunk_frames < 1:
+            return ActionOutcome(
+                action, False, "n_frames and chunk_frames must be at least 1"
+            )
+        event = action.event
+        if not _sequenceable(event) or event.properties:
+            return ActionOutcome(
+                action,
+                False,
+                "only an image acquisition without device properties can be streamed",
+            )
+        named = safe_name(event.pos_name) if event.pos_name else None
+        if named is not None and (named in self._skipped or self._well_skipped(named)):
+            return ActionOutcome(action, False, "position skipped")
+        if named is None:
+            named = f"stream_{len(self._streams):04d}"
+        key = self._fresh_key(named)
+        earlier = self._streams.get(key)
+        if earlier is not None and earlier.ended is None:
+            return ActionOutcome(
+                action, False, f"a stream is already running at {key} (extend it)"
+            )
+        tag = dict(event_tag(event))
+        tag.setdefault("kind", kind)
+        bkey = str(tag.get("dose_position") or trigger_position or key)
+        tag.update(
+            decision_id=decision_id,
+            trigger_frame=trigger_frame,
+            dose_position=bkey or None,
+            stream=key,
+        )
+        for drop in ("event_id", "position", "visit", "stream_frame", "chunk"):
+            tag.pop(drop, None)
+        metadata = {k: v for k, v in event.metadata.items() if k != "smartscope"}
+        template = event.model_copy(update={"metadata": metadata})
+        state = _StreamState(
+            key=key,
+            template=template,
+            tag=tag,
+            priority=int(action.priority),
+            chunk_frames=int(action.chunk_frames),
+            n_total=int(action.n_frames),
+            budget_key=bkey,
+            first_due=_due(event),
+        )
+        if earlier is not None:  # a new stream at a finished one's place goes on
+            state.n_queued = state.n_served = earlier.n_queued  # its numbering
+            state.n_total += earlier.n_queued
+            state.n_chunks = earlier.n_chunks
+        refused = self._stream_budget(state)
+        if refused:
+            return ActionOutcome(action, False, refused)
+        self._streams[key] = state
+        queued = self._queue_chunk(state)
+        return ActionOutcome(
+            action,
+            True,
+            f"stream at {key}: {action.n_frames} frames in chunks of "
+            f"{action.chunk_frames}",
+            scheduled=queued,
+        )
+
+    def _stream_budget(self, state: _StreamState) -> str | None:
+        """Why the stream's next chunk would exceed the light-dose budget."""
+        if self.dose_budget_ms is None:
+            return None
+        n = min(state.chunk_frames, state.n_total - state.n_queued)
+        need = n * self._cost(state.template)
+        bkey = state.budget_key
+        spent = self.dose_used_ms.get(bkey, 0.0) + self._dose_reserved.get(bkey, 0.0)
+        if spent + need > self.dose_budget_ms + 1e-9:
+            self.dose_refusals += 1
+            return (
+                f"light-dose budget of {bkey}: {spent:.0f} of "
+                f"{self.dose_budget_ms:.0f} ms used or committed, the next chunk "
+                f"needs {need:.0f} ms more"
+            )
+        return None
+
+    def _queue_chunk(self, state: _StreamState) -> list[MDAEvent]:
+        """Queue the stream's next chunk of frames (none once it has ended)."""
+        n = min(state.chunk_frames, state.n_total - state.n_queued)
+        if state.ended is not None or n <= 0:
+            return []
+        key = state.key
+        if key in self._skipped or self._well_skipped(key):
+            state.ended = "position skipped"
+            return []
+        refused = self._stream_budget(state)
+        if refused:
+            state.ended = refused
+            self.events.eventsSkipped.emit(
+                key, state.n_total - state.n_queued, f"stream ended: {refused}"
+            )
+            return []
+        chunk = state.n_chunks
+        state.n_chunks += 1
+        queued = []
+        for j in range(n):
+            k = state.n_queued + j
+            due = state.first_due if k == 0 else -math.inf
+            event = state.template.model_copy(
+                update={
+                    "index": {**state.template.index, "t": k},
+                    "min_start_time": None if due == -math.inf else due,
+                }
+            )
+            tag = {**state.tag, "visit": k, "stream_frame": k, "chunk": chunk}
+            stamped = self._stamp(event, tag, key)
+            self._added.append(
+                (-state.priority, next(self._counter), due, stamped, state.budget_key)
+            )
+            if self.dose_budget_ms is not None:
+                self._dose_reserved[state.budget_key] = self._dose_reserved.get(
+                    state.budget_key, 0.0
+                ) + self._cost(event)
+            queued.append(stamped)
+        state.n_queued += n
+        self.n_stream_frames += n
+        self.n_added += n
+        return queued
+
+    def _stream_served(self, event: MDAEvent) -> None:
+        """A stream frame is being served: queue the next chunk if it was the last."""
+        tag = event_tag(event)
+        state = self._streams.get(str(tag.get("stream")))
+        if state is None:
+            return
+        state.n_served += 1
+        if int(tag.get("chunk", -1)) == state.n_chunks - 1:
+            queued = self._queue_chunk(state)
+            if queued:
+                self.events.eventsScheduled.emit(queued)
+        if (
+            state.ended is None
+            and state.n_served >= state.n_total
+            and state.n_queued >= state.n_total
+        ):
+            state.ended = "completed"
+
+    def _stream_for(self, action: StopStream | ExtendStream) -> _StreamState | None:
+        key = self._renamed.get(action.position, action.position)
+        return self._streams.get(key)
+
+    def _stop_stream(self, action: StopStream) -> ActionOutcome:
+        state = self._stream_for(action)
+        if state is None:
+            return ActionOutcome(action, False, f"no stream at {action.position!r}")
+        if state.ended is not None:
+            return ActionOutcome(action, False, f"stream already ended: {state.ended}")
+        keep = []
+        for item in self._added:
+            if event_tag(item[3]).get("stream") == state.key:
+                self._release(item)
+            else:
+                keep.append(item)
+        dropped = len(self._added) - len(keep)
+        self._added = keep
+        state.ended = f"stopped: {action.reason}".rstrip(": ")
+        state.n_total = state.n_queued = state.n_queued - dropped
+        self.n_stream_frames -= dropped
+        self.n_added -= dropped
+        return ActionOutcome(
+            action,
+            True,
+            f"stream at {state.key} ends after {state.n_queued} frames",
+            n_dropped=dropped,
+        )
+
+    def _extend_stream(self, action: ExtendStream) -> ActionOutcome:
+        state = self._stream_for(action)
+        if state is None:
+            return ActionOutcome(action, False, f"no stream at {action.position!r}")
+        if action.n_frames < 1:
+            return ActionOutcome(action, False, "n_frames must be at least 1")
+        if state.ended not in (None, "completed"):
+            return ActionOutcome(action, False, f"stream ended: {state.ended}")
+        state.ended = None
+        state.n_total += int(action.n_frames)
+        queued: list[MDAEvent] = []
+        waiting = any(
+            event_tag(item[3]).get("stream") == state.key for item in self._added
+        )
+        if not waiting:  # nothing queued: the next chunk goes in now
+            queued = self._queue_chunk(state)
+        return ActionOutcome(
+            action,
+            True,
+            f"stream at {state.key}: {state.n_total} frames",
+            scheduled=queued,
+        )
+
     def _skip(self, action: SkipPosition) -> ActionOutcome:
         if action.position in self._skipped:
             return ActionOutcome(action, False, "position already skipped")
@@ -626,6 +896,9 @@ class Scheduler(Iterator[MDAEvent]):
                 keep.append(item)
         dropped = len(self._added) - len(keep)
         self._added = keep
+        stream = self._streams.get(action.position)
+        if stream is not None and stream.ended is None:
+            stream.ended = f"position skipped: {action.reason}".rstrip(": ")
         tl = (self._timelines or {}).get(action.position)
         if tl is not None and not tl.done:
             dropped += tl.remaining_visits() * len(tl.template)
@@ -650,6 +923,9 @@ class Scheduler(Iterator[MDAEvent]):
                 keep.append(item)
         dropped = len(self._added) - len(keep)
         self._added = keep
+        for stream in self._streams.values():
+            if self._well_skipped(stream.key) and stream.ended is None:
+                stream.ended = f"well skipped: {action.reason}".rstrip(": ")
         for tl in (self._timelines or {}).values():
             if self._well_skipped(tl.key) and not tl.done:
                 dropped += tl.remaining_visits() * len(tl.template)
@@ -735,58 +1011,188 @@ class Scheduler(Iterator[MDAEvent]):
 
     def __next__(self) -> MDAEvent:
         with self._cond:
-            while True:
-                if self._stop_reason is not None:
-                    self._finish(self._stop_reason)
-                if self._held:  # paused: nothing is served until released
-                    self._cond.wait(self._poll)
-                    continue
-                if self._visit or self._added:
-                    self._idle_since = None
-                if self._visit:  # a started visit is served as a block
-                    return self._serve(self._visit.pop(0), base=True)
-                now = self.now()
-                horizon = now + self._poll
-                added = self._best_added(horizon)
-                visit = self._next_visit(horizon)
-                if (
-                    self.max_analysis_lag is not None
-                    and self._in_flight > self.max_analysis_lag
-                ):
-                    visit = None  # the base plan waits for analysis to catch up
-                if visit is not None and visit.due <= horizon:
-                    since = visit.due if visit.read_s is None else visit.read_s
-                    base_late = now - since
-                    if added is None or added[0] > 0 or base_late > self.max_delay_s:
-                        return self._start_visit(visit, now)
-                if added is not None:
-                    self._added.remove(added)
-                    self._release(added)
-                    event = added[3]
-                    if added[2] > -math.inf:
-                        self.lateness_s["added"].add(max(0.0, now - added[2]))
-                    return self._serve(event, base=False)
-                wake = min(
-                    [q[2] for q in self._added]
-                    + ([visit.due] if visit is not None else [])
-                    + [math.inf]
-                )
-                if wake < math.inf:
-                    self._cond.wait(min(max(wake - now - self._poll, 0.001), 0.25))
-                    continue
-                if self._in_flight == 0:
-                    if not any(c() for c in self._pending_checks):
-                        self._finish("completed")
-                    if self._idle_since is None:
-                        self._idle_since = now
-                    elif now - self._idle_since > self.idle_timeout_s:
-                        self._finish(
-                            f"completed (a policy still reported pending work, but "
-                            f"nothing was added for {self.idle_timeout_s:g} s)"
-                        )
-                else:
-                    self._idle_since = None
+            event = self._next_event()
+            if self.max_sequence_frames >= 2 and _sequenceable(event):
+                return self._sequence_from(event)
+            return event
+
+    def _next_event(self) -> MDAEvent:
+        """The next event to serve; waits until one is due (the lock is held)."""
+        while True:
+            if self._stop_reason is not None:
+                self._finish(self._stop_reason)
+            if self._held:  # paused: nothing is served until released
                 self._cond.wait(self._poll)
+                continue
+            if self._visit or self._added:
+                self._idle_since = None
+            now = self.now()
+            kind, what = self._choose(now)
+            if kind != "wait":
+                event = self._take(kind, what, now)
+                if event is None:  # a visit dropped (its light-dose budget)
+                    continue
+                return event
+            wake = float(what)
+            if wake < math.inf:
+                self._cond.wait(min(max(wake - now - self._poll, 0.001), 0.25))
+                continue
+            if self._in_flight == 0:
+                if not any(c() for c in self._pending_checks):
+                    self._finish("completed")
+                if self._idle_since is None:
+                    self._idle_since = now
+                elif now - self._idle_since > self.idle_timeout_s:
+                    self._finish(
+                        f"completed (a policy still reported pending work, but "
+                        f"nothing was added for {self.idle_timeout_s:g} s)"
+                    )
+            else:
+                self._idle_since = None
+            self._cond.wait(self._poll)
+
+    def _choose(self, now: float, *, pending: int = 0) -> tuple[str, Any]:
+        """What to serve next, without serving it.
+
+        ``("rest", None)``: the rest of the visit being served; ``("visit",
+        _Visit)``: a base visit to start; ``("added", item)``: a queued added
+        event; ``("wait", wake_s)``: nothing is due (``wake_s`` the earliest due
+        time, inf if none). `pending`: frames served but not yet acquired (a
+        sequence being built), counted against `max_analysis_lag`.
+        """
+        if self._visit:  # a started visit is served as a block
+            return "rest", None
+        horizon = now + self._poll
+        added = self._best_added(horizon)
+        visit = self._next_visit(horizon)
+        if (
+            self.max_analysis_lag is not None
+            and self._in_flight + pending > self.max_analysis_lag
+        ):
+            visit = None  # the base plan waits for analysis to catch up
+        if visit is not None and visit.due <= horizon:
+            since = visit.due if visit.read_s is None else visit.read_s
+            base_late = now - since
+            if added is None or added[0] > 0 or base_late > self.max_delay_s:
+                return "visit", visit
+        if added is not None:
+            return "added", added
+        wake = min(
+            [q[2] for q in self._added]
+            + ([visit.due] if visit is not None else [])
+            + [math.inf]
+        )
+        return "wait", wake
+
+    def _take(self, kind: str, what: Any, now: float) -> MDAEvent | None:
+        """Serve what `_choose` chose; None if a visit was dropped instead."""
+        if kind == "rest":
+            return self._serve(self._visit.pop(0), base=True)
+        if kind == "visit":
+            return self._start_visit(what, now)
+        self._added.remove(what)
+        self._release(what)
+        event = what[3]
+        if what[2] > -math.inf:
+            self.lateness_s["added"].add(max(0.0, now - what[2]))
+        if "stream" in event_tag(event):
+            self._stream_served(event)
+        return self._serve(event, base=False)
+
+    def _preview(self, kind: str, what: Any) -> MDAEvent:
+        """The event `_take` would serve for this choice (before `_serve`)."""
+        if kind == "rest":
+            return self._visit[0]
+        if kind == "added":
+            return what[3]
+        if what.timeline is not None:
+            return self._visit_events(what.timeline, stamp=False)[0]
+        return what.events[0]
+
+    # -------------------------------------------------------- hardware sequences
+    def _sequence_from(self, first: MDAEvent) -> MDAEvent:
+        """`first`, or a `SequencedEvent` of it and the events that can follow it.
+
+        Takes, while they are due and can be sequenced with `first`, the
+        events the Scheduler would serve next anyway.
+        """
+        batch = [first]
+        due0 = _due(first)
+        while len(batch) < self.max_sequence_frames and self._stop_reason is None:
+            now = self.now()
+            kind, what = self._choose(now, pending=len(batch))
+            if kind == "wait":
+                break
+            candidate = self._preview(kind, what)
+            if not self._joins(first, candidate, max(now, due0)):
+                break
+            event = self._take(kind, what, now)
+            if event is None:
+                break
+            batch.append(event)
+        if len(batch) == 1:
+            return first
+        from pymmcore_plus.core import SequencedEvent
+
+        self.n_sequences += 1
+        self.n_sequenced_frames += len(batch)
+        tag = event_tag(first)
+        sequence = SequencedEvent(
+            events=tuple(batch),
+            pos_name=first.pos_name,
+            x_pos=first.x_pos,
+            y_pos=first.y_pos,
+            z_pos=first.z_pos,
+            exposure=first.exposure,
+            channel=first.channel,
+            roi=first.roi,
+            properties=first.properties,
+            keep_shutter_open=first.keep_shutter_open,
+            min_start_time=first.min_start_time,
+            metadata={
+                "smartscope": {
+                    "sequence": self.n_sequences - 1,
+                    "n_frames": len(batch),
+                    "position": tag.get("position"),
+                    "kind": tag.get("kind"),
+                    "event_ids": [event_tag(e).get("event_id") for e in batch],
+                }
+            },
+        )
+        self.events.sequenceServed.emit(sequence)
+        return sequence
+
+    def _joins(self, first: MDAEvent, event: MDAEvent, latest_due: float) -> bool:
+        """Whether `event` can be acquired in one hardware sequence after `first`.
+
+        `first` has been served; `event` is not yet. Same place, channel,
+        exposure, ROI and properties as `first`, an image acquisition, no wait
+        (due no later than `latest_due`), and the same stream chunk (or none).
+        """
+        if not _sequenceable(event) or _due(event) > latest_due + 1e-9:
+            return False
+        for attr in ("x_pos", "y_pos", "z_pos", "channel", "exposure"):
+            value = getattr(event, attr)
+            if value is not None and value != getattr(first, attr):
+                return False
+        if event.properties or self._changed:
+            return False  # served, it would set (or restore) device properties
+        if event.roi is None:
+            if self._roi_active:  # it would get the full frame back
+                return False
+        elif event.roi != first.roi:
+            return False
+        if event.keep_shutter_open != first.keep_shutter_open:
+            return False
+        a, b = event_tag(first), event_tag(event)
+        return (a.get("stream"), a.get("chunk")) == (b.get("stream"), b.get("chunk"))
+
+    def disable_sequencing(self, reason: str) -> None:
+        """Serve every event on its own from now on (the hardware cannot sequence)."""
+        with self._cond:
+            self.max_sequence_frames = 0
+            if self.sequencing_off is None:
+                self.sequencing_off = reason
 
     def _best_added(self, horizon: float) -> tuple | None:
         """The due added event to serve first: highest priority, then FIFO.
@@ -857,7 +1263,7 @@ class Scheduler(Iterator[MDAEvent]):
             tl,
         )
 
-    def _start_visit(self, visit: _Visit, now: float) -> MDAEvent:
+    def _start_visit(self, visit: _Visit, now: float) -> MDAEvent | None:
         key = visit.key
         if visit.timeline is not None:
             events = self._visit_events(visit.timeline)
@@ -888,7 +1294,7 @@ class Scheduler(Iterator[MDAEvent]):
                 f"({self.dose_used_ms.get(key, 0.0):.0f} of "
                 f"{self.dose_budget_ms:.0f} ms)",
             )
-            return self.__next__()
+            return None
         if visit.timeline is not None:
             visit.timeline.advance()
         else:
@@ -1081,3 +1487,20 @@ def _base_layout(plan: Any) -> tuple[int, int, str]:
 
 def _tag_pos(event: MDAEvent) -> str | None:
     return event_tag(event).get("position")
+
+
+def _due(event: MDAEvent) -> float:
+    """When `event` may start (its ``min_start_time``; -inf: at once)."""
+    return float(event.min_start_time) if event.min_start_time else -math.inf
+
+
+def _sequenceable(event: MDAEvent) -> bool:
+    """Whether `event` can be part of a hardware sequence at all."""
+    from pymmcore_plus.core import SequencedEvent
+
+    return (
+        not isinstance(event, SequencedEvent)
+        and isinstance(event.action, (AcquireImage, type(None)))
+        and event.slm_image is None
+        and not event.reset_event_timer
+    )
