@@ -9,6 +9,13 @@ shutter, snap — is instead retried on error (`retries` times, waiting
 the device, the call and the error: the runner ends the run ``failed`` with
 it. Moves and exposures outside the run's `SafetyLimits` are never sent: they
 raise `LimitViolation` before the hardware is touched.
+
+A ``SequencedEvent`` the Scheduler hands over (a run of frames at one place
+with one setting) is set up with the same checked calls and acquired as one
+camera sequence: frames are popped from the camera's buffer one by one, each
+with its own event. A cancel stops the camera and still delivers the frames
+it had taken; a camera that cannot start a sequence makes the engine fall
+back to event-by-event snaps for the rest of the run (`on_cannot_sequence`).
 """
 
 from __future__ import annotations
@@ -30,10 +37,37 @@ if TYPE_CHECKING:
 
     from smartscope.limits import SafetyLimits
 
-__all__ = ["DeviceFault", "LimitViolation", "SafeEngine"]
+__all__ = ["DeviceFault", "LimitViolation", "SafeEngine", "sequence_capacity"]
 
 T = TypeVar("T")
 _log = logging.getLogger("smartscope.engine")
+
+
+def sequence_capacity(core: CMMCorePlus) -> tuple[int, str | None]:
+    """Longest camera sequence `core` can acquire, in frames, and why not if < 2.
+
+    A camera sequence is limited by the circular (sequence) buffer that holds
+    its frames until they are popped: its capacity in full frames. Without a
+    camera, or with several camera channels (a multi-camera), nothing is
+    sequenced.
+    """
+    camera = core.getCameraDevice()
+    if not camera:
+        return 0, "no camera"
+    try:
+        channels = core.getNumberOfCameraChannels()
+        capacity = int(core.getBufferTotalCapacity())
+        if capacity <= 0:  # not allocated yet: what its memory footprint will hold
+            frame_bytes = max(1, int(core.getImageBufferSize()))
+            capacity = int(core.getCircularBufferMemoryFootprint()) * 2**20
+            capacity //= frame_bytes
+    except Exception as e:
+        return 0, f"{camera}: cannot read its sequence buffer: {first_line(e)}"
+    if channels > 1:
+        return 0, f"{camera} has {channels} camera channels"
+    if capacity < 2:
+        return capacity, f"the sequence buffer of {camera} holds {capacity} frame(s)"
+    return capacity, None
 
 
 class DeviceFault(RuntimeError):
@@ -102,6 +136,9 @@ class SafeEngine(MDAEngine):
         Wait before the first retry; doubled before each further one.
     limits : SafetyLimits, optional
         Moves and exposures outside these are refused (`LimitViolation`).
+    on_cannot_sequence : callable, optional
+        ``on_cannot_sequence(reason)``, called once when the camera refuses a
+        sequence acquisition (the engine then snaps every frame on its own).
     **kwargs
         Passed to `MDAEngine` (hardware sequencing is off by default: adaptive
         runs execute event by event).
@@ -112,6 +149,10 @@ class SafeEngine(MDAEngine):
         Hardware calls that failed at first and then succeeded.
     n_failed_attempts : int
         Failed attempts, retried or not.
+    sequence_refused : str or None
+        Why the camera could not sequence (None while it can).
+    n_sequences : int
+        Camera sequences acquired.
     """
 
     def __init__(
@@ -121,6 +162,7 @@ class SafeEngine(MDAEngine):
         retries: int = 2,
         retry_backoff_s: float = 0.1,
         limits: SafetyLimits | None = None,
+        on_cannot_sequence: Callable[[str], None] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("use_hardware_sequencing", False)
@@ -131,6 +173,14 @@ class SafeEngine(MDAEngine):
         self.n_retried = 0
         self.n_failed_attempts = 0
         self._event: MDAEvent | None = None
+        self.on_cannot_sequence = on_cannot_sequence
+        self.sequence_refused: str | None = None
+        self.n_sequences = 0
+        # where this engine last sent the stages (a sequence's set-up moves only
+        # if that changed; None: unknown)
+        self._xy_at: tuple[float, float] | None = None
+        self._z_at: float | None = None
+        self._unchanged_only = False
 
     # ---------------------------------------------------------------- retries
     def call(self, device: str, name: str, fn: Callable[..., T], *args: Any) -> T:
@@ -175,17 +225,42 @@ class SafeEngine(MDAEngine):
             raise LimitViolation(device, call, reason, event=self._event)
 
     # ------------------------------------------------------------------ setup
+    def setup_sequence(self, sequence: Any) -> Any:
+        self._xy_at = self._z_at = None
+        return super().setup_sequence(sequence)
+
     def setup_event(self, event: MDAEvent) -> None:
-        from pymmcore_plus.core._sequencing import SequencedEvent
+        from pymmcore_plus.core import SequencedEvent
 
         self._event = event
         core = self.mmcore
-        if isinstance(event, SequencedEvent):  # hardware sequencing was turned on
+        if isinstance(event, SequencedEvent) and (
+            event.x_sequence
+            or event.z_sequence
+            or event.exposure_sequence
+            or event.slm_sequence
+            or event.property_sequences
+        ):  # pymmcore-plus's own hardware sequencing (turned on by hand)
             super().setup_event(event)
             return
         if self.limits is not None:  # nothing moves unless all of it may
             self._refuse("event", "check limits", self.limits.why_not(event))
-        self.setup_single_event(event)
+        if isinstance(event, SequencedEvent):
+            # one setting for every frame: set up like one event; the stages
+            # move only if they are not there already (a stream's next chunk)
+            if core.isSequenceRunning():
+                self.call(
+                    core.getCameraDevice(),
+                    "stopSequenceAcquisition",
+                    core.stopSequenceAcquisition,
+                )
+            self._unchanged_only = True
+            try:
+                self.setup_single_event(event)
+            finally:
+                self._unchanged_only = False
+        else:
+            self.setup_single_event(event)
         self.call("system", "waitForSystem", core.waitForSystem)
 
     def setup_single_event(self, event: MDAEvent) -> None:
@@ -227,9 +302,13 @@ class SafeEngine(MDAEngine):
             cx, cy = self.call(stage, "getXYPosition", core.getXYPosition)
             x = cx if x is None else x
             y = cy if y is None else y
+        if self._unchanged_only and self._xy_at == (float(x), float(y)):
+            return
         if self.limits is not None:
             self._refuse(stage, "setXYPosition", self.limits.why_not_xy(x, y))
+        self._xy_at = None
         self.call(stage, "setXYPosition", core.setXYPosition, float(x), float(y))
+        self._xy_at = (float(x), float(y))
 
     def _set_event_z(self, event: MDAEvent) -> None:
         core = self.mmcore
@@ -238,9 +317,13 @@ class SafeEngine(MDAEngine):
             return
         correction = self._z_correction.setdefault(event.index.get("p", None), 0.0)
         z = float(event.z_pos) + correction
+        if self._unchanged_only and self._z_at == z:
+            return
         if self.limits is not None:
             self._refuse(focus, "setZPosition", self.limits.why_not_z(z))
+        self._z_at = None
         self.call(focus, "setZPosition", core.setZPosition, z)
+        self._z_at = z
 
     def _set_event_channel(self, event: MDAEvent) -> None:
         ch = event.channel
@@ -261,6 +344,7 @@ class SafeEngine(MDAEngine):
         for dev, prop, value in properties:
             if prop == Keyword.Position:
                 kind = core.getDeviceType(dev)
+                self._xy_at = self._z_at = None  # a stage moves outside the plan
                 if kind == DeviceType.XYStage:
                     x, y, *_ = value
                     if self.limits is not None:
@@ -327,3 +411,110 @@ class SafeEngine(MDAEngine):
                 )
             image = self.call(core.getCameraDevice(), "getImage", core.getImage, cam)
             yield ImagePayload(image, sub_event, meta)  # type: ignore[misc]
+
+    # -------------------------------------------------------------- sequences
+    def exec_sequenced_event(self, event: Any) -> Iterator[PImagePayload | None]:
+        """Acquire a ``SequencedEvent`` as one camera sequence, frame by frame.
+
+        Each frame comes with its own event (``event.events[k]``). A cancel
+        stops the camera and still delivers the frames it had taken. A camera
+        that refuses to start a sequence gets the frames snapped one by one
+        (and `on_cannot_sequence` is told, once). Frames that never come, a
+        stalled camera or an overflowed buffer raise a `DeviceFault`.
+        """
+        core = self.mmcore
+        self._event = event
+        if self.sequence_refused is None and core.getNumberOfCameraChannels() > 1:
+            self._refuse_sequencing(
+                f"{core.getNumberOfCameraChannels()} camera channels (a multi-camera "
+                "sequence is not streamed by smartscope)"
+            )
+        if self.sequence_refused is not None:
+            yield from self._exec_each(event)
+            return
+        t0 = event.metadata.get("runner_t0")
+        t0_ms = (time.perf_counter() - t0) * 1000 if t0 else 0.0
+        if event.slm_image is not None:
+            self._exec_event_slm_image(event.slm_image)
+        camera = core.getCameraDevice()
+        try:
+            core.startSequenceAcquisition(len(event.events), 0, True)
+        except Exception as e:
+            self._refuse_sequencing(
+                f"{camera} cannot start a sequence acquisition: {first_line(e)}"
+            )
+            yield from self._exec_each(event)
+            return
+        self.n_sequences += 1
+        self.post_sequence_started(event)
+        yield from self._pop_sequence(event, camera, t0_ms)
+
+    def _pop_sequence(
+        self, event: Any, camera: str, t0_ms: float
+    ) -> Iterator[PImagePayload | None]:
+        core = self.mmcore
+        n = len(event.events)
+        count = 0
+        stopping = False
+        timeout = self._initial_timeout(event)
+        deadline = time.monotonic() + timeout
+        while count < n:
+            if core.getRemainingImageCount():
+                img, meta = core.popNextImageAndMD()
+                timeout = self._frame_timeout(event)
+                deadline = time.monotonic() + timeout
+                signal = yield self._create_seqimg_payload_from_popped(
+                    img,
+                    meta,
+                    event=event.events[count],
+                    channel=0,
+                    event_t0=t0_ms,
+                    remaining=core.getRemainingImageCount(),
+                )
+                count += 1
+                if signal == "cancel" and not stopping:
+                    # the camera stops; the frames it already took still come
+                    core.stopSequenceAcquisition()
+                    stopping = True
+            elif core.isSequenceRunning():
+                if time.monotonic() > deadline:
+                    core.stopSequenceAcquisition()
+                    raise DeviceFault(
+                        camera,
+                        "sequence acquisition",
+                        f"no frame for {timeout:.1f} s ({count} of {n} came)",
+                        event=event,
+                    )
+                time.sleep(0.0005)
+            elif not core.getRemainingImageCount():
+                break  # the camera has stopped and its buffer is empty
+        if core.isSequenceRunning():  # done: let the next set-up find it stopped
+            core.stopSequenceAcquisition()
+        if core.isBufferOverflowed():
+            raise DeviceFault(
+                camera, "sequence acquisition", "the sequence buffer overflowed"
+            )
+        if count < n and not stopping:
+            raise DeviceFault(
+                camera,
+                "sequence acquisition",
+                f"{n - count} of {n} frames never came",
+                event=event,
+            )
+
+    def _exec_each(self, event: Any) -> Iterator[PImagePayload | None]:
+        """The frames of a ``SequencedEvent`` snapped one by one (no sequence)."""
+        t0 = event.metadata.get("runner_t0")
+        for sub in event.events:
+            if t0 is not None:
+                sub.metadata["runner_t0"] = t0
+            for payload in self.exec_single_event(sub):
+                if (yield payload) == "cancel":
+                    return
+
+    def _refuse_sequencing(self, reason: str) -> None:
+        if self.sequence_refused is not None:
+            return
+        self.sequence_refused = reason
+        if self.on_cannot_sequence is not None:
+            self.on_cannot_sequence(reason)
