@@ -195,6 +195,20 @@ class SchedulerSettings(BaseModel):
         "intensity 1) of base frames plus every event its frames trigger. Actions "
         "that would exceed it are refused, with the reason in decisions.jsonl.",
     )
+    sequence: Literal["auto", "off"] = Field(
+        "auto",
+        description="Hardware sequencing: runs of frames at one place with one "
+        "setting and no wait between them (an interval-0 time-lapse, a stream) "
+        "are acquired as one camera sequence, decisions are served between "
+        "sequences (auto); off: every frame on its own.",
+    )
+    max_sequence_frames: int = Field(
+        100,
+        ge=2,
+        description="Longest hardware sequence (frames; also bounded by the "
+        "camera's sequence buffer): pauses and decisions on the plan wait at "
+        "most this long.",
+    )
 
 
 class OutputSettings(BaseModel):
@@ -422,15 +436,15 @@ class Experiment(BaseModel):
         """The experiment's fast imaging interval (run seconds).
 
         Its `event_burst`'s ``interval_s``, else the base plan's interval (1 s
-        without one): what a simulated live specimen's division capture is
-        scored against.
+        without one, or with an interval of 0): what a simulated live
+        specimen's division capture is scored against.
         """
         for spec in self.policies:
             if spec.name == "event_burst":
                 return float(spec.params.get("interval_s", 1.0))
         interval = getattr(self.sequence.time_plan, "interval", None)
         seconds = getattr(interval, "total_seconds", None)
-        return float(seconds()) if seconds else 1.0
+        return float(seconds()) if seconds and seconds() > 0 else 1.0
 
     def config_path(self, override: str | Path | None = None) -> Path:
         """The hardware config to load (`override` wins), resolved to a file."""

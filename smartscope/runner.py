@@ -20,7 +20,7 @@ from psygnal import Signal, SignalGroup
 
 from smartscope._errors import ExperimentError, OutputError, first_line
 from smartscope.approval import ApprovalGate
-from smartscope.engine import DeviceFault
+from smartscope.engine import DeviceFault, sequence_capacity
 from smartscope.frame import Frame, event_tag
 from smartscope.limits import SafetyLimits, check_plan, check_plan_size
 from smartscope.microscope import Microscope
@@ -307,11 +307,15 @@ class Runner:
         runner (whose own pause count is used if larger).
         """
         mda = self.microscope.core.mda
+        return mda.event_seconds_elapsed() - self._paused_total()
+
+    def _paused_total(self) -> float:
+        """Seconds the run has been paused so far."""
+        mda = self.microscope.core.mda
         paused = self._paused_s
         if self._paused_at is not None:
             paused += time.perf_counter() - self._paused_at
-        paused = max(paused, float(getattr(mda, "_paused_time", 0.0)))
-        return mda.event_seconds_elapsed() - paused
+        return max(paused, float(getattr(mda, "_paused_time", 0.0)))
 
     def _on_skipped(self, position: str, n: int, reason: str) -> None:
         """Log what the Scheduler itself dropped (e.g. a spent light-dose budget)."""
@@ -353,6 +357,7 @@ class Runner:
             retry_backoff_s=exp.hardware.retry_backoff_s,
             limits=self.limits,
         )
+        self.engine.on_cannot_sequence = self._cannot_sequence
         self.storage = RunStorage(
             self.directory,
             pixel_size_um=self.microscope.pixel_size_um,
@@ -377,6 +382,7 @@ class Runner:
             if self.resume_point
             else (),
             limits=self.limits,
+            max_sequence_frames=self._max_sequence_frames(),
         )
         if not self.scheduler.is_timelapse:  # each position is visited once
             # so finished arrays can be closed: memory stays flat over a plate
@@ -430,6 +436,33 @@ class Runner:
         )
         self._thread.start()
 
+    def _max_sequence_frames(self) -> int:
+        """Longest hardware sequence for the Scheduler (0: event by event).
+
+        ``scheduler.sequence: off`` turns sequences off; a camera that cannot
+        hold two frames in its sequence buffer (or a multi-camera) too, said
+        once in ``run.log``.
+        """
+        settings = self.experiment.scheduler
+        if settings.sequence == "off":
+            return 0
+        capacity, why = sequence_capacity(self.microscope.core)
+        if why is not None:
+            self._log_event_by_event(why)
+            return 0
+        return min(capacity, settings.max_sequence_frames)
+
+    def _cannot_sequence(self, reason: str) -> None:
+        """The camera refused a sequence: event by event from now on (said once)."""
+        self._log_event_by_event(reason)
+        if self.scheduler is not None:
+            self.scheduler.disable_sequencing(reason)
+
+    def _log_event_by_event(self, reason: str) -> None:
+        logging.getLogger("smartscope.run").warning(
+            "hardware sequencing off, every frame is acquired on its own: %s", reason
+        )
+
     def _replay(self, point: ResumePoint) -> int:
         """Bring the policies up to where the earlier sessions left them."""
         from smartscope.rundir import event_location, replay_frames
@@ -464,6 +497,12 @@ class Runner:
     def _on_frame_ready(self, img: np.ndarray, event: MDAEvent, meta: dict) -> None:
         """Acquisition thread: store the frame and hand it to analysis. Never waits."""
         t = self.clock()
+        t_clock = self.run_clock()
+        if meta.get("hardware_triggered"):  # the camera's own time of the frame
+            lag = t_clock - (float(meta.get("runner_time_ms", 0.0)) / 1000.0)
+            lag += self._paused_total()
+            if 0.0 < lag < 5.0:  # popped from the sequence buffer after a delay
+                t, t_clock = t - lag, t_clock - lag
         tag = event_tag(event)
         pos = meta.get("position") or {}
         frame = Frame(
@@ -478,16 +517,18 @@ class Runner:
             exposure_ms=_opt_float(meta.get("exposure_ms", event.exposure)),
             t_acquired=t,
             event_id=int(tag.get("event_id", -1)),
-            t_clock=self.run_clock(),
+            t_clock=t_clock,
             pixel_size_um=_opt_float(meta.get("pixel_size_um")),
         )
         self._frame_count += 1
+        # queued for the writer before analysis can see it: its labels (written
+        # on the same thread) always come after its image
+        self.storage.submit_frame(img, frame)  # type: ignore[union-attr]
         if self._analyze(frame):
             self.scheduler.analysis_started()  # type: ignore[union-attr]
             # skipped frames end their analysis through the worker's on_skip
             needed = self._needed(frame)
             self.stream.put(frame, img, required=needed)  # type: ignore[union-attr]
-        self.storage.submit_frame(img, frame)  # type: ignore[union-attr]
         self.events.frameAcquired.emit(frame)
 
     def _analyze(self, frame: Frame) -> bool:
@@ -498,8 +539,8 @@ class Runner:
         """Whether a policy needs this frame analysed (then it is never skipped).
 
         A policy says so with ``needs(frame)``; one without that method needs
-        every frame. Without policies no frame is needed: the newest ones are
-        analysed for the record.
+        every frame but a `Stream`'s. Without policies no frame is needed: the
+        newest ones are analysed for the record.
         """
         worker = self.worker
         for k, policy in enumerate(self.policies):
@@ -507,6 +548,8 @@ class Runner:
                 continue
             needs = getattr(policy, "needs", None)
             if needs is None:
+                if "stream" in event_tag(frame.event):
+                    continue  # a stream's frames: the newest are analysed
                 return True
             try:
                 if needs(frame):

@@ -27,7 +27,7 @@ from psygnal import Signal, SignalGroup
 from smartscope._errors import first_line
 from smartscope._stats import StreamingPercentiles
 from smartscope.detections import Detections
-from smartscope.scheduler import AddEvents
+from smartscope.scheduler import AddEvents, Stream
 
 if TYPE_CHECKING:
     from useq import MDAEvent
@@ -729,9 +729,10 @@ class InferenceWorker(threading.Thread):
         Call before `start`. Each policy sees each frame as it did live, on a
         clock that reads the frame's ``t_clock``. Its actions are applied to
         the Scheduler without being logged again, except that `AddEvents`
-        keep only the events not `stored` yet; a decision that still adds
-        events is logged (with ``"replayed": true``) under a new id. Returns
-        the number of frames replayed.
+        keep only the events not `stored` yet and a `Stream` only its frames
+        after the last one stored; a decision that still adds events is logged
+        (with ``"replayed": true``) under a new id. Returns the number of
+        frames replayed.
         """
         n = 0
         for frame, det in frames:
@@ -752,6 +753,11 @@ class InferenceWorker(threading.Thread):
                         if not events:
                             continue
                         action = replace(action, events=events)
+                    elif isinstance(action, Stream):
+                        done = _stream_frames_stored(action, stored)
+                        if done >= action.n_frames:
+                            continue
+                        action = replace(action, n_frames=action.n_frames - done)
                     actions.append(action)
                 outcomes = [
                     self.scheduler.apply(
@@ -763,7 +769,9 @@ class InferenceWorker(threading.Thread):
                     )
                     for a in actions
                 ]
-                requeued = [o for o in outcomes if isinstance(o.action, AddEvents)]
+                requeued = [
+                    o for o in outcomes if isinstance(o.action, (AddEvents, Stream))
+                ]
                 if not requeued:
                     continue
                 self.n_events_scheduled += sum(len(o.events) for o in requeued)
@@ -856,6 +864,14 @@ class InferenceWorker(threading.Thread):
         """Close the stream, let the worker drain what is queued, and join it."""
         self.stream.close()
         self.join(timeout)
+
+
+def _stream_frames_stored(action: Stream, stored: Callable[[MDAEvent], bool]) -> int:
+    """How many of a stream's first frames are stored already (resume)."""
+    done = 0
+    while done < action.n_frames and stored(action.frame_event(done)):
+        done += 1
+    return done
 
 
 def _checked(labels: Any, scores: Any, image: np.ndarray) -> tuple[np.ndarray, Any]:
