@@ -25,7 +25,15 @@ from smartscope.policies._features import (
     object_features,
 )
 from smartscope.policies._protocol import ObjectFilter, PolicyBase, PolicyContext
-from smartscope.scheduler import Action, AddEvents, MovePosition, SetInterval
+from smartscope.scheduler import (
+    Action,
+    AddEvents,
+    ExtendStream,
+    MovePosition,
+    SetInterval,
+    StopStream,
+    Stream,
+)
 
 if TYPE_CHECKING:
     from smartscope.detections import Detections
@@ -52,6 +60,7 @@ class _Burst:
     confirmed: int = 0  # ... in which the cell still passed `trigger`
     ended: str | None = None
     ended_at: float = math.inf
+    progress_at: float = -math.inf  # scheduler clock of its last analysed frame
 
 
 class EventBurst(PolicyBase):
@@ -75,6 +84,16 @@ class EventBurst(PolicyBase):
     a false alarm or a burst that hit `max_duration_s`, the place does not
     trigger again for `cooldown_s`. Frames are scheduled two ahead, so one
     dropped analysis does not break a burst.
+
+    With ``stream: true`` the burst is a *streamed burst* instead: frames as
+    fast as the camera runs (a `Stream`, hardware-sequenced in chunks of
+    `chunk_frames`) rather than every `interval_s`. The newest frames are
+    analysed as the model keeps up (the others are stored and counted as
+    skipped); each analysed frame decides as above, and the stream is kept two
+    chunks ahead of it (`ExtendStream`) or ended between chunks (`StopStream`).
+    `interval_s` is then the longest gap its frames may have (the rate a
+    division capture is scored at) and times a stream whose frames stopped
+    coming. A Z-stack (`z_plan`) cannot be streamed.
 
     Burst frames are stored as their own positions (``burst_NNNN``) and count
     against the light-dose budget of the position that triggered them.
@@ -126,6 +145,17 @@ class EventBurst(PolicyBase):
     match_radius_um: float = Field(12.0, gt=0)
     max_active: int = Field(8, ge=1, description="Bursts running at once, at most.")
     priority: int = 20
+    stream: bool = Field(
+        False,
+        description="Stream the burst: frames as fast as the camera runs, in "
+        "hardware-sequenced chunks, instead of every interval_s.",
+    )
+    chunk_frames: int = Field(
+        20,
+        ge=1,
+        description="Frames per hardware sequence of a streamed burst: decisions "
+        "take effect between chunks.",
+    )
 
     _bursts: dict[int, _Burst] = PrivateAttr(default_factory=dict)
     _done: list[_Burst] = PrivateAttr(default_factory=list)
@@ -182,6 +212,8 @@ class EventBurst(PolicyBase):
         grace = 2 * self.interval_s + 1.0
         for burst in list(self._bursts.values()):
             last_due = burst.due0 + burst.scheduled * self.interval_s
+            if self.stream:  # frames come at the camera's rate, not on a clock
+                last_due = max(burst.started, burst.progress_at)
             if burst.analysed < burst.scheduled and now > last_due + grace:
                 self._end(
                     burst, "its frames were not acquired (refused or skipped)", now
@@ -202,9 +234,8 @@ class EventBurst(PolicyBase):
             burst = self._bursts.get(int(tag["burst_id"]))
             if burst is None or int(tag.get("z", 0)) != self._focal_plane():
                 return []  # a Z-stack burst is followed on its in-focus plane
-            return self._continue(
-                burst, int(tag["burst_frame"]), frame, detections, context
-            )
+            k = int(tag.get("burst_frame", tag.get("stream_frame", 0)))
+            return self._continue(burst, k, frame, detections, context)
         if not self._is_survey(frame) or len(detections) == 0:
             return []
         return self._trigger(frame, detections, context)
@@ -267,6 +298,7 @@ class EventBurst(PolicyBase):
         context: PolicyContext,
     ) -> list[Action]:
         burst.analysed = max(burst.analysed, k)
+        burst.progress_at = frame.t_clock if frame.t_clock is not None else math.inf
         if burst.ended is not None:
             return []
         still = confirmed = False
@@ -282,7 +314,7 @@ class EventBurst(PolicyBase):
         burst.confirmed += confirmed
         if burst.seen == self.confirm_frames and not burst.confirmed:
             self._end(burst, "not confirmed (false alarm)", frame.t_clock)
-            return []
+            return self._stop_stream(burst)
         if still:
             burst.off = 0
             burst.frames_on += 1
@@ -296,8 +328,26 @@ class EventBurst(PolicyBase):
             reason = f"longest burst ({self.max_duration_s:g} s) reached"
         if reason:
             self._end(burst, reason, t_now)
-            return []
+            return self._stop_stream(burst)
+        if self.stream:  # keep two chunks ahead of the frame just analysed
+            want = k + 2 * self.chunk_frames
+            if want <= burst.scheduled:
+                return []
+            more = want - burst.scheduled
+            burst.scheduled = want
+            return [
+                ExtendStream(
+                    _burst_key(burst), more, reason=f"burst {burst.id} goes on"
+                )
+            ]
         return self._schedule(burst, context, upto=k + 2, reason=f"burst {burst.id}")
+
+    def _stop_stream(self, burst: _Burst) -> list[Action]:
+        """End a streamed burst's stream (nothing for a burst on a clock)."""
+        if not self.stream:
+            return []
+        why = f"burst {burst.id}: {burst.ended}"
+        return [StopStream(_burst_key(burst), reason=why)]
 
     def _focal_plane(self) -> int:
         """Index of the `z_plan` plane nearest the trigger frame's focus."""
@@ -323,6 +373,34 @@ class EventBurst(PolicyBase):
             if self.channel
             else None
         )
+        if self.stream:  # one template; the Scheduler numbers the frames
+            n = 2 * self.chunk_frames
+            burst.scheduled = n - 1
+            template = MDAEvent(
+                x_pos=burst.xy[0],
+                y_pos=burst.xy[1],
+                z_pos=burst.z,
+                channel=channel,
+                exposure=self.exposure_ms,
+                roi=roi,
+                pos_name=_burst_key(burst),
+                metadata={
+                    "smartscope": {
+                        "burst_id": burst.id,
+                        "shape": {"c": 1, "z": 1, "order": "cz"},
+                        "dose_position": burst.position,
+                    }
+                },
+            )
+            return [
+                Stream(
+                    template,
+                    n_frames=n,
+                    chunk_frames=self.chunk_frames,
+                    priority=self.priority,
+                    reason=reason,
+                )
+            ]
         for k in range(burst.scheduled + 1, upto + 1):
             for j, dz in enumerate(offsets):
                 events.append(
@@ -333,7 +411,7 @@ class EventBurst(PolicyBase):
                         channel=channel,
                         exposure=self.exposure_ms,
                         roi=roi,
-                        pos_name=f"burst_{burst.id:04d}",
+                        pos_name=_burst_key(burst),
                         index={"t": k, "c": 0, "z": j},
                         min_start_time=burst.due0 + k * self.interval_s,
                         metadata={
@@ -358,7 +436,14 @@ class EventBurst(PolicyBase):
         triggers = self.trigger if isinstance(self.trigger, list) else [self.trigger]
         if not triggers or not all(triggers):
             raise ValueError("`trigger` needs at least one feature bound")
+        if self.stream and self.z_plan is not None:
+            raise ValueError("a Z-stack (z_plan) cannot be streamed (stream: true)")
         return self
+
+
+def _burst_key(burst: _Burst) -> str:
+    """Position key of a burst's frames."""
+    return f"burst_{burst.id:04d}"
 
 
 # -------------------------------------------------------------- adaptive interval
@@ -587,5 +672,3 @@ class TrackAndFollow(PolicyBase):
                 reason=f"{why}: cell at ({tr['xy'][0]:.1f}, {tr['xy'][1]:.1f}) µm",
             )
         ]
-
-
