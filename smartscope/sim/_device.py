@@ -10,6 +10,12 @@ It renders only the camera ROI (a field stop: only that part of the sample is
 lit) and logs every exposure. A `SeededSpecimenCamera` also builds its specimen
 from a ``Seed`` property and has a ``RelativeIntensity`` (the live-cell and the
 plate cameras).
+
+Sequence acquisition (``core.startSequenceAcquisition``, what a hardware-sequenced
+stream uses) streams frames back to back, each rendered at the stage position
+of its own exposure and logged like a snap; `SpecimenCamera.sequence_log`
+records every sequence. ``SequenceAcquisition: No`` makes the camera refuse
+sequences, as a camera without that feature does.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pymmcore_plus import CMMCorePlus, Keyword
 from pymmcore_plus.experimental.unicore import SimpleCameraDevice, pymm_property
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator, Mapping
 
 __all__ = ["SeededSpecimenCamera", "SpecimenCamera", "find_camera"]
 
@@ -54,6 +60,54 @@ class SpecimenCamera(SimpleCameraDevice):
         #: ``intensity`` (what `smartscope.sim.evaluate` scores)
         self.snap_log: list[dict[str, float]] = []
         self.set_property_limits(Keyword.Exposure, (0.0, 10_000.0))
+        self._sequence_acquisition = "Yes"
+        #: one entry per sequence acquisition: ``n_requested`` (None: until
+        #: stopped), ``first_snap`` (index of its first exposure in `snap_log`)
+        #: and ``n_frames`` (exposures it made)
+        self.sequence_log: list[dict[str, Any]] = []
+
+    @pymm_property(
+        allowed_values=("Yes", "No"), name="SequenceAcquisition", property_type=str
+    )
+    def sequence_acquisition(self) -> str:
+        """Whether the camera streams sequences ("No": it refuses them)."""
+        return self._sequence_acquisition
+
+    @sequence_acquisition.setter
+    def sequence_acquisition(self, value: str) -> None:
+        self._sequence_acquisition = "No" if str(value) == "No" else "Yes"
+
+    # ------------------------------------------------------- sequence acquisition
+    def start_sequence(  # type: ignore[override]
+        self, n: int | None, *args: Any, **kwargs: Any
+    ) -> Iterator[Mapping]:
+        """Stream `n` frames (None: until stopped), each one exposure after the last.
+
+        Unicore snaps one frame through this method too (``snapImage`` passes
+        ``get_buffer`` by keyword, a sequence acquisition by position): snaps
+        are neither refused nor logged as sequences.
+
+        Raises
+        ------
+        NotImplementedError
+            At once, for a sequence with ``SequenceAcquisition: No``.
+        """
+        frames = super().start_sequence(n, *args, **kwargs)
+        if "get_buffer" in kwargs:  # a snap
+            return frames
+        if self._sequence_acquisition == "No":
+            frames.close()
+            raise NotImplementedError(
+                f"{type(self).__name__} {self.get_label()!r}: sequence acquisition "
+                "is off (SequenceAcquisition: No)"
+            )
+        entry: dict[str, Any] = {
+            "n_requested": n,
+            "first_snap": len(self.snap_log),
+            "n_frames": 0,
+        }
+        self.sequence_log.append(entry)
+        return _counted(entry, frames)
 
     # ------------------------------------------------------------- camera API
     def get_exposure(self) -> float:
@@ -228,3 +282,10 @@ def find_camera(
             camera.attach_core(core)
             return camera
     raise LookupError(f"no {kind} labelled {label!r} is loaded in this core")
+
+
+def _counted(entry: dict[str, Any], frames: Iterator[Mapping]) -> Iterator[Mapping]:
+    """`frames`, counting them in ``entry["n_frames"]``."""
+    for meta in frames:
+        entry["n_frames"] += 1
+        yield meta
