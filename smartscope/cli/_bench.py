@@ -89,6 +89,57 @@ def bench_loop_cmd(
     emit(result, as_json)
 
 
+@bench_app.command("burst")
+def bench_burst_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    frames: Annotated[int, typer.Option(min=2, help="Frames of the burst.")] = 100,
+    exposure_ms: Annotated[float, typer.Option(min=0.1)] = 10.0,
+    chunk_frames: Annotated[
+        int, typer.Option(min=2, help="Longest hardware sequence (frames).")
+    ] = 20,
+    repeats: Annotated[int, typer.Option(min=1)] = 5,
+    segmenter: Annotated[
+        str, typer.Option(help="Registered segmenter the smartscope runs use.")
+    ] = "threshold",
+    load: Annotated[
+        bool, typer.Option("--load", help="Keep one core busy while measuring.")
+    ] = False,
+    fast_image: Annotated[
+        bool,
+        typer.Option(
+            "--fast-image",
+            help="DemoCamera FastImage: no image rendering (the camera's own cost).",
+        ),
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """A burst at one position: event by event vs hardware-sequenced.
+
+    The same FRAMES frames (one position, EXPOSURE_MS each, no wait) through
+    the smartscope runner event by event and in hardware sequences of
+    CHUNK_FRAMES (frames stored and analysed), and through bare pymmcore-plus
+    event by event and as one sequence (the camera's own rate). Reports
+    burst_fps, event_fps, camera_fps and exposure_limited_fps, frames stored,
+    analysed and skipped, and the time from each sequence's last frame to the
+    next event's start. Goals: sequenced ≥ 90 % of the exposure-limited rate,
+    no frame lost, that time within one frame interval, the same order.
+    """
+    from smartscope.bench import bench_burst
+
+    with user_errors():
+        result = bench_burst(
+            config=config,
+            frames=frames,
+            exposure_ms=exposure_ms,
+            chunk_frames=chunk_frames,
+            repeats=repeats,
+            segmenter=segmenter,
+            load=load,
+            fast_image=fast_image,
+        )
+    emit(result, as_json)
+
+
 @bench_app.command("segment")
 def bench_segment_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
@@ -203,5 +254,3 @@ def bench_screen_cmd(
     with user_errors():
         result = bench_screen(wells=wells, out_dir=keep, progress=progress)
     emit(result, as_json)
-
-
