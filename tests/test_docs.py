@@ -8,11 +8,12 @@ its fenced blocks in page order, as a reader would:
   the page and the line of the snippet (the traceback points into the page);
 - a block with ``title="NAME"`` (``python``, ``yaml``, ...) is written to the
   file NAME instead (what a reader saves before running the next block);
-- ``bash`` blocks: each ``smartscope ...`` command line is run when it is
-  cheap (``validate``, ``demo``, ``report``, ``--help``, ``--version``) and
-  must exit 0; any other ``smartscope`` command (long runs, benchmarks,
-  training) is parsed against the real command line (the command, its options
-  and their values must exist and be valid) but not run;
+- ``bash`` blocks: each ``smartscope ...`` command line is run (in the page's
+  process) when it is cheap (``validate``, ``demo``, ``report``, ``segment``,
+  ``export``, ``--help``, ``--version``) and must exit 0; any other
+  ``smartscope`` command (long runs, benchmarks, training) is parsed against
+  the real command line (the command, its options and their values must exist
+  and be valid) but not run;
 - ``yaml`` blocks without a title whose keys are experiment keys are checked
   as an experiment (a fragment is merged into a minimal experiment) with
   `Experiment.from_file`: unknown keys and bad values fail.
@@ -221,18 +222,16 @@ def play(page: str) -> int:
 
 
 def _run_command(args: list[str], env: dict[str, str]) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "smartscope.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **env},
-    )
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-3000:]
-        raise RuntimeError(
-            f"`smartscope {shlex.join(args)}` exited {proc.returncode}:\n{tail}"
-        )
+    """Run ``smartscope ARGS`` in this process (torch is imported once a page)."""
+    from smartscope.cli import app
+
+    os.environ.update(env)  # PYTHONPATH=. : the working directory is on sys.path
+    try:
+        code = app(args=args, prog_name="smartscope", standalone_mode=False)
+    except SystemExit as e:
+        code = e.code
+    if code not in (0, None):
+        raise RuntimeError(f"`smartscope {shlex.join(args)}` exited {code}")
 
 
 # ----------------------------------------------------------------- the tests
