@@ -413,7 +413,7 @@ class SafeEngine(MDAEngine):
             yield ImagePayload(image, sub_event, meta)  # type: ignore[misc]
 
     # -------------------------------------------------------------- sequences
-    def exec_sequenced_event(self, event: Any) -> Iterator[PImagePayload | None]:
+    def exec_sequenced_event(self, event: Any) -> Any:  # the payload generator
         """Acquire a ``SequencedEvent`` as one camera sequence, frame by frame.
 
         Each frame comes with its own event (``event.events[k]``). A cancel

@@ -283,8 +283,7 @@ def _load_run(directory: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     has_images = (directory / HIERARCHY).is_dir() or (directory / "images").is_dir()
     if not has_frames or not has_images:
         raise ReanalysisError(
-            f"{directory} is not a run directory (no frames.jsonl or "
-            f"{HIERARCHY}/)"
+            f"{directory} is not a run directory (no frames.jsonl or {HIERARCHY}/)"
         )
     run = load_run(directory)
     unreadable = [n for n in run.notes if n.startswith("run.json is unreadable")]

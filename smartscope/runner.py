@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from useq import MDAEvent, MDASequence
 
     from smartscope.experiment import Experiment
+    from smartscope.segment import PSegmenter
 
 __all__ = [
     "ResumePoint",
@@ -229,9 +230,11 @@ class Runner:
         )
         if self.directory.exists() and overwrite:
             _clear_run_dir(self.directory)
-        self.segmenter = None
+        #: the segmenter (in its child process, see `analysis.worker`) and the
+        #: microscope, set below; `close` releases what exists of them
+        self.segmenter: PSegmenter
+        self.microscope: Microscope
         self._owns_microscope = microscope is None
-        self.microscope = None  # type: ignore[assignment]
         try:
             self.segmenter = _build_segmenter(experiment)
             if microscope is None:
@@ -755,7 +758,7 @@ class Runner:
     # -------------------------------------------------------------- cleanup
     def close(self) -> None:
         """Stop the segmenter's process; release a microscope this runner made."""
-        close_segmenter = getattr(self.segmenter, "close", None)
+        close_segmenter = getattr(getattr(self, "segmenter", None), "close", None)
         if callable(close_segmenter):
             close_segmenter()
         if self._owns_microscope and getattr(self, "microscope", None) is not None:

@@ -737,7 +737,7 @@ class InferenceWorker(threading.Thread):
         n = 0
         for frame, det in frames:
             t = frame.t_clock or 0.0
-            context = replace(self._context, clock=lambda t=t: t)
+            context = replace(self._context, clock=_fixed_clock(t))
             for k, policy in enumerate(self.policies):
                 if k in self._disabled:
                     continue
@@ -915,3 +915,8 @@ def lower_thread_priority(nice: int) -> bool:
     except (OSError, AttributeError):
         return False
     return True
+
+
+def _fixed_clock(t: float) -> Callable[[], float]:
+    """A clock that always reads `t` (a replayed frame's time)."""
+    return lambda: t

@@ -159,6 +159,7 @@ def _run_bare(
 ) -> dict[str, Any]:
     core = microscope.core
     engine = core.mda.engine
+    assert engine is not None, "the core has no MDA engine"
     before = engine.use_hardware_sequencing
     engine.use_hardware_sequencing = sequenced
     try:

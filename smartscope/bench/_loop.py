@@ -6,8 +6,10 @@ event-by-event acquisition), ``ome_zarr`` (``core.run_mda`` writing OME-Zarr,
 what a plain pymmcore-plus user gets) and ``smartscope`` (a `Runner` with the
 segmenter attached, no policies), at 1 position (a time-lapse at one place,
 frames as fast as the camera goes) and at 4 (a t-major time-lapse, visited
-round-robin as pymmcore-plus does). The arms alternate over the repeats; each
-arm's event order is recorded and compared. The result is a JSON-ready dict.
+round-robin as pymmcore-plus does). Every arm runs event by event (hardware
+sequencing off; `smartscope bench burst` measures camera sequences). The arms
+alternate over the repeats; each arm's event order is recorded and compared.
+The result is a JSON-ready dict.
 """
 
 from __future__ import annotations
@@ -182,7 +184,9 @@ def _run_smart(
             "segmenter": segmenter,
             "policies": [],
             "analysis": {"analyze": "all"},
-            "scheduler": {"travel_order": "plan"},
+            # event by event, as the pymmcore-plus arms: the same work (a
+            # camera sequence is `bench burst`'s subject)
+            "scheduler": {"travel_order": "plan", "sequence": "off"},
         }
     )
     order, on_frame = _order_of(microscope)

@@ -228,9 +228,9 @@ def bench_segment(
         for key, per in accuracy.items():
             row[f"{key}.f1@0.5"] = per[name]["f1@0.5"]
             row[f"{key}.mean_ap"] = per[name]["mean_ap"]
-        for size, lat in latency[name].items():
-            row[f"p50_ms_{size}"] = lat["p50"]
-            row[f"p99_ms_{size}"] = lat["p99"]
+        for side, lat in latency[name].items():
+            row[f"p50_ms_{side}"] = lat["p50"]
+            row[f"p99_ms_{side}"] = lat["p99"]
         table.append(row)
     cpu = dl.device_name == "cpu"
     p50_512 = latency[main].get("512", {}).get("p50")

@@ -25,4 +25,3 @@ def main() -> None:
     except SmartscopeError as e:  # raised outside a guarded block
         err_console.print(f"error: {e}", markup=False, highlight=False)
         sys.exit(EXIT_BAD_INPUT)
-

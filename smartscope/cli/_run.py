@@ -42,8 +42,10 @@ def run(
 ) -> None:
     """Run an experiment: acquire, analyse, decide, and write the dataset.
 
-    Writes per-position OME-Zarr images and labels, frames.jsonl,
-    decisions.jsonl and run.json to the run directory, and prints a summary.
+    Writes run.ome.zarr (one OME-Zarr hierarchy: every position's image at
+    its stage position with its labels; plates as an NGFF plate), frames.jsonl,
+    detections.jsonl, decisions.jsonl and run.json to the run directory, and
+    prints a summary.
     On a simulated live specimen (hardware_configs/livecells.cfg) it also
     writes the ground truth and prints what the run caught (divisions imaged
     fast, light dose, cells harmed, a followed cell's centering).
@@ -70,7 +72,7 @@ def resume(
     """Go on with a run that crashed, was killed or interrupted, in its directory.
 
     Fields whose frames are all on disk (and analysed) are kept and not imaged
-    again; partly imaged ones are moved aside (images/<key>.partial-N.ome.zarr)
+    again; partly imaged ones are moved aside (partial/<key>.partial-N)
     and imaged again; the logs are appended to and run.json records the resume.
     The policies first see the kept frames again, so quotas, focus and hit wells
     carry on. A completed run (with errors or not) is left alone. Exit codes as

@@ -61,12 +61,12 @@ def view(
         typer.Option(help="Save a screenshot of the window there and close it."),
     ] = None,
 ) -> None:
-    """Open a run in napari: positions placed in stage µm, labels, targets.
+    r"""Open a run in napari: positions placed in stage µm, labels, targets.
 
     Every position's image (one layer per channel, µm per pixel of its
     objective, Z step, time interval) at its stage position, its labels (live
     and re-analysed) overlaid, and the decision log's targets as points.
-    Needs the view extra: pip install "smartscope[view]".
+    Needs the view extra: pip install "smartscope\[view]".
     """
     try:
         from smartscope.view import view_run
@@ -284,13 +284,13 @@ def export(
         ),
     ] = None,
 ) -> None:
-    """Export the built-in (or a trained) model as ONNX or a bioimage.io package.
+    r"""Export the built-in (or a trained) model as ONNX or a bioimage.io package.
 
     ONNX: the U-Net with smartscope's input scaling and a softmax in the graph
     (run it with the smartscope-onnx plugin or any ONNX runtime). bioimage.io:
     a 0.5 package (rdf.yaml, TorchScript and ONNX weights, test tensors, cover,
     citation, license) that the bioimage.io validator accepts offline. Needs
-    the export extra: pip install "smartscope[export]".
+    the export extra: pip install "smartscope\[export]".
     """
     from smartscope.segment._export import export_model
 

@@ -128,8 +128,6 @@ def nearest(points: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return j, d[np.arange(len(points)), j]
 
 
-
-
 def object_sharpness(
     image: np.ndarray, labels: np.ndarray, keep_labels: np.ndarray | None = None
 ) -> tuple[float, int]:
@@ -157,8 +155,6 @@ def object_sharpness(
     return (energy / (level * level) if level > 0 else math.nan), n
 
 
-
-
 def nearest_neighbour_order(points: np.ndarray, start: Sequence[float]) -> list[int]:
     """Greedy nearest-neighbour tour over `points` from `start`."""
     remaining = list(range(len(points)))
@@ -170,5 +166,3 @@ def nearest_neighbour_order(points: np.ndarray, start: Sequence[float]) -> list[
         order.append(k)
         here = points[k]
     return order
-
-

@@ -63,6 +63,14 @@ class _Burst:
     progress_at: float = -math.inf  # scheduler clock of its last analysed frame
 
 
+#: What starts a burst by default: a bright round cell (rounding up before
+#: division), or a very bright one of any shape.
+_BURST_TRIGGER: list[Criterion] = [
+    {"relative_intensity": Bounds(min=1.5), "aspect": Bounds(min=0.75)},
+    {"relative_intensity": Bounds(min=2.2)},
+]
+
+
 class EventBurst(PolicyBase):
     """When a cell shows an event's signature, image it fast, then go back.
 
@@ -101,14 +109,11 @@ class EventBurst(PolicyBase):
 
     name: Literal["event_burst"] = "event_burst"
     trigger: Criterion | list[Criterion] = Field(
-        default_factory=lambda: [
-            {"relative_intensity": Bounds(min=1.5), "aspect": Bounds(min=0.75)},
-            {"relative_intensity": Bounds(min=2.2)},
-        ],
+        default_factory=lambda: [c.copy() for c in _BURST_TRIGGER],
         description="Bounds on object features that start a burst (a list: any "
         "one of them).",
     )
-    sustain: Criterion | list[Criterion] | None = Field(
+    sustain: Criterion | list[Criterion] | None = Field(  # type: ignore[assignment]
         default_factory=lambda: {
             "relative_intensity": Bounds(min=1.3),
             "aspect": Bounds(min=0.65),
@@ -473,7 +478,7 @@ class AdaptiveInterval(PolicyBase):
     min_interval_s: float = Field(1.0, gt=0)
     max_interval_s: float = Field(10.0, gt=0)
     criterion: Criterion = Field(
-        default_factory=lambda: {"relative_intensity": Bounds(min=1.4)}
+        default_factory=lambda: {"relative_intensity": Bounds(min=1.4)}  # type: ignore[arg-type,dict-item]
     )
     filter: ObjectFilter = ObjectFilter(exclude_border=False)
     match_um: float = Field(15.0, gt=0)
@@ -524,7 +529,7 @@ class AdaptiveInterval(PolicyBase):
             value = abs(len(pts) - len(prev_pts)) / max(len(prev_pts), 1)
         else:
             value = 0.0
-            if len(pts) and len(prev_pts) and t > prev_t:
+            if len(pts) and len(prev_pts) and prev_t is not None and t > prev_t:
                 _, d = nearest(pts, prev_pts)
                 d = d[d <= self.match_um]
                 value = float(np.median(d)) / (t - prev_t) if d.size else 0.0

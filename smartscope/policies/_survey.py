@@ -145,5 +145,3 @@ class SkipEmpty(PolicyBase):
         if self.scope == "well" and well not in self._occupied:
             return [SkipWell(well, reason=f"empty well: {n} object(s) found")]
         return [SkipPosition(frame.position, reason=f"{n} object(s) found")]
-
-

@@ -91,8 +91,12 @@ class PositionArrays:
 
     Parameters
     ----------
-    root : Path
-        Folder of the ``<position>.ome.zarr`` arrays.
+    hierarchy : Hierarchy
+        The run's ``run.ome.zarr``: where each position's image (or labels)
+        goes, and the metadata above it.
+    labels : str, optional
+        Write label images of this name (``<image>/labels/<labels>``) instead
+        of the images.
     pixel_size_um : float
         Pixel size written in the arrays' metadata, unless a frame's
         ``event_meta["pixel_size_um"]`` gives its array's (another objective).

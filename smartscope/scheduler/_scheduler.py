@@ -908,7 +908,7 @@ class Scheduler(Iterator[MDAEvent]):
         return ActionOutcome(action, True, n_dropped=dropped)
 
     def _well_skipped(self, key: str | None) -> bool:
-        return bool(key) and well_of(key) in self._skipped_wells
+        return key is not None and well_of(key) in self._skipped_wells
 
     def _skip_well(self, action: SkipWell) -> ActionOutcome:
         well = action.well

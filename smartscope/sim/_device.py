@@ -96,7 +96,7 @@ class SpecimenCamera(SimpleCameraDevice):
         if "get_buffer" in kwargs:  # a snap
             return frames
         if self._sequence_acquisition == "No":
-            frames.close()
+            getattr(frames, "close", lambda: None)()
             raise NotImplementedError(
                 f"{type(self).__name__} {self.get_label()!r}: sequence acquisition "
                 "is off (SequenceAcquisition: No)"
@@ -181,7 +181,7 @@ class SpecimenCamera(SimpleCameraDevice):
         if core is not None and holds(core, self):
             return core
         try:
-            signals = self.core.events.propertyChanged.instance
+            signals = self.core.events.propertyChanged.instance  # type: ignore[attr-defined]
         except AttributeError:  # not loaded into a core
             return None
         for obj in gc.get_objects():
@@ -261,7 +261,7 @@ class SeededSpecimenCamera(SpecimenCamera):
 def holds(core: Any, device: SpecimenCamera) -> bool:
     """Whether `device` is loaded into `core` (they share one signal group)."""
     try:
-        return core.events is device.core.events.propertyChanged.instance
+        return core.events is device.core.events.propertyChanged.instance  # type: ignore[attr-defined]
     except AttributeError:
         return False
 
