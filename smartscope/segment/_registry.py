@@ -94,7 +94,7 @@ def segmenter_for_model(
     """
     name = str(model)
     if name != "builtin" and not Path(name).exists():
-        raise RegistryError(f"no model file at {name}")
+        raise RegistryError(f"model file not found: {name}")
     path = Path(name)
     suffix = path.suffix.lower()
     if name == "builtin" or suffix in (".pt", ".ts"):
