@@ -354,6 +354,23 @@ class EventBurst(PolicyBase):
         why = f"burst {burst.id}: {burst.ended}"
         return [StopStream(_burst_key(burst), reason=why)]
 
+    def needs(self, frame: Frame) -> bool:
+        """Its survey frames, and the in-focus frames of a burst on a clock.
+
+        A clocked burst is chained: each analysed frame schedules the next ones,
+        so its frames are needed (a skipped one could end the burst). A streamed
+        burst's frames are not: the stream goes on by itself, and analysis
+        takes its newest frames.
+        """
+        if self._is_survey(frame):
+            return True
+        tag = frame.event.metadata.get("smartscope", {})
+        return (
+            "burst_id" in tag
+            and not self.stream
+            and int(tag.get("z", 0)) == self._focal_plane()
+        )
+
     def _focal_plane(self) -> int:
         """Index of the `z_plan` plane nearest the trigger frame's focus."""
         if self.z_plan is None:
