@@ -171,7 +171,7 @@ class _Engine:
         }[precision]
         if cfg.threads and not cuda:
             torch.set_num_threads(cfg.threads)
-        net = net.eval().to(self.device, memory_format=torch.channels_last)
+        net = net.eval().to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.input_dtype = torch.float32
         if cuda:
             self.net = torch.compile(net) if cfg.compile else net
@@ -299,6 +299,6 @@ def cpu_has_bf16() -> bool:
 
     cpu = getattr(torch, "cpu", None)
     try:
-        return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
+        return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())  # type: ignore[union-attr]
     except AttributeError:
         return False

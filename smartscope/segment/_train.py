@@ -96,16 +96,17 @@ def read_pairs(folder: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
             f"no image/label TIFF pairs in {root} (expected images/NAME.tif + "
             "labels/NAME.tif, or NAME.tif + NAME_labels.tif)"
         )
-    out = []
+    out: list[tuple[np.ndarray, np.ndarray]] = []
     for img_path, lab_path in pairs:
-        img = np.asarray(tifffile.imread(img_path))
-        lab = np.asarray(tifffile.imread(lab_path))
-        if img.shape != lab.shape:
+        image = np.asarray(tifffile.imread(img_path))
+        truth = np.asarray(tifffile.imread(lab_path))
+        if image.shape != truth.shape:
             raise SmartscopeError(
-                f"{img_path.name}: image shape {img.shape} != labels shape {lab.shape}"
+                f"{img_path.name}: image shape {image.shape} != labels shape "
+                f"{truth.shape}"
             )
-        img2 = img.reshape(-1, *img.shape[-2:])
-        lab2 = lab.reshape(-1, *lab.shape[-2:])
+        img2 = image.reshape(-1, *image.shape[-2:])
+        lab2 = truth.reshape(-1, *truth.shape[-2:])
         out.extend(zip(img2, lab2.astype(np.int64), strict=False))
     return out
 
@@ -239,7 +240,7 @@ def train(
         net.load_state_dict(loaded.state_dict)
         cfg.widths, cfg.depth = tuple(net.widths), net.depth
         cfg.extra["init_training"] = loaded.meta.get("training")
-    net = net.to(memory_format=torch.channels_last)
+    net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = min(200, cfg.steps // 10)
 
