@@ -13,7 +13,6 @@ than acquisition (``analysis.nice``), with the torch thread count set on it.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import traceback
@@ -26,6 +25,7 @@ from psygnal import Signal, SignalGroup
 
 from smartscope._errors import first_line
 from smartscope._stats import StreamingPercentiles
+from smartscope._threads import lower_thread_priority
 from smartscope.detections import Detections
 from smartscope.scheduler import AddEvents, Stream
 
@@ -898,23 +898,6 @@ def _frame_ref(frame: Frame) -> dict[str, Any]:
             "z": frame.stage_z_um,
         },
     }
-
-
-def lower_thread_priority(nice: int) -> bool:
-    """Lower the calling thread's OS scheduling priority by `nice` (Linux).
-
-    On Linux a thread has its own nice value (``setpriority`` on its native
-    id); elsewhere nothing changes. Returns whether it was lowered.
-    """
-    if nice <= 0 or not sys.platform.startswith("linux"):
-        return False
-    try:
-        tid = threading.get_native_id()
-        now = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, now + nice)
-    except (OSError, AttributeError):
-        return False
-    return True
 
 
 def _fixed_clock(t: float) -> Callable[[], float]:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from smartscope._threads import lower_thread_priority
 from smartscope.frame import event_tag
 from smartscope.rundir._layout import (
     LABELS_NAME,
@@ -67,6 +68,9 @@ __all__ = [
     "position_path",
     "read_position",
 ]
+
+#: How much lower the writer thread's OS priority is than acquisition's.
+WRITER_NICE = 5
 
 #: Lossless compressions of the arrays' chunks (ome-writers' names for zarr).
 COMPRESSIONS = ("blosc-zstd", "blosc-lz4", "zstd", "none")
@@ -534,6 +538,8 @@ class RunStorage:
             self._writer.start()
 
     def _write_loop(self) -> None:
+        # compressing and writing yield the CPU to acquisition on a busy machine
+        lower_thread_priority(WRITER_NICE)
         while (item := self._pending.get()) is not None:
             try:
                 if isinstance(item, str):
