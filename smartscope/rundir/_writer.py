@@ -203,6 +203,10 @@ class PositionArrays:
         """Arrays open for appending."""
         return len(self._streams)
 
+    def is_open(self, key: str) -> bool:
+        """Whether position `key`'s array is open for appending."""
+        return key in self._streams
+
     def _array_path(self, key: str) -> Path:
         if self.labels_name is None:
             return self.hierarchy.image_dir(key)
@@ -555,7 +559,7 @@ class RunStorage:
 
     def write_frame(self, image: np.ndarray, frame: Frame) -> None:
         """Store an acquired frame and its index line (synchronously)."""
-        index = self.images.write(image, self._where(frame, image))
+        index = self.images.write(image, self._where(frame, self.images, image))
         record = frame.to_json()
         record["array"] = {
             "position": frame.position,
@@ -574,7 +578,7 @@ class RunStorage:
         self._submit(self._write_labels, labels.astype(np.uint16, copy=False), frame)
 
     def _write_labels(self, labels: np.ndarray, frame: Frame) -> None:
-        self.labels.write(labels, self._where(frame, None))
+        self.labels.write(labels, self._where(frame, self.labels, None))
 
     def log_detections(self, record: dict[str, Any]) -> None:
         """Append one analysed (or skipped) frame to ``detections.jsonl``.
@@ -594,8 +598,14 @@ class RunStorage:
         tmp.write_text(json.dumps(info, indent=2, default=jsonable) + "\n")
         tmp.replace(path)
 
-    def _where(self, frame: Frame, image: np.ndarray | None) -> dict[str, Any]:
-        """Where a frame goes (the Scheduler's tag) and what its image says of it."""
+    def _where(
+        self, frame: Frame, arrays: PositionArrays, image: np.ndarray | None
+    ) -> dict[str, Any]:
+        """Where a frame goes (the Scheduler's tag) and what its image says of it.
+
+        Its array's placement (stage origin) and display window are worked out
+        only for the frame that creates the array.
+        """
         meta = {
             **event_tag(frame.event),
             "pixel_size_um": frame.pixel_size_um,
@@ -603,6 +613,8 @@ class RunStorage:
             "channel": frame.channel,
             "t_clock": frame.t_clock,
         }
+        if arrays.is_open(frame.position):
+            return meta
         ps = frame.pixel_size_um or self.images.pixel_size_um
         if self._to_stage is not None:
             roi = frame.event.roi
