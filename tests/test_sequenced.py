@@ -165,6 +165,10 @@ def test_a_run_of_sequenceable_events_becomes_sequenced_events(tmp_path):
     # each sequenced frame comes with its own event, in the plan's order
     inner = [e.index["t"] for s in started for e in s.events]
     assert inner == list(range(30))
+    # pymmcore-plus logs every event it runs: a sequence is one short line
+    assert str(started[1]) == (
+        "FrameSequence(12 frames: t=12..23, p=0, c=0; pos_name='A', exposure=10.0)"
+    )
     assert summary.schedule["sequences"] == {
         "n": 3,
         "frames": 30,

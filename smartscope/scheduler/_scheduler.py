@@ -1132,12 +1132,12 @@ class Scheduler(Iterator[MDAEvent]):
             batch.append(event)
         if len(batch) == 1:
             return first
-        from pymmcore_plus.core import SequencedEvent
+        from smartscope.engine import FrameSequence
 
         self.n_sequences += 1
         self.n_sequenced_frames += len(batch)
         tag = event_tag(first)
-        sequence = SequencedEvent(
+        sequence = FrameSequence(
             events=tuple(batch),
             pos_name=first.pos_name,
             x_pos=first.x_pos,
