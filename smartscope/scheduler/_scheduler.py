@@ -793,21 +793,19 @@ class Scheduler(Iterator[MDAEvent]):
         for j in range(n):
             k = state.n_queued + j
             due = state.first_due if k == 0 else -math.inf
-            event = state.template.model_copy(
-                update={
-                    "index": {**state.template.index, "t": k},
-                    "min_start_time": None if due == -math.inf else due,
-                }
-            )
+            update = {
+                "index": {**state.template.index, "t": k},
+                "min_start_time": None if due == -math.inf else due,
+            }
             tag = {**state.tag, "visit": k, "stream_frame": k, "chunk": chunk}
-            stamped = self._stamp(event, tag, key)
+            stamped = self._stamp(state.template, tag, key, update)
             self._added.append(
                 (-state.priority, next(self._counter), due, stamped, state.budget_key)
             )
             if self.dose_budget_ms is not None:
                 self._dose_reserved[state.budget_key] = self._dose_reserved.get(
                     state.budget_key, 0.0
-                ) + self._cost(event)
+                ) + self._cost(stamped)
             queued.append(stamped)
         state.n_queued += n
         self.n_stream_frames += n
@@ -1320,22 +1318,21 @@ class Scheduler(Iterator[MDAEvent]):
                 update.update(x_pos=tl.xy[0], y_pos=tl.xy[1])
                 if tl.z is not None:
                     update["z_pos"] = tl.z
-            ev = event.model_copy(update=update)
             if not stamp:  # a preview (`upcoming`): where and when, no event id
                 preview = {"kind": "base", "position": tl.key, "visit": tl.next_visit}
                 preview["due_s"] = round(tl.next_due, 6)
-                ev = ev.model_copy(update={"metadata": {"smartscope": preview}})
-            else:
-                tag = {
-                    "kind": "base",
-                    "visit": tl.next_visit,
-                    "shape": {"c": nc, "z": nz, "order": order},
-                    "c": int(event.index.get("c", 0)),
-                    "z": int(event.index.get("z", 0)),
-                    "due_s": round(tl.next_due, 6),
-                }
-                ev = self._stamp(ev, tag, tl.key)
-            out.append(ev)
+                update["metadata"] = {"smartscope": preview}
+                out.append(event.model_copy(update=update))
+                continue
+            tag = {
+                "kind": "base",
+                "visit": tl.next_visit,
+                "shape": {"c": nc, "z": nz, "order": order},
+                "c": int(event.index.get("c", 0)),
+                "z": int(event.index.get("z", 0)),
+                "due_s": round(tl.next_due, 6),
+            }
+            out.append(self._stamp(event, tag, tl.key, update))
         return out
 
     def _restore_properties(self, event: MDAEvent) -> MDAEvent:
@@ -1459,7 +1456,14 @@ class Scheduler(Iterator[MDAEvent]):
             self._renamed[key] = f"{key}_r{n}"
         return self._renamed[key]
 
-    def _stamp(self, event: MDAEvent, tag: dict[str, Any], key: str | None) -> MDAEvent:
+    def _stamp(
+        self,
+        event: MDAEvent,
+        tag: dict[str, Any],
+        key: str | None,
+        update: dict[str, Any] | None = None,
+    ) -> MDAEvent:
+        """`event` with its smartscope tag (and `update`), in one copy."""
         event_id = next(self._event_ids)
         tag = {
             "visit": 0,
@@ -1471,7 +1475,7 @@ class Scheduler(Iterator[MDAEvent]):
             "position": self._fresh_key(key or f"added_{event_id:05d}"),
         }
         metadata = {**event.metadata, "smartscope": tag}
-        return event.model_copy(update={"metadata": metadata})
+        return event.model_copy(update={**(update or {}), "metadata": metadata})
 
 
 def _base_layout(plan: Any) -> tuple[int, int, str]:
