@@ -107,6 +107,27 @@ def test_onnx_export_of_a_trained_model_file(tmp_path, tiny_model):
     np.testing.assert_allclose(probs, expected, atol=1e-5)
 
 
+def test_export_command_takes_the_model_as_argument(tmp_path, tiny_model):
+    from _closed_loop import smartscope
+
+    onnx = importlib.import_module("onnx")
+    pt, _ = tiny_model
+    out = tmp_path / "cli.onnx"
+    done = smartscope("export", str(pt), "--format", "onnx", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(out)
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["smartscope.model_id"].startswith("tiny-")
+    # two different models: one line, exit 2, nothing written
+    other = tmp_path / "other.onnx"
+    done = smartscope("export", str(pt), "-m", "builtin.pt", "-o", str(other))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: two models given: {str(pt)!r} and --model 'builtin.pt'"
+    ]
+    assert not other.exists()
+
+
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     importlib.import_module("bioimageio.spec")

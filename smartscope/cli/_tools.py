@@ -270,6 +270,14 @@ def segment(
 
 @app.command()
 def export(
+    model_arg: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Argument(
+            metavar="MODEL",
+            help="'builtin' or a model file from `smartscope train` (or --model).",
+            show_default=False,
+        ),
+    ] = None,
     model: ModelOpt = "builtin",
     fmt: Annotated[
         str, typer.Option("--format", "-f", help="onnx | bioimageio")
@@ -294,6 +302,10 @@ def export(
     """
     from smartscope.segment._export import export_model
 
+    if model_arg is not None:
+        if model != "builtin" and model != model_arg:
+            bad_input(f"two models given: {model_arg!r} and --model {model!r}")
+        model = model_arg
     if fmt not in ("onnx", "bioimageio"):
         bad_input(f"--format must be onnx or bioimageio, not {fmt!r}")
     with user_errors():
