@@ -34,6 +34,7 @@ Runs written before smartscope 0.5 keep ``images/<position>.ome.zarr`` and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -293,7 +294,14 @@ class PositionArrays:
             overwrite=True,
         )
         stream = create_stream(settings)
-        self._write_meta(key, stream, meta)
+        try:
+            self._write_meta(key, stream, meta)
+        except BaseException:
+            # closed here, not by its finalizer at exit (a full disk would
+            # then print a traceback after the run's one error line)
+            with contextlib.suppress(Exception):
+                stream.close()
+            raise
         return stream
 
     def _write_meta(self, key: str, stream: OMEStream, meta: _ImageMeta) -> None:
