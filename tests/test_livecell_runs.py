@@ -144,4 +144,5 @@ def test_bench_livecell_compares_three_runs(tmp_path):
         "adaptive_dose_ratio",
         "follow_within_10pct",
     }
+    assert result["load"] is None
     json.dumps(result)  # JSON-ready

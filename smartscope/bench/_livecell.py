@@ -134,12 +134,14 @@ def bench_livecell(
     fast_interval_s: float = 0.5,
     out_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    load: bool = False,
 ) -> dict[str, Any]:
     """Compare the adaptive live-cell experiment with fixed slow and fast ones.
 
     The three runs image the same fixed-seed specimen (a fresh one each time)
     over the same simulated time. Each is scored against the ground truth with
-    `live_specimen_report`.
+    `live_specimen_report`. With `load`, one core is kept busy (a spinning
+    process) during all three.
 
     Returns
     -------
@@ -151,9 +153,12 @@ def bench_livecell(
         (p50/p99/max, missed deadlines); then the adaptive/fixed-fast dose
         ratio and whether the goals (`GOALS`) are met.
     """
+    from smartscope.bench._loop import _busy_core
+
     results: dict[str, Any] = {}
     tmp = tempfile.TemporaryDirectory(prefix="smartscope-bench-")
     root = Path(out_dir) if out_dir else Path(tmp.name)
+    busy = _busy_core() if load else None
     try:
         for kind in ("adaptive", "fixed_slow", "fixed_fast"):
             if progress:
@@ -168,6 +173,9 @@ def bench_livecell(
             )
             results[kind] = _run_scored(exp, root / kind, fast_interval_s)
     finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
         tmp.cleanup()
     fast_dose = results["fixed_fast"]["total_cell_dose_ms"]
     ratio = results["adaptive"]["total_cell_dose_ms"] / fast_dose if fast_dose else None
@@ -189,6 +197,7 @@ def bench_livecell(
         "simulated_minutes": duration_s * acceleration / 60,
         "slow_interval_s": slow_interval_s,
         "fast_interval_s": fast_interval_s,
+        "load": "one core kept busy" if load else None,
         "runs": results,
         "adaptive_dose_ratio_to_fixed_fast": None if ratio is None else round(ratio, 4),
         "goals": GOALS,
