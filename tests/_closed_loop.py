@@ -353,6 +353,16 @@ def simulate(
     return frames, snaps, sched
 
 
+PAUSE_SETTLE_MS = 250
+"""Wait after `paused_with_nothing_under_way` before counting frames.
+
+A pause that comes while pymmcore-plus sleeps until an already served event's
+start time (a timed plan) is not seen by it again before that event starts:
+the event runs, and the Scheduler's hold stops every later one. Its frame
+comes within an interval and an exposure of the pause.
+"""
+
+
 def paused_with_nothing_under_way(runner: Runner) -> bool:
     """Paused, no event being acquired, none able to start until resumed.
 

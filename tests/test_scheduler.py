@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from _closed_loop import FakeClock, paused_with_nothing_under_way
+from _closed_loop import PAUSE_SETTLE_MS, FakeClock, paused_with_nothing_under_way
 from useq import MDAEvent, MDASequence
 
 from smartscope.experiment import Experiment
@@ -150,6 +150,7 @@ def test_pause_resume_and_cancel_a_run(microscope, tmp_path):
         _wait_until(lambda: runner._frame_count >= 2)
         runner.pause()
         _wait_until(lambda: paused_with_nothing_under_way(runner))
+        time.sleep(PAUSE_SETTLE_MS / 1000)  # see PAUSE_SETTLE_MS
         paused_at, served = runner._frame_count, runner.scheduler.n_served
         time.sleep(1.2)  # two intervals of the plan: nothing may happen meanwhile
         assert runner._frame_count == paused_at
