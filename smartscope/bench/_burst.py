@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from smartscope.bench._loop import _busy_core, base_sequence, count_stored_frames
+from smartscope.bench._loop import base_sequence, busy_core, count_stored_frames
 from smartscope.experiment import Experiment
 from smartscope.microscope import Microscope
 from smartscope.runner import Runner, package_versions
@@ -261,9 +261,7 @@ def _bench_burst(
     warm = base_sequence(_WARMUP_FRAMES, exposure_ms, max_positions=1)
     spec = {"name": segmenter}
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in _ARMS}
-    busy = _busy_core() if load else None
-    microscope = Microscope(config)
-    try:
+    with busy_core(load), Microscope(config) as microscope:
         if fast_image:  # it then repeats its last image: make that a real one
             core = microscope.core
             core.snapImage()
@@ -290,11 +288,6 @@ def _bench_burst(
                 runs[arm].append(one(arm, seq, str(i)))
         camera = microscope.core.getCameraDevice()
         config_path = str(microscope.config_path)
-    finally:
-        microscope.close()
-        if busy is not None:
-            busy.kill()
-            busy.wait()
 
     limit_fps = 1000.0 / exposure_ms
     planned = list(range(frames))

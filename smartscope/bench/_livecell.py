@@ -153,13 +153,14 @@ def bench_livecell(
         (p50/p99/max, missed deadlines); then the adaptive/fixed-fast dose
         ratio and whether the goals (`GOALS`) are met.
     """
-    from smartscope.bench._loop import _busy_core
+    from smartscope.bench._loop import busy_core
 
     results: dict[str, Any] = {}
-    tmp = tempfile.TemporaryDirectory(prefix="smartscope-bench-")
-    root = Path(out_dir) if out_dir else Path(tmp.name)
-    busy = _busy_core() if load else None
-    try:
+    with (
+        busy_core(load),
+        tempfile.TemporaryDirectory(prefix="smartscope-bench-") as tmp,
+    ):
+        root = Path(out_dir) if out_dir else Path(tmp)
         for kind in ("adaptive", "fixed_slow", "fixed_fast"):
             if progress:
                 progress(f"{kind}: {duration_s:g} s of acquisition")
@@ -172,11 +173,6 @@ def bench_livecell(
                 fast_interval_s=fast_interval_s,
             )
             results[kind] = _run_scored(exp, root / kind, fast_interval_s)
-    finally:
-        if busy is not None:
-            busy.kill()
-            busy.wait()
-        tmp.cleanup()
     fast_dose = results["fixed_fast"]["total_cell_dose_ms"]
     ratio = results["adaptive"]["total_cell_dose_ms"] / fast_dose if fast_dose else None
     caught = results["adaptive"]["fraction_caught"]

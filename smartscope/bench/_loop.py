@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ from smartscope.rundir import load_run, read_position
 from smartscope.runner import Runner, RunSummary, package_versions
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from useq import MDASequence
 
@@ -299,13 +300,22 @@ def bench_loop(
     )
 
 
-def _busy_core() -> subprocess.Popen:
-    """A process spinning on one core (the load of a shared machine)."""
-    return subprocess.Popen(
+@contextmanager
+def busy_core(load: bool) -> Iterator[None]:
+    """With `load`, a process spins on one core for the block (a shared machine)."""
+    if not load:
+        yield
+        return
+    spinner = subprocess.Popen(
         [sys.executable, "-c", "while True: pass"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
     )
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def _bench_loop(
@@ -321,9 +331,7 @@ def _bench_loop(
 ) -> dict[str, Any]:
     cases: dict[str, Any] = {}
     device = "cpu"
-    busy = _busy_core() if load else None
-    microscope = Microscope(config)
-    try:
+    with busy_core(load), Microscope(config) as microscope:
         for n in counts:
             seq = base_sequence(frames, exposure_ms, max_positions=n)
             warm = base_sequence(
@@ -333,11 +341,6 @@ def _bench_loop(
                 microscope, seq, warm, repeats, segmenter, workdir / f"p{n}", attach
             )
             cases[str(len(seq.stage_positions))] = case
-    finally:
-        microscope.close()
-        if busy is not None:
-            busy.kill()
-            busy.wait()
     goals: dict[str, bool] = {}
     for key, case in cases.items():
         smart = case["arms"]["smartscope"]
