@@ -449,6 +449,19 @@ class Microscope:
                 core.unloadAllDevices()
             except Exception:  # pragma: no cover - best effort at shutdown
                 pass
+            # MMCore delivers notifications on its own C++ thread, stopped only
+            # when the callback is unregistered. pymmcore-plus does that in
+            # ``__del__``, but a stored exception's traceback (a device fault)
+            # can keep the core alive until interpreter shutdown; a
+            # notification delivered then kills the thread inside MMCore's
+            # catch-all and the process aborts ("FATAL: exception not
+            # rethrown"). Unregister now, whoever still holds the core.
+            import pymmcore
+
+            try:
+                pymmcore.CMMCore.registerCallback(core, None)
+            except Exception:  # pragma: no cover - best effort at shutdown
+                pass
         del core
         gc.collect()
 

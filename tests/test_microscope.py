@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -117,3 +119,29 @@ def test_pixels_of_a_frame_through_another_objective(microscope):
     np.testing.assert_allclose(
         microscope.pixel_to_stage(px, (100.0, 50.0)), [[140.0, 42.0]]
     )
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_close_stops_the_cores_callback_thread_even_if_the_core_is_still_held():
+    # A device fault's traceback can keep the core alive after close(). MMCore
+    # then still owns a C++ thread delivering notifications into Python; one
+    # delivered during interpreter shutdown aborts the process ("FATAL:
+    # exception not rethrown", exit 134). close() must stop that thread itself.
+    import pymmcore
+
+    scope = Microscope()
+    held = scope.core  # what a stored traceback does
+    held.unloadAllDevices()  # device threads gone: what remains is the core's
+    before = _os_threads()
+    scope.close()
+    after_close = _os_threads()
+    # the reference check: unregistering the callback by hand stops one more
+    # thread only if close() left it running
+    pymmcore.CMMCore.registerCallback(held, None)
+    assert _os_threads() == after_close
+    assert after_close == before - 1
+    del held
