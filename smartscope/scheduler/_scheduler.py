@@ -6,6 +6,7 @@ import itertools
 import math
 import threading
 import time
+from collections import UserDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -794,7 +795,7 @@ class Scheduler(Iterator[MDAEvent]):
             k = state.n_queued + j
             due = state.first_due if k == 0 else -math.inf
             update = {
-                "index": {**state.template.index, "t": k},
+                "index": {**_plain(state.template.index), "t": k},
                 "min_start_time": None if due == -math.inf else due,
             }
             tag = {**state.tag, "visit": k, "stream_frame": k, "chunk": chunk}
@@ -1097,15 +1098,25 @@ class Scheduler(Iterator[MDAEvent]):
             self._stream_served(event)
         return self._serve(event, base=False)
 
-    def _preview(self, kind: str, what: Any) -> MDAEvent:
-        """The event `_take` would serve for this choice (before `_serve`)."""
+    def _preview(self, kind: str, what: Any) -> tuple[MDAEvent, float]:
+        """The event `_take` would serve for this choice, and when it is due.
+
+        The event as far as `_joins` looks at it (before `_serve`): a timeline
+        visit's template where its position did not move, without a copy.
+        """
         if kind == "rest":
-            return self._visit[0]
-        if kind == "added":
-            return what[3]
-        if what.timeline is not None:
-            return self._visit_events(what.timeline, stamp=False)[0]
-        return what.events[0]
+            event = self._visit[0]
+        elif kind == "added":
+            event = what[3]
+        elif what.timeline is not None:
+            tl = what.timeline
+            if tl.moved and tl.xy is not None:
+                event = self._visit_events(tl, stamp=False)[0]
+            else:
+                return tl.template[0], tl.next_due
+        else:
+            event = what.events[0]
+        return event, _due(event)
 
     # -------------------------------------------------------- hardware sequences
     def _sequence_from(self, first: MDAEvent) -> MDAEvent:
@@ -1121,8 +1132,8 @@ class Scheduler(Iterator[MDAEvent]):
             kind, what = self._choose(now, pending=len(batch))
             if kind == "wait":
                 break
-            candidate = self._preview(kind, what)
-            if not self._joins(first, candidate, max(now, due0)):
+            candidate, due = self._preview(kind, what)
+            if not self._joins(first, candidate, due, max(now, due0)):
                 break
             event = self._take(kind, what, now)
             if event is None:
@@ -1160,14 +1171,17 @@ class Scheduler(Iterator[MDAEvent]):
         self.events.sequenceServed.emit(sequence)
         return sequence
 
-    def _joins(self, first: MDAEvent, event: MDAEvent, latest_due: float) -> bool:
+    def _joins(
+        self, first: MDAEvent, event: MDAEvent, due: float, latest_due: float
+    ) -> bool:
         """Whether `event` can be acquired in one hardware sequence after `first`.
 
-        `first` has been served; `event` is not yet. Same place, channel,
-        exposure, ROI and properties as `first`, an image acquisition, no wait
-        (due no later than `latest_due`), and the same stream chunk (or none).
+        `first` has been served; `event` (due at `due`) is not yet. Same place,
+        channel, exposure, ROI and properties as `first`, an image acquisition,
+        no wait (due no later than `latest_due`), and the same stream chunk (or
+        none).
         """
-        if not _sequenceable(event) or _due(event) > latest_due + 1e-9:
+        if not _sequenceable(event) or due > latest_due + 1e-9:
             return False
         for attr in ("x_pos", "y_pos", "z_pos", "channel", "exposure"):
             value = getattr(event, attr)
@@ -1310,8 +1324,9 @@ class Scheduler(Iterator[MDAEvent]):
         nc, nz, order = self._layout
         out = []
         for event in tl.template:
+            index = _plain(event.index)
             update: dict[str, Any] = {
-                "index": {"t": tl.next_visit, **event.index},
+                "index": {"t": tl.next_visit, **index},
                 "min_start_time": tl.next_due,
             }
             if tl.moved and tl.xy is not None:
@@ -1328,8 +1343,8 @@ class Scheduler(Iterator[MDAEvent]):
                 "kind": "base",
                 "visit": tl.next_visit,
                 "shape": {"c": nc, "z": nz, "order": order},
-                "c": int(event.index.get("c", 0)),
-                "z": int(event.index.get("z", 0)),
+                "c": int(index.get("c", 0)),
+                "z": int(index.get("z", 0)),
                 "due_s": round(tl.next_due, 6),
             }
             out.append(self._stamp(event, tag, tl.key, update))
@@ -1465,10 +1480,11 @@ class Scheduler(Iterator[MDAEvent]):
     ) -> MDAEvent:
         """`event` with its smartscope tag (and `update`), in one copy."""
         event_id = next(self._event_ids)
+        index = _plain(event.index)
         tag = {
             "visit": 0,
-            "c": int(event.index.get("c", 0)),
-            "z": int(event.index.get("z", 0)),
+            "c": tag["c"] if "c" in tag else int(index.get("c", 0)),
+            "z": tag["z"] if "z" in tag else int(index.get("z", 0)),
             "shape": {"c": 1, "z": 1, "order": "cz"},
             **tag,
             "event_id": event_id,
@@ -1487,6 +1503,16 @@ def _base_layout(plan: Any) -> tuple[int, int, str]:
     nz = max(1, int(sizes.get("z", 0)))
     axes = "".join(str(a) for a in plan.axis_order if str(a) in "cz")
     return nc, nz, axes if len(axes) == 2 else "cz"
+
+
+def _plain(index: Any) -> Any:
+    """An event's index as a plain dict where it is one underneath.
+
+    useq's index of a plan's events is a read-only ``UserDict``, whose
+    ``get`` and ``**`` unpacking go through Python-level methods: several
+    times slower in the per-event loop of a hardware sequence's set-up.
+    """
+    return index.data if isinstance(index, UserDict) else index
 
 
 def _tag_pos(event: MDAEvent) -> str | None:
