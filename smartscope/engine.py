@@ -210,6 +210,7 @@ class SafeEngine(MDAEngine):
         self._xy_at: tuple[float, float] | None = None
         self._z_at: float | None = None
         self._unchanged_only = False
+        self._sent = False  # whether this set-up sent a device anything
 
     # ---------------------------------------------------------------- retries
     def call(self, device: str, name: str, fn: Callable[..., T], *args: Any) -> T:
@@ -272,15 +273,18 @@ class SafeEngine(MDAEngine):
             return
         if self.limits is not None:  # nothing moves unless all of it may
             self._refuse("event", "check limits", self.limits.why_not(event))
+        self._sent = False
         if isinstance(event, SequencedEvent):
-            # one setting for every frame: set up like one event; the stages
-            # move only if they are not there already (a stream's next chunk)
+            # one setting for every frame: set up like one event; stages and
+            # exposure are sent only if they changed (a stream's next chunk
+            # sends nothing, so the camera stands still for less time)
             if core.isSequenceRunning():
                 self.call(
                     core.getCameraDevice(),
                     "stopSequenceAcquisition",
                     core.stopSequenceAcquisition,
                 )
+                self._sent = True
             self._unchanged_only = True
             try:
                 self.setup_single_event(event)
@@ -288,7 +292,9 @@ class SafeEngine(MDAEngine):
                 self._unchanged_only = False
         else:
             self.setup_single_event(event)
-        self.call("system", "waitForSystem", core.waitForSystem)
+            self._sent = True
+        if self._sent:  # nothing sent: nothing to wait for
+            self.call("system", "waitForSystem", core.waitForSystem)
 
     def setup_single_event(self, event: MDAEvent) -> None:
         """Set XY, Z, channel, exposure, properties and ROI; raise on failure."""
@@ -297,21 +303,27 @@ class SafeEngine(MDAEngine):
         if event.z_pos is not None:
             self._set_event_z(event)
         if event.slm_image is not None:
+            self._sent = True
             self._set_event_slm_image(event)
         self._set_event_channel(event)
-        if event.exposure is not None:
+        if event.exposure is not None and not (
+            self._unchanged_only and core.getExposure() == float(event.exposure)
+        ):
+            self._sent = True
             self.call(
                 core.getCameraDevice(), "setExposure", core.setExposure, event.exposure
             )
         if event.properties is not None:
             self._set_event_properties(event.properties)
         if event.roi is not None:
+            self._sent = True
             self._set_event_roi(event)
         if (
             getattr(self, "_autoshutter_was_set", False)
             and event.keep_shutter_open
             and core.getAutoShutter()
         ):
+            self._sent = True
             core.setAutoShutter(False)
             self.call(
                 core.getShutterDevice(), "setShutterOpen", core.setShutterOpen, True
@@ -334,6 +346,7 @@ class SafeEngine(MDAEngine):
         if self.limits is not None:
             self._refuse(stage, "setXYPosition", self.limits.why_not_xy(x, y))
         self._xy_at = None
+        self._sent = True
         self.call(stage, "setXYPosition", core.setXYPosition, float(x), float(y))
         self._xy_at = (float(x), float(y))
 
@@ -349,6 +362,7 @@ class SafeEngine(MDAEngine):
         if self.limits is not None:
             self._refuse(focus, "setZPosition", self.limits.why_not_z(z))
         self._z_at = None
+        self._sent = True
         self.call(focus, "setZPosition", core.setZPosition, z)
         self._z_at = z
 
@@ -358,6 +372,7 @@ class SafeEngine(MDAEngine):
             return
         core = self.mmcore
         if (ch.group, ch.config) != core._last_config:
+            self._sent = True
             self.call(
                 f"{ch.group}:{ch.config}",
                 "setConfig",
@@ -368,6 +383,8 @@ class SafeEngine(MDAEngine):
 
     def _set_event_properties(self, properties: Sequence[Any]) -> None:
         core = self.mmcore
+        if properties:
+            self._sent = True
         for dev, prop, value in properties:
             if prop == Keyword.Position:
                 kind = core.getDeviceType(dev)

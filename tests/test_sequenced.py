@@ -102,14 +102,18 @@ def _experiment(
     sequence: str = "auto",
     policies: list[dict] | None = None,
     properties: list | None = None,
+    channels: list[dict] | None = None,
+    axis_order: str | None = None,
 ) -> Experiment:
     seq: dict[str, Any] = {
         "stage_positions": [
             {"x": 600.0 * i, "y": 0.0, "z": 0.0, "name": "AB"[i] if i < 2 else f"P{i}"}
             for i in range(positions)
         ],
-        "channels": [{"config": "DAPI", "exposure": EXPOSURE_MS}],
+        "channels": channels or [{"config": "DAPI", "exposure": EXPOSURE_MS}],
     }
+    if axis_order:
+        seq["axis_order"] = axis_order
     if loops > 1:
         seq["time_plan"] = {"interval": 0, "loops": loops}
     return Experiment.model_validate(
@@ -214,6 +218,45 @@ def test_every_sequenced_frame_is_stored_and_logged_with_its_own_index_and_time(
     assert summary.frames_analysed + sum(skipped.values()) == 40
     logged = read_jsonl(out / "detections.jsonl")
     assert sorted(r["frame_index"] for r in logged) == list(range(40))
+
+
+def test_each_sequence_runs_at_its_exposure_and_a_boundary_resends_nothing(tmp_path):
+    # channels outer, time inner: six DAPI frames at 10 ms, then six FITC
+    # frames at 20 ms, two sequences; a sequence's set-up sends only what
+    # changed, so the camera's own exposure (read at every frame) must follow
+    exp = _experiment(
+        loops=6,
+        axis_order="pct",
+        channels=[
+            {"config": "DAPI", "exposure": EXPOSURE_MS},
+            {"config": "FITC", "exposure": 2 * EXPOSURE_MS},
+        ],
+    )
+    seen: list[tuple[float, float]] = []
+    with Runner(exp, out_dir=tmp_path / "run") as runner:
+        core = runner.microscope.core
+        core.mda.events.frameReady.connect(
+            lambda img, event, meta: seen.append((event.exposure, core.getExposure()))
+        )
+        summary = runner.run()
+    gc.collect()
+    assert summary.status == "completed", summary.reason
+    assert summary.schedule["sequences"]["n"] == 2
+    assert seen == [(EXPOSURE_MS, EXPOSURE_MS)] * 6 + [(2 * EXPOSURE_MS,) * 2] * 6
+
+    # the base frame (an event on its own, set up in full) sends its exposure;
+    # the stream's four chunks at the same place and exposure send nothing
+    exp = _experiment(policies=_stream_policy(n_frames=40, chunk_frames=10))
+    sent: list[float] = []
+    with Runner(exp, out_dir=tmp_path / "stream") as runner:
+        core = runner.microscope.core
+        core.events.exposureChanged.connect(lambda camera, value: sent.append(value))
+        summary = runner.run()
+        time.sleep(0.2)  # MMCore posts its notifications from its own thread
+    gc.collect()
+    assert summary.status == "completed", summary.reason
+    assert summary.schedule["sequences"]["n"] == 4
+    assert sent == [EXPOSURE_MS]
 
 
 # ------------------------------------------------------------ streams
