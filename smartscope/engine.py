@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pymmcore_plus import DeviceType, Keyword
 from pymmcore_plus.core import SequencedEvent
-from pymmcore_plus.mda import MDAEngine
+from pymmcore_plus.mda import MDAEngine, SkipEvent
 
 from smartscope._errors import first_line
 
@@ -168,6 +168,12 @@ class SafeEngine(MDAEngine):
     on_cannot_sequence : callable, optional
         ``on_cannot_sequence(reason)``, called once when the camera refuses a
         sequence acquisition (the engine then snaps every frame on its own).
+    hold : callable, optional
+        ``hold()`` → None (go on), ``"pause"`` or ``"stop"``, asked before each
+        event is set up. While it says ``"pause"`` the event waits; ``"stop"``
+        skips it. pymmcore-plus checks its own pause only until it starts
+        sleeping towards an event's start time, so a pause that lands in that
+        last sleep (up to 0.5 s) would otherwise still take the frame.
     **kwargs
         Passed to `MDAEngine` (hardware sequencing is off by default: adaptive
         runs execute event by event).
@@ -182,6 +188,8 @@ class SafeEngine(MDAEngine):
         Why the camera could not sequence (None while it can).
     n_sequences : int
         Camera sequences acquired.
+    holding : bool
+        Whether an event is waiting in its set-up because `hold` says pause.
     """
 
     def __init__(
@@ -192,6 +200,7 @@ class SafeEngine(MDAEngine):
         retry_backoff_s: float = 0.1,
         limits: SafetyLimits | None = None,
         on_cannot_sequence: Callable[[str], None] | None = None,
+        hold: Callable[[], str | None] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("use_hardware_sequencing", False)
@@ -203,6 +212,8 @@ class SafeEngine(MDAEngine):
         self.n_failed_attempts = 0
         self._event: MDAEvent | None = None
         self.on_cannot_sequence = on_cannot_sequence
+        self.hold = hold
+        self.holding = False  # an event waits in set-up for `hold` to let it go
         self.sequence_refused: str | None = None
         self.n_sequences = 0
         # where this engine last sent the stages (a sequence's set-up moves only
@@ -261,6 +272,8 @@ class SafeEngine(MDAEngine):
 
     def setup_event(self, event: MDAEvent) -> None:
         self._event = event
+        if self.hold is not None and self.hold() is not None:
+            self._wait_while_held(event)
         core = self.mmcore
         if isinstance(event, SequencedEvent) and (
             event.x_sequence
@@ -295,6 +308,19 @@ class SafeEngine(MDAEngine):
             self._sent = True
         if self._sent:  # nothing sent: nothing to wait for
             self.call("system", "waitForSystem", core.waitForSystem)
+
+    def _wait_while_held(self, event: MDAEvent) -> None:
+        """Wait while `hold` says pause; skip the event if it says stop."""
+        assert self.hold is not None
+        self.holding = True
+        try:
+            while (state := self.hold()) == "pause":
+                time.sleep(0.01)
+        finally:
+            self.holding = False
+        if state == "stop":
+            frames = len(getattr(event, "events", ()) or ()) or 1
+            raise SkipEvent(frames, "the run was stopped while paused")
 
     def setup_single_event(self, event: MDAEvent) -> None:
         """Set XY, Z, channel, exposure, properties and ROI; raise on failure."""

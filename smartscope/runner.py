@@ -361,6 +361,7 @@ class Runner:
             limits=self.limits,
         )
         self.engine.on_cannot_sequence = self._cannot_sequence
+        self.engine.hold = self._engine_hold
         self.storage = RunStorage(
             self.directory,
             pixel_size_um=self.microscope.pixel_size_um,
@@ -600,6 +601,14 @@ class Runner:
         """Whether acquisition is paused (or held at the next event)."""
         held = self.scheduler is not None and self.scheduler.held
         return held or self.microscope.is_paused()
+
+    def _engine_hold(self) -> str | None:
+        """What the engine does with an event it is about to set up (`SafeEngine`)."""
+        if self._cancel_reason is not None:
+            return "stop"
+        if self.scheduler is not None and self.scheduler.held:
+            return "pause"
+        return None
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop after the current event; `finish` then records 'interrupted'."""

@@ -353,29 +353,25 @@ def simulate(
     return frames, snaps, sched
 
 
-PAUSE_SETTLE_MS = 250
-"""Wait after `paused_with_nothing_under_way` before counting frames.
-
-A pause that comes while pymmcore-plus sleeps until an already served event's
-start time (a timed plan) is not seen by it again before that event starts:
-the event runs, and the Scheduler's hold stops every later one. Its frame
-comes within an interval and an exposure of the pause.
-"""
-
-
 def paused_with_nothing_under_way(runner: Runner) -> bool:
     """Paused, no event being acquired, none able to start until resumed.
 
     Either pymmcore-plus is paused itself (it pauses at an event boundary), or
     every event the held Scheduler served has its frame, so the acquisition
-    waits in the Scheduler's ``next()`` for the hold to be released. For plans
-    of one frame per event.
+    waits in the Scheduler's ``next()`` for the hold to be released, or the
+    one served event pymmcore-plus started despite the pause (it came while
+    pymmcore-plus slept towards that event's start time) waits in the
+    engine's set-up. For plans of one frame per event.
     """
     sched = runner.scheduler
     return (
         sched is not None
         and sched.held
-        and (runner.microscope.is_paused() or runner._frame_count == sched.n_served)
+        and (
+            runner.microscope.is_paused()
+            or runner._frame_count == sched.n_served
+            or runner.engine.holding
+        )
     )
 
 

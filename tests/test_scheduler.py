@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from _closed_loop import PAUSE_SETTLE_MS, FakeClock, paused_with_nothing_under_way
+from _closed_loop import FakeClock, paused_with_nothing_under_way
 from useq import MDAEvent, MDASequence
 
 from smartscope.experiment import Experiment
@@ -141,6 +141,60 @@ def _wait_until(condition, timeout: float = 60.0) -> None:
         time.sleep(0.01)
 
 
+def _held_in_set_up(runner: Runner) -> int:
+    """Pause `runner` in pymmcore-plus's last sleep before an event's start.
+
+    pymmcore-plus looks at its pause flag, emits ``awaitingEvent`` with the
+    time left, sleeps that long and starts the event: a pause that lands in
+    that sleep is not seen by it. Waits until the engine holds that event in
+    its set-up; returns the frames acquired then.
+    """
+    armed: list[threading.Timer] = []
+
+    def pause_in_the_sleep(event: MDAEvent, remaining_s: float) -> None:
+        if runner._frame_count >= 2 and not armed and remaining_s > 0.002:
+            armed.append(threading.Timer(remaining_s / 2, runner.pause))
+            armed[0].start()
+
+    events = runner.microscope.core.mda.events
+    events.awaitingEvent.connect(pause_in_the_sleep)
+    try:
+        runner.start()
+        _wait_until(lambda: runner.is_paused() and runner.engine.holding)
+    finally:
+        events.awaitingEvent.disconnect(pause_in_the_sleep)
+    return runner._frame_count
+
+
+def test_a_pause_during_pymmcore_plus_last_sleep_holds_the_event_it_started(
+    microscope, tmp_path
+):
+    exp = Experiment.from_file(
+        __import__("pathlib").Path(__file__).parent / "fixtures" / "timelapse.yaml"
+    )
+    with Runner(exp, microscope=microscope, out_dir=tmp_path / "a") as runner:
+        frames = _held_in_set_up(runner)
+        served = runner.scheduler.n_served
+        time.sleep(1.2)  # two intervals of the plan: the held event waits
+        assert runner._frame_count == frames
+        assert runner.scheduler.n_served == served
+        assert runner.engine.holding
+        runner.resume()  # the held event goes on, then the plan
+        _wait_until(lambda: runner._frame_count >= served + 2)
+        runner.cancel("test cancel")
+        summary = runner.finish()
+    assert summary.status == "interrupted"
+
+    # a cancel while an event is held skips it: no frame after the pause
+    with Runner(exp, microscope=microscope, out_dir=tmp_path / "b") as runner:
+        frames = _held_in_set_up(runner)
+        runner.cancel("test cancel")
+        summary = runner.finish()
+    assert summary.status == "interrupted"
+    assert summary.frames_acquired == frames
+    assert len(read_jsonl(tmp_path / "b" / "frames.jsonl")) == frames
+
+
 def test_pause_resume_and_cancel_a_run(microscope, tmp_path):
     exp = Experiment.from_file(
         __import__("pathlib").Path(__file__).parent / "fixtures" / "timelapse.yaml"
@@ -150,7 +204,6 @@ def test_pause_resume_and_cancel_a_run(microscope, tmp_path):
         _wait_until(lambda: runner._frame_count >= 2)
         runner.pause()
         _wait_until(lambda: paused_with_nothing_under_way(runner))
-        time.sleep(PAUSE_SETTLE_MS / 1000)  # see PAUSE_SETTLE_MS
         paused_at, served = runner._frame_count, runner.scheduler.n_served
         time.sleep(1.2)  # two intervals of the plan: nothing may happen meanwhile
         assert runner._frame_count == paused_at
