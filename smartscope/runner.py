@@ -578,9 +578,10 @@ class Runner:
     def pause(self) -> None:
         """Pause acquisition at the next event boundary.
 
-        The Scheduler also holds back the next event, so a pause that lands in
-        pymmcore-plus's window between waiting for an event and starting it is
-        not lost.
+        The Scheduler holds back the next event, and an event pymmcore-plus
+        starts anyway (the pause landed while it slept towards that event's
+        start time) waits in the engine's set-up until `resume`: no frame is
+        taken while paused after the one under way.
         """
         if self.scheduler is not None:
             self.scheduler.hold(True)
