@@ -207,7 +207,14 @@ class SchedulerSettings(BaseModel):
         ge=2,
         description="Longest hardware sequence (frames; also bounded by the "
         "camera's sequence buffer): pauses and decisions on the plan wait at "
-        "most this long.",
+        "most this long (a decision one sequence more, see choose_ahead).",
+    )
+    choose_ahead: bool = Field(
+        True,
+        description="Choose the event after a hardware sequence while the camera "
+        "takes the sequence's last frame, so the camera stands still for less "
+        "time between sequences; a decision that arrives during that last frame "
+        "then waits one more sequence. false: choose only after the last frame.",
     )
 
 

@@ -391,6 +391,9 @@ class Runner:
         if not self.scheduler.is_timelapse:  # each position is visited once
             # so finished arrays can be closed: memory stays flat over a plate
             self.storage.images.max_open = self.storage.labels.max_open = 64
+        self.engine.choose_ahead = (
+            self.scheduler.choose_ahead if settings.choose_ahead else None
+        )
         self.scheduler.events.eventsSkipped.connect(self._on_skipped)
         self.scheduler.events.eventsScheduled.connect(self.events.eventsScheduled)
         if self.approval is not None:

@@ -86,6 +86,34 @@ def test_stop_action_ends_iteration_and_refuses_later_actions():
     assert not refused.applied and refused.reason == "run is stopping"
 
 
+def test_an_event_chosen_ahead_is_served_next_and_actions_apply_after_it():
+    sched = Scheduler(_plan(4))
+    assert next(sched).metadata["smartscope"]["position"] == "p000"
+    assert sched.choose_ahead()  # p001's first visit is due: chosen now
+    chosen = sched.stats()["sequences"]["chosen_ahead"]
+    assert chosen == 1
+    # a decision that arrives after the choice takes effect after it
+    sched.apply(AddEvents((MDAEvent(x_pos=5, pos_name="urgent"),), priority=9))
+    sched.apply(SkipPosition("p001"))
+    got = [e.pos_name or e.metadata["smartscope"]["position"] for e in sched]
+    assert got == ["p001", "urgent", "p000", "p000", "p000"]
+
+
+def test_choosing_ahead_never_waits_and_a_stop_drops_the_choice():
+    clock = FakeClock()
+    sched = Scheduler(MDASequence(time_plan={"interval": 60, "loops": 3}), clock=clock)
+    next(sched)
+    t0 = time.perf_counter()
+    assert not sched.choose_ahead()  # the next visit is due in 60 s
+    assert time.perf_counter() - t0 < 1.0
+    clock.advance(60.0)
+    assert sched.choose_ahead()
+    sched.stop("user stop")
+    with pytest.raises(StopIteration):
+        next(sched)
+    assert sched.finish_reason == "user stop"
+
+
 def _skip_experiment(min_area_px: float) -> Experiment:
     return Experiment.model_validate(
         {

@@ -11,6 +11,7 @@ resumes; the live-cell camera streams and its run is still scored.
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import logging
 import os
@@ -178,6 +179,7 @@ def test_a_run_of_sequenceable_events_becomes_sequenced_events(tmp_path):
         "frames": 30,
         "max_frames": 12,
         "off": None,
+        "chosen_ahead": 2,  # the second and third, during the last frame before
     }
 
     # the same plan with sequencing off: thirty events, none sequenced
@@ -257,6 +259,45 @@ def test_each_sequence_runs_at_its_exposure_and_a_boundary_resends_nothing(tmp_p
     assert summary.status == "completed", summary.reason
     assert summary.schedule["sequences"]["n"] == 4
     assert sent == [EXPOSURE_MS]
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_the_next_sequence_is_chosen_while_the_camera_takes_the_last_frame(
+    tmp_path, ahead
+):
+    # the engine asks the Scheduler for the next sequence after the last frame
+    # but one (the camera is taking the last); with choose_ahead off, only after
+    # the last frame. Both happen on the acquisition thread, in a fixed order.
+    exp = _experiment(loops=60, max_sequence_frames=10)
+    exp = exp.model_copy(
+        update={"scheduler": exp.scheduler.model_copy(update={"choose_ahead": ahead})}
+    )
+    log: list[tuple[str, Any]] = []  # ("served", sequence) / ("frame", event id)
+    with Runner(exp, out_dir=tmp_path / "run") as runner:
+        runner.microscope.core.mda.events.frameReady.connect(
+            lambda img, event, meta: log.append(("frame", event_tag(event)["event_id"]))
+        )
+        runner.start()
+        runner.scheduler.events.sequenceServed.connect(
+            lambda seq: log.append(("served", seq.metadata["smartscope"]))
+        )
+        runner.wait()
+        summary = runner.finish()
+    gc.collect()
+    assert summary.status == "completed", summary.reason
+    assert summary.schedule["sequences"]["n"] == 6
+    served = [(k, tag) for k, (what, tag) in enumerate(log) if what == "served"]
+    frame_at = {eid: k for k, (what, eid) in enumerate(log) if what == "frame"}
+    assert len(served) >= 4  # connected while the first sequence ran
+    for (_, before), (k, tag) in itertools.pairwise(served):
+        last = frame_at[before["event_ids"][-1]]
+        but_one = frame_at[before["event_ids"][-2]]
+        if ahead:
+            assert but_one < k < last
+        else:
+            assert last < k < frame_at[tag["event_ids"][0]]
+    chosen = summary.schedule["sequences"]["chosen_ahead"]
+    assert chosen == (5 if ahead else 0)
 
 
 # ------------------------------------------------------------ streams

@@ -211,7 +211,10 @@ class Scheduler(Iterator[MDAEvent]):
     never crosses a `Stream`'s chunk boundary, and with `max_analysis_lag` a
     base visit joins a sequence only if the frames before it leave the lag
     within bounds. `disable_sequencing` (the engine found the camera cannot
-    sequence) turns it off for the rest of the run.
+    sequence) turns it off for the rest of the run. While the camera takes a
+    sequence's last frame, the engine asks `choose_ahead` for the next event,
+    so it is ready when that frame arrives: an action applied during that
+    last frame interval takes effect one event (or sequence) later.
 
     Every served event carries ``metadata["smartscope"]``: ``event_id``,
     ``kind`` ("base" or the adding policy's kind), ``position`` key, ``visit``
@@ -380,6 +383,8 @@ class Scheduler(Iterator[MDAEvent]):
         self.sequencing_off: str | None = None  # why it was turned off mid-run
         self.n_sequences = 0
         self.n_sequenced_frames = 0
+        self._ready: MDAEvent | None = None  # chosen ahead, not yet taken
+        self.n_chosen_ahead = 0
         self.n_stream_frames = 0  # stream frames queued
         self._streams: dict[str, _StreamState] = {}
 
@@ -522,6 +527,7 @@ class Scheduler(Iterator[MDAEvent]):
                     "frames": self.n_sequenced_frames,
                     "max_frames": self.max_sequence_frames,
                     "off": self.sequencing_off,
+                    "chosen_ahead": self.n_chosen_ahead,
                 },
                 streams={
                     "n": len(self._streams),
@@ -1010,10 +1016,41 @@ class Scheduler(Iterator[MDAEvent]):
 
     def __next__(self) -> MDAEvent:
         with self._cond:
-            event = self._next_event()
-            if self.max_sequence_frames >= 2 and _sequenceable(event):
-                return self._sequence_from(event)
-            return event
+            ready, self._ready = self._ready, None
+            if ready is not None and self._stop_reason is None:
+                return ready  # chosen ahead (`choose_ahead`)
+            return self._as_sequence(self._next_event())
+
+    def choose_ahead(self) -> bool:
+        """Choose the next event now, if one is due; ``next()`` then returns it.
+
+        Called by the engine while the camera takes a sequence's last frame, so
+        the next event is ready the moment that frame arrives and the camera
+        stands still for less time between sequences. Never waits: with
+        nothing due now (or held, or stopping) it chooses nothing and returns
+        False. An action applied after this call takes effect after the event
+        chosen here; a stop still drops it.
+        """
+        with self._cond:
+            if self._ready is not None:
+                return True
+            if self._held or self._stop_reason is not None:
+                return False
+            now = self.now()
+            kind, what = self._choose(now)
+            if kind == "wait":
+                return False
+            event = self._take(kind, what, now)
+            if event is None:  # a visit dropped (its light-dose budget)
+                return False
+            self._ready = self._as_sequence(event)
+            self.n_chosen_ahead += 1
+            return True
+
+    def _as_sequence(self, event: MDAEvent) -> MDAEvent:
+        if self.max_sequence_frames >= 2 and _sequenceable(event):
+            return self._sequence_from(event)
+        return event
 
     def _next_event(self) -> MDAEvent:
         """The next event to serve; waits until one is due (the lock is held)."""
