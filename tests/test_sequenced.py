@@ -573,3 +573,26 @@ def test_the_live_cell_camera_streams_and_its_run_is_scored(tmp_path):
     assert report["dose"]["n_frames"] == 61
     assert report["dose"]["exposure_ms"] == pytest.approx(61 * EXPOSURE_MS)
     assert "n_divisions" in report["divisions"]
+
+
+# ------------------------------------------------------------ benchmark
+def test_bench_burst_runs_the_same_frames_in_every_arm(tmp_path):
+    from smartscope.bench import bench_burst
+
+    result = bench_burst(frames=20, chunk_frames=10, repeats=1, workdir=tmp_path)
+    arms = result["arms"]
+    assert set(arms) == {
+        "event_by_event", "sequenced", "bare_event_by_event", "bare_sequenced"
+    }  # fmt: skip
+    assert all(arm["same_order"] for arm in arms.values())
+    assert all(arm["frames_acquired"] == 20 for arm in arms.values())
+    seqd, ebe = arms["sequenced"], arms["event_by_event"]
+    assert (seqd["sequences"], ebe["sequences"]) == (2, 0)
+    assert arms["bare_sequenced"]["sequences"] == 1
+    assert seqd["frames_missing"] == ebe["frames_missing"] == 0
+    assert seqd["frames_counted"] == ebe["frames_counted"] == 20
+    # one boundary per sequenced run (the warm-up's 8 frames are one sequence)
+    assert seqd["between_sequences_ms"]["n"] == 1
+    assert seqd["dead_time_ms"]["p50"] is not None
+    assert result["exposure_limited_fps"] == 100.0
+    assert set(result["goals"]) >= {"no_frame_lost", "same_order"}

@@ -18,6 +18,7 @@ import os
 import statistics
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,7 @@ class _Timeline:
         self.mda = microscope.core.mda
         self.starts: list[tuple[float, int]] = []  # (time, frames in the event)
         self.frames: list[float] = []  # frameReady times
+        self.received: list[float | None] = []  # MMCore's time of each frame
         self.order: list[int] = []  # t index of each frame
 
     def __enter__(self) -> _Timeline:
@@ -62,6 +64,7 @@ class _Timeline:
 
     def _on_frame(self, img: Any, event: Any, meta: Any) -> None:
         self.frames.append(time.perf_counter())
+        self.received.append(_received_s(meta))
         self.order.append(int(event.index.get("t", 0)))
 
     def between_sequences_ms(self) -> list[float]:
@@ -77,8 +80,13 @@ class _Timeline:
     def dead_time_ms(self) -> list[float]:
         """Frame interval across each sequence boundary minus the median inside.
 
-        The time the camera stands still between two sequences.
+        The time the camera stands still between two sequences. Frame times
+        are MMCore's (``TimeReceivedByCore``: when the camera handed the frame
+        over) where every frame has one, else when it reached ``frameReady``.
         """
+        times = self.frames
+        if self.received and all(t is not None for t in self.received):
+            times = self.received  # type: ignore[assignment]
         first = []  # index of each event's first frame
         k = 0
         for _, n in self.starts:
@@ -86,17 +94,15 @@ class _Timeline:
             k += n
         starts = set(first)
         inside = [
-            self.frames[i] - self.frames[i - 1]
-            for i in range(1, len(self.frames))
-            if i not in starts
+            times[i] - times[i - 1] for i in range(1, len(times)) if i not in starts
         ]
         if not inside or len(first) < 2:
             return []
         frame_s = statistics.median(inside)
         return [
-            (self.frames[j] - self.frames[j - 1] - frame_s) * 1000.0
+            (times[j] - times[j - 1] - frame_s) * 1000.0
             for j in first[1:]
-            if 0 < j < len(self.frames)
+            if 0 < j < len(times)
         ]
 
     def burst_s(self) -> float:
@@ -388,6 +394,15 @@ def _bench_burst(
             "pymmcore-plus hardware sequence: a sequenced burst cannot be faster"
         )
     return result
+
+
+def _received_s(meta: Any) -> float | None:
+    """MMCore's ``TimeReceivedByCore`` of a frame, in seconds (None: absent)."""
+    try:
+        stamp = meta["camera_metadata"]["TimeReceivedByCore"]
+        return datetime.fromisoformat(stamp).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _median_of(values: list[float | None]) -> float | None:
