@@ -174,6 +174,13 @@ class SchedulerSettings(BaseModel):
         ge=0,
         description="Longest wait of a due base visit behind added events (s).",
     )
+    travel_slack_s: float = Field(
+        0.2,
+        ge=0,
+        description="With travel_order nearest: how far past its due time (s) an "
+        "added event (a burst frame, a target) may fall while nearer ones of the "
+        "same priority go first; beyond it the longest-overdue goes first.",
+    )
     deadline_fraction: float = Field(
         0.5,
         ge=0,

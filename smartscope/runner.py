@@ -376,6 +376,7 @@ class Runner:
             clock=self.run_clock,
             travel_order=settings.travel_order,
             max_delay_s=settings.max_delay_s,
+            travel_slack_s=settings.travel_slack_s,
             deadline_fraction=settings.deadline_fraction,
             dose_budget_ms=settings.dose_budget_ms,
             max_analysis_lag=settings.max_analysis_lag,

@@ -227,6 +227,29 @@ def test_nearest_order_keeps_each_positions_own_order():
     assert got == [("other", None), ("burst", 0), ("burst", 1)]
 
 
+def test_nearest_order_lets_no_event_fall_more_than_the_slack_behind():
+    clock = FakeClock()
+    sched = Scheduler(
+        _timelapse([(0, 0, 0)], loops=1),
+        clock=clock,
+        travel_order="nearest",
+        travel_slack_s=0.2,
+    )
+    next(sched)  # the stage is at x=0
+    far = MDAEvent(x_pos=500, y_pos=0, pos_name="far", min_start_time=0.01)
+    near = [
+        MDAEvent(x_pos=1, y_pos=0, pos_name=f"near{k}", min_start_time=0.05)
+        for k in range(2)
+    ]
+    sched.apply(AddEvents((far,)))
+    sched.apply(AddEvents(tuple(near)))
+    clock.t = 0.1  # "far" 0.09 s overdue, within the slack: the nearer go first
+    assert next(sched).pos_name == "near0"
+    clock.t = 0.3  # "far" 0.29 s overdue, past the slack: it goes first
+    assert next(sched).pos_name == "far"
+    assert next(sched).pos_name == "near1"
+
+
 def test_hold_pauses_at_the_event_boundary_and_stop_still_ends():
     sched = Scheduler(_timelapse([(0, 0, 0)], loops=3))
     next(sched)

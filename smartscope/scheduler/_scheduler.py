@@ -235,6 +235,10 @@ class Scheduler(Iterator[MDAEvent]):
         Order of base visits that are due at the same time.
     max_delay_s : float
         Longest wait of a due base visit behind added events.
+    travel_slack_s : float
+        With ``travel_order="nearest"``: how far past its due time an added
+        event may fall while nearer ones (of the same priority) go first;
+        beyond it, the longest-overdue one goes first.
     deadline_fraction : float
         Lateness, as a fraction of the position's interval, that misses the
         timepoint's deadline.
@@ -285,6 +289,7 @@ class Scheduler(Iterator[MDAEvent]):
         poll_interval_s: float = 0.02,
         travel_order: TravelOrder = "plan",
         max_delay_s: float = 1.0,
+        travel_slack_s: float = 0.2,
         deadline_fraction: float = 0.5,
         dose_budget_ms: float | None = None,
         default_exposure_ms: float = 10.0,
@@ -307,6 +312,7 @@ class Scheduler(Iterator[MDAEvent]):
         self._poll = poll_interval_s
         self.travel_order: TravelOrder = travel_order
         self.max_delay_s = float(max_delay_s)
+        self.travel_slack_s = float(travel_slack_s)
         self.deadline_fraction = float(deadline_fraction)
         self.dose_budget_ms = dose_budget_ms
         self.default_exposure_ms = float(default_exposure_ms)
@@ -1099,7 +1105,7 @@ class Scheduler(Iterator[MDAEvent]):
         if self._visit:  # a started visit is served as a block
             return "rest", None
         horizon = now + self._poll
-        added = self._best_added(horizon)
+        added = self._best_added(now, horizon)
         visit = self._next_visit(horizon)
         if (
             self.max_analysis_lag is not None
@@ -1243,12 +1249,15 @@ class Scheduler(Iterator[MDAEvent]):
             if self.sequencing_off is None:
                 self.sequencing_off = reason
 
-    def _best_added(self, horizon: float) -> tuple | None:
+    def _best_added(self, now: float, horizon: float) -> tuple | None:
         """The due added event to serve first: highest priority, then FIFO.
 
         With ``travel_order="nearest"``, among the due events of the highest
         priority the one nearest the stage goes first (a position's own events
-        keep their order).
+        keep their order), unless one of them is more than `travel_slack_s`
+        past its due time (``min_start_time``): then the one longest overdue
+        goes first, so that nearby places cannot starve a far one when
+        acquisition is at capacity.
         """
         due = [item for item in self._added if item[2] <= horizon]
         if not due:
@@ -1264,6 +1273,11 @@ class Scheduler(Iterator[MDAEvent]):
                 key = _tag_pos(item[3])
                 if key not in firsts or item[1] < firsts[key][1]:
                     firsts[key] = item
+        timed = [item for item in firsts.values() if item[2] > -math.inf]
+        if timed:  # (an event without a due time has no deadline to miss)
+            overdue = min(timed, key=lambda item: (item[2], item[1]))
+            if now - overdue[2] > self.travel_slack_s:
+                return overdue
         return min(firsts.values(), key=lambda item: (self._distance(item[3]), item[1]))
 
     def _distance(self, event: MDAEvent) -> float:
