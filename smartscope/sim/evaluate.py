@@ -596,7 +596,8 @@ def live_run_report(
     -------
     dict
         ``divisions``: the divisions in the fields of base-plan frames (at least
-        `margin_um` inside) whose whole pre-division window lies in the run,
+        `margin_um` inside) whose whole pre-division window lies in the run
+        (from its first frame to its last base-plan frame),
         and how many were caught (`division_capture`, without the per-division
         list); ``dose``:
         `dose_summary` of the cells that were ever in those fields;
@@ -628,7 +629,10 @@ def live_run_report(
     for fr in frames:
         kinds[fr["kind"]] = kinds.get(fr["kind"], 0) + 1
     t0 = snaps[0]["t_s"] if snaps else None
-    t1 = snaps[-1]["t_s"] if snaps else None
+    # the run's span is its base plan's: after the last base frame an adaptive
+    # run may still finish its bursts, but nothing new can trigger there, and
+    # a fixed time-lapse of the same plan has ended (the same span for both)
+    t1 = (base or snaps)[-1]["t_s"] if snaps else None
     # only divisions whose whole pre-division window lies in the run can be
     # caught by any acquisition
     windows = gt.division_s - gt.pre_start_s
