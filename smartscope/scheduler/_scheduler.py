@@ -1105,7 +1105,7 @@ class Scheduler(Iterator[MDAEvent]):
         if self._visit:  # a started visit is served as a block
             return "rest", None
         horizon = now + self._poll
-        added = self._best_added(now, horizon)
+        added = self._best_added(now)
         visit = self._next_visit(horizon)
         if (
             self.max_analysis_lag is not None
@@ -1249,7 +1249,7 @@ class Scheduler(Iterator[MDAEvent]):
             if self.sequencing_off is None:
                 self.sequencing_off = reason
 
-    def _best_added(self, now: float, horizon: float) -> tuple | None:
+    def _best_added(self, now: float) -> tuple | None:
         """The due added event to serve first: highest priority, then FIFO.
 
         With ``travel_order="nearest"``, among the due events of the highest
@@ -1259,6 +1259,7 @@ class Scheduler(Iterator[MDAEvent]):
         goes first, so that nearby places cannot starve a far one when
         acquisition is at capacity.
         """
+        horizon = now + self._poll
         due = [item for item in self._added if item[2] <= horizon]
         if not due:
             return None
