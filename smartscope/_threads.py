@@ -1,12 +1,20 @@
-"""Thread priorities: acquisition first, then writing and analysis."""
+"""Real-time helpers: thread priorities and a frozen start-up heap.
+
+Acquisition first, then writing and analysis; and no full garbage
+collection that walks the whole start-up heap while frames arrive.
+"""
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import threading
 
-__all__ = ["lower_thread_priority"]
+__all__ = ["freeze_heap", "lower_thread_priority", "thaw_heap"]
+
+_frozen = 0
+_frozen_lock = threading.Lock()
 
 
 def lower_thread_priority(nice: int) -> bool:
@@ -24,3 +32,30 @@ def lower_thread_priority(nice: int) -> bool:
     except (OSError, AttributeError):
         return False
     return True
+
+
+def freeze_heap() -> None:
+    """Collect once, then keep the objects alive now out of later collections.
+
+    A process with torch, pydantic and Micro-Manager loaded holds ~200 000
+    tracked objects: a full (generation 2) collection walks them all and
+    holds the GIL for 40-130 ms on a 2-core machine, stalling acquisition
+    and analysis mid-run. After `gc.freeze` collections walk only what the
+    run itself creates. Calls nest: `thaw_heap` unfreezes after the last.
+    """
+    global _frozen
+    with _frozen_lock:
+        _frozen += 1
+        gc.collect()
+        gc.freeze()
+
+
+def thaw_heap() -> None:
+    """Undo one `freeze_heap`; the last one hands the frozen objects back to gc."""
+    global _frozen
+    with _frozen_lock:
+        if _frozen == 0:
+            return
+        _frozen -= 1
+        if _frozen == 0:
+            gc.unfreeze()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import platform
@@ -19,6 +20,7 @@ import numpy as np
 from psygnal import Signal, SignalGroup
 
 from smartscope._errors import ExperimentError, OutputError, first_line
+from smartscope._threads import freeze_heap, thaw_heap
 from smartscope.approval import ApprovalGate
 from smartscope.engine import DeviceFault, sequence_capacity
 from smartscope.frame import Frame, event_tag
@@ -284,6 +286,9 @@ class Runner:
         # pauses, taken out of the run clock (the Scheduler's time base)
         self._paused_s = 0.0
         self._paused_at: float | None = None
+        # model, core and imports loaded: no full collection walks them mid-run
+        freeze_heap()
+        self._heap_frozen = True
 
     # --------------------------------------------------------------- set-up
     def _resolve_plan(self, seq: MDASequence) -> MDASequence:
@@ -436,6 +441,9 @@ class Runner:
         self.storage.write_run_json(self._run_info("running"))
 
         core.mda.events.frameReady.connect(self._on_frame_ready)
+        # what start() built (the plan, the stores) joins the frozen heap too;
+        # any garbage among it is collected when the heap thaws at close()
+        gc.freeze()
         self._t0 = time.perf_counter()
         if exp.analysis.enabled:
             self.worker.start()
@@ -772,6 +780,9 @@ class Runner:
     # -------------------------------------------------------------- cleanup
     def close(self) -> None:
         """Stop the segmenter's process; release a microscope this runner made."""
+        if getattr(self, "_heap_frozen", False):
+            self._heap_frozen = False
+            thaw_heap()
         close_segmenter = getattr(getattr(self, "segmenter", None), "close", None)
         if callable(close_segmenter):
             close_segmenter()

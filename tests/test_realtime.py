@@ -281,3 +281,38 @@ def test_a_run_with_its_model_in_a_child_process(tmp_path):
     assert summary.frames_analysed + summary.frames_dropped == 4
     assert load_run(tmp_path / "run").info["model_id"] == ThresholdSegmenter().model_id
     assert proc.poll() is not None  # the child ended with the runner
+
+
+def test_the_start_up_heap_is_frozen_while_frames_arrive_and_thawed_after(tmp_path):
+    """No full collection walks torch/pydantic/MMCore's objects mid-run.
+
+    A full collection of that heap holds the GIL for 40-130 ms here, so the
+    acquisition thread would stall between frames.
+    """
+    exp = _fast_timelapse(tmp_path, [], frames=4)
+    frozen_at_frames: list[int] = []
+    runner = Runner(exp)
+    try:
+        runner.microscope.core.mda.events.frameReady.connect(
+            lambda *_: frozen_at_frames.append(gc.get_freeze_count())
+        )
+        summary = runner.run()
+    finally:
+        runner.close()
+        gc.collect()
+    assert summary.status == "completed" and len(frozen_at_frames) == 4
+    assert min(frozen_at_frames) > 10_000  # the imports and the core, at least
+    assert gc.get_freeze_count() == 0  # handed back to gc with the runner
+
+
+def test_heap_freezes_nest():
+    from smartscope._threads import freeze_heap, thaw_heap
+
+    freeze_heap()
+    freeze_heap()
+    thaw_heap()
+    assert gc.get_freeze_count() > 0  # the outer freeze still holds
+    thaw_heap()
+    assert gc.get_freeze_count() == 0
+    thaw_heap()  # one too many: harmless
+    assert gc.get_freeze_count() == 0

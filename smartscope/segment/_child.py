@@ -16,6 +16,7 @@ from multiprocessing.shared_memory import SharedMemory
 import numpy as np
 
 from smartscope._errors import first_line
+from smartscope._threads import freeze_heap
 from smartscope.segment._process import _attach
 
 
@@ -36,6 +37,7 @@ def serve(conn: Connection) -> None:
     except Exception as e:
         conn.send(("error", f"segmenter {name!r}: {first_line(e)}"))
         return
+    freeze_heap()  # the loaded model and imports: out of every later collection
     device = str(getattr(segmenter, "device_name", "cpu"))
     conn.send(("ready", segmenter.model_id, device, os.getpid()))
     inputs: dict[str, SharedMemory] = {}
