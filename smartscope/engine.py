@@ -551,11 +551,18 @@ class SafeEngine(MDAEngine):
         stopping = False
         timeout = self._initial_timeout(event)
         deadline = time.monotonic() + timeout
+        # no frame comes sooner than one exposure after the last: sleep until
+        # a millisecond before then, and only then poll every 0.5 ms (polling
+        # all along took CPU from the camera's own thread on a busy machine)
+        exposure_s = (event.exposure or core.getExposure() or 0.0) / 1000.0
+        next_frame = time.monotonic() + exposure_s
         while count < n:
             if core.getRemainingImageCount():
                 img, meta = core.popNextImageAndMD()
                 timeout = self._frame_timeout(event)
-                deadline = time.monotonic() + timeout
+                now = time.monotonic()
+                deadline = now + timeout
+                next_frame = now + exposure_s
                 signal = yield self._create_seqimg_payload_from_popped(
                     img,
                     meta,
@@ -580,7 +587,7 @@ class SafeEngine(MDAEngine):
                         f"no frame for {timeout:.1f} s ({count} of {n} came)",
                         event=event,
                     )
-                time.sleep(0.0005)
+                time.sleep(max(0.0005, next_frame - 0.001 - time.monotonic()))
             elif not core.getRemainingImageCount():
                 break  # the camera has stopped and its buffer is empty
         if core.isSequenceRunning():  # done: let the next set-up find it stopped
