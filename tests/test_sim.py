@@ -337,6 +337,25 @@ def test_snap_matches_ground_truth_at_the_stage_position(livecore) -> None:
         np.testing.assert_allclose(centroid, expected, atol=1.5)
 
 
+def test_the_camera_finds_its_stage_while_a_run_freezes_the_heap(livecore) -> None:
+    """A run freezes its start-up heap, which `gc.get_objects` then skips."""
+    from smartscope._threads import freeze_heap, thaw_heap
+    from smartscope.sim import live_cell_camera
+
+    camera = live_cell_camera(livecore)
+    assert camera.owning_core() is livecore  # found when the config loaded
+    freeze_heap()
+    try:
+        camera._core_ref = None  # as a device that never looked before
+        _move(livecore, 120.0, -80.0)
+        _snap(livecore)
+        assert gc.get_freeze_count() > 0  # still frozen after the search
+    finally:
+        thaw_heap()
+    snap = camera.snap_log[-1]
+    assert (snap["x_um"], snap["y_um"]) == pytest.approx((120.0, -80.0), abs=0.01)
+
+
 def test_moving_the_stage_moves_the_content(livecore) -> None:
     _move(livecore, 0.0, 0.0)
     first = _snap(livecore).astype(float)

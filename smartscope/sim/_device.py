@@ -175,8 +175,19 @@ class SpecimenCamera(SimpleCameraDevice):
         """Read stage positions from `core` (normally found automatically)."""
         self._core_ref = weakref.ref(core)
 
+    def initialize(self) -> None:
+        """Find the owning core while it is loading this device (see `owning_core`)."""
+        super().initialize()
+        self.owning_core()
+
     def owning_core(self) -> CMMCorePlus | None:
-        """The core this device is loaded into, or ``None`` if not loaded."""
+        """The core this device is loaded into, or ``None`` if not loaded.
+
+        Found once among the objects the garbage collector tracks, then held
+        by a weak reference. A run freezes its start-up heap
+        (`smartscope._threads.freeze_heap`), which hides frozen objects from
+        `gc.get_objects`: the search then thaws the heap for its duration.
+        """
         core = self._core_ref() if self._core_ref is not None else None
         if core is not None and holds(core, self):
             return core
@@ -184,10 +195,17 @@ class SpecimenCamera(SimpleCameraDevice):
             signals = self.core.events.propertyChanged.instance  # type: ignore[attr-defined]
         except AttributeError:  # not loaded into a core
             return None
-        for obj in gc.get_objects():
-            if isinstance(obj, CMMCorePlus) and obj.events is signals:
-                self._core_ref = weakref.ref(obj)
-                return obj
+        frozen = gc.get_freeze_count() > 0
+        if frozen:
+            gc.unfreeze()
+        try:
+            for obj in gc.get_objects():
+                if isinstance(obj, CMMCorePlus) and obj.events is signals:
+                    self._core_ref = weakref.ref(obj)
+                    return obj
+        finally:
+            if frozen:
+                gc.freeze()
         return None  # pragma: no cover - a loaded device always has a core
 
     def _stage_state(self) -> tuple[float, float, float, float]:
