@@ -120,6 +120,47 @@ def test_ctrl_c_or_sigterm_leaves_a_readable_interrupted_run(tmp_path, sig):
         assert read_position(out, a["position"])[a["t"], a["c"], a["z"]].any()
 
 
+def test_a_killed_benchmark_leaves_no_core_busy(tmp_path):
+    """`--load`'s spinning process ends with the benchmark, even on kill -9."""
+    script = (
+        "import os, time\n"
+        "from smartscope.bench._loop import busy_core\n"
+        "with busy_core(True):\n"
+        "    print(os.getpid(), flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    bench = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pid = int(bench.stdout.readline())
+        children = Path(f"/proc/{pid}/task/{pid}/children")
+        deadline = time.monotonic() + 10
+        while not children.read_text().split() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (spinner,) = (int(c) for c in children.read_text().split())
+        assert Path(f"/proc/{spinner}").exists()
+    finally:
+        bench.kill()
+        bench.wait()
+        bench.stdout.close()
+
+    def running() -> bool:  # an exited, unreaped process is a zombie (Z)
+        try:
+            stat = Path(f"/proc/{spinner}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+    deadline = time.monotonic() + 10
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running()  # gone with its parent
+
+
 def test_bench_loop_reports_json():
     result = smartscope(
         "bench", "loop", "--json", "--frames", "8", "--repeats", "1", timeout=300

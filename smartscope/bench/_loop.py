@@ -300,14 +300,28 @@ def bench_loop(
     )
 
 
+#: spins until its parent (the pid given) is gone: it is then re-parented
+_SPIN = """
+import os, sys
+parent = int(sys.argv[1])
+while os.getppid() == parent:
+    for _ in range(100_000):
+        pass
+"""
+
+
 @contextmanager
 def busy_core(load: bool) -> Iterator[None]:
-    """With `load`, a process spins on one core for the block (a shared machine)."""
+    """With `load`, a process spins on one core for the block (a shared machine).
+
+    The spinner also ends when this process does, however it ends (a killed
+    benchmark must not leave a core busy behind it).
+    """
     if not load:
         yield
         return
     spinner = subprocess.Popen(
-        [sys.executable, "-c", "while True: pass"],
+        [sys.executable, "-c", _SPIN, str(os.getpid())],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
     )
