@@ -187,6 +187,13 @@ class Runner:
         Go on with the interrupted run already in the directory (see
         `smartscope.resume.resume_run`) instead of starting a new one.
 
+    Notes
+    -----
+    From the end of set-up until `close`, the objects alive at start-up (the
+    imports, the core, the model) are frozen out of garbage collection
+    (`gc.freeze`): a full collection of that heap would hold the GIL for
+    tens of milliseconds mid-run. Close every runner (``with Runner(...)``).
+
     Examples
     --------
     >>> exp = Experiment.from_file("demos/find_and_center.yaml")
