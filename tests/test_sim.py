@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -342,6 +343,13 @@ def test_the_camera_finds_its_stage_while_a_run_freezes_the_heap(livecore) -> No
     from smartscope._threads import freeze_heap, thaw_heap
     from smartscope.sim import live_cell_camera
 
+    class ComputedClass:  # as torch's deprecated aliases: __class__ warns
+        @property
+        def __class__(self):
+            warnings.warn("read", FutureWarning, stacklevel=2)
+            return ComputedClass
+
+    odd = ComputedClass()  # noqa: F841 - met by the camera's search of the heap
     camera = live_cell_camera(livecore)
     assert camera.owning_core() is livecore  # found when the config loaded
     freeze_heap()

@@ -200,7 +200,9 @@ class SpecimenCamera(SimpleCameraDevice):
             gc.unfreeze()
         try:
             for obj in gc.get_objects():
-                if isinstance(obj, CMMCorePlus) and obj.events is signals:
+                # type(), not isinstance(): that reads obj.__class__, which
+                # some objects compute (torch's deprecated aliases warn)
+                if issubclass(type(obj), CMMCorePlus) and obj.events is signals:
                     self._core_ref = weakref.ref(obj)
                     return obj
         finally:
