@@ -10,8 +10,9 @@ import gc
 import os
 import sys
 import threading
+from typing import Any
 
-__all__ = ["freeze_heap", "lower_thread_priority", "thaw_heap"]
+__all__ = ["freeze_heap", "lower_thread_priority", "thaw_heap", "tracked_objects"]
 
 _frozen = 0
 _frozen_lock = threading.Lock()
@@ -59,3 +60,19 @@ def thaw_heap() -> None:
         _frozen -= 1
         if _frozen == 0:
             gc.unfreeze()
+
+
+def tracked_objects() -> list[Any]:
+    """Every object the garbage collector tracks, the frozen heap included.
+
+    `gc.get_objects` skips frozen objects: the heap is thawed for the call and
+    frozen again (with whatever was made since, as `Runner.start` does).
+    """
+    frozen = gc.get_freeze_count() > 0
+    if frozen:
+        gc.unfreeze()
+    try:
+        return gc.get_objects()
+    finally:
+        if frozen:
+            gc.freeze()

@@ -20,7 +20,6 @@ sequences, as a camera without that feature does.
 
 from __future__ import annotations
 
-import gc
 import math
 import threading
 import time
@@ -30,6 +29,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from pymmcore_plus import CMMCorePlus, Keyword
 from pymmcore_plus.experimental.unicore import SimpleCameraDevice, pymm_property
+
+from smartscope._threads import tracked_objects
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
@@ -184,9 +185,8 @@ class SpecimenCamera(SimpleCameraDevice):
         """The core this device is loaded into, or ``None`` if not loaded.
 
         Found once among the objects the garbage collector tracks, then held
-        by a weak reference. A run freezes its start-up heap
-        (`smartscope._threads.freeze_heap`), which hides frozen objects from
-        `gc.get_objects`: the search then thaws the heap for its duration.
+        by a weak reference. The search includes the heap a run freezes
+        (`smartscope._threads.tracked_objects`).
         """
         core = self._core_ref() if self._core_ref is not None else None
         if core is not None and holds(core, self):
@@ -195,19 +195,12 @@ class SpecimenCamera(SimpleCameraDevice):
             signals = self.core.events.propertyChanged.instance  # type: ignore[attr-defined]
         except AttributeError:  # not loaded into a core
             return None
-        frozen = gc.get_freeze_count() > 0
-        if frozen:
-            gc.unfreeze()
-        try:
-            for obj in gc.get_objects():
-                # type(), not isinstance(): that reads obj.__class__, which
-                # some objects compute (torch's deprecated aliases warn)
-                if issubclass(type(obj), CMMCorePlus) and obj.events is signals:
-                    self._core_ref = weakref.ref(obj)
-                    return obj
-        finally:
-            if frozen:
-                gc.freeze()
+        for obj in tracked_objects():
+            # type(), not isinstance(): that reads obj.__class__, which some
+            # objects compute (torch's deprecated aliases warn)
+            if issubclass(type(obj), CMMCorePlus) and obj.events is signals:
+                self._core_ref = weakref.ref(obj)
+                return obj
         return None  # pragma: no cover - a loaded device always has a core
 
     def _stage_state(self) -> tuple[float, float, float, float]:
