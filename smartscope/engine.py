@@ -563,7 +563,7 @@ class SafeEngine(MDAEngine):
                 now = time.monotonic()
                 deadline = now + timeout
                 next_frame = now + exposure_s
-                signal = yield self._create_seqimg_payload_from_popped(
+                payload = self._create_seqimg_payload_from_popped(
                     img,
                     meta,
                     event=event.events[count],
@@ -571,6 +571,14 @@ class SafeEngine(MDAEngine):
                     event_t0=t0_ms,
                     remaining=core.getRemainingImageCount(),
                 )
+                # which frame of which sequence (the runner's Frame.sequence)
+                frame_meta: dict[str, Any] = payload[2]  # type: ignore[assignment]
+                frame_meta["sequence"] = {
+                    "index": self.n_sequences - 1,
+                    "frame": count,
+                    "frames": n,
+                }
+                signal = yield payload
                 count += 1
                 if signal == "cancel" and not stopping:
                     # the camera stops; the frames it already took still come

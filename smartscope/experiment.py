@@ -132,6 +132,15 @@ class AnalysisSettings(BaseModel):
         "made on fresh frames. None: only superseded frames are skipped. Frames "
         "a policy needs are never skipped.",
     )
+    sequence_frames: Literal["last", "newest"] = Field(
+        "last",
+        description="Which frames of a hardware sequence that no policy needs (a "
+        "stream's, a plain time-lapse's) are analysed: 'last', only its last frame "
+        "(the others are stored and skipped as 'sequence': a decision takes effect "
+        "only between sequences, and every analysis during one takes CPU from the "
+        "camera's streaming); 'newest', as many of the newest as the model keeps "
+        "up with.",
+    )
     num_threads: int | None = Field(
         None,
         ge=1,

@@ -60,7 +60,10 @@ class Frame:
     resulting events were in the Scheduler's queue. `t_clock` is the acquisition
     time on the Scheduler's clock (the time base of ``min_start_time``), which
     policies use to time the events they add. `pixel_size_um` is the pixel
-    size the frame was taken at (it changes with the objective).
+    size the frame was taken at (it changes with the objective). `sequence`
+    numbers the hardware sequence the frame was streamed in (0, 1, ... in the
+    run; None for a frame taken event by event); `sequence_end` marks the
+    sequence's last frame.
     """
 
     frame_index: int
@@ -80,6 +83,8 @@ class Frame:
     dropped: bool = False
     t_clock: float | None = None
     pixel_size_um: float | None = None
+    sequence: int | None = None
+    sequence_end: bool = False
 
     @property
     def stage_xy_um(self) -> tuple[float, float]:

@@ -417,6 +417,7 @@ class Runner:
             if exp.analysis.max_frame_age_ms is None
             else exp.analysis.max_frame_age_ms / 1000.0,
             clock=self.clock,
+            sequence_last_only=exp.analysis.sequence_frames == "last",
         )
         num_threads = analysis_threads(exp)
         self.worker = InferenceWorker(
@@ -521,6 +522,7 @@ class Runner:
         """Acquisition thread: store the frame and hand it to analysis. Never waits."""
         t = self.clock()
         t_clock = self.run_clock()
+        sequence = meta.get("sequence") or {}  # SafeEngine's: which frame of which
         if meta.get("hardware_triggered"):  # the camera's own time of the frame
             lag = t_clock - (float(meta.get("runner_time_ms", 0.0)) / 1000.0)
             lag += self._paused_total()
@@ -542,6 +544,8 @@ class Runner:
             event_id=int(tag.get("event_id", -1)),
             t_clock=t_clock,
             pixel_size_um=_opt_float(meta.get("pixel_size_um")),
+            sequence=sequence.get("index"),
+            sequence_end=sequence.get("frame", -1) == sequence.get("frames", 0) - 1,
         )
         self._frame_count += 1
         # queued for the writer before analysis can see it: its labels (written
@@ -572,7 +576,7 @@ class Runner:
             needs = getattr(policy, "needs", None)
             if needs is None:
                 if "stream" in event_tag(frame.event):
-                    continue  # a stream's frames: the newest are analysed
+                    continue  # a stream's frames: see analysis.sequence_frames
                 return True
             try:
                 if needs(frame):

@@ -105,7 +105,7 @@ def warm_up(segmenter: PSegmenter, shape: tuple[int, int]) -> float:
 
 
 #: Why a frame was not analysed (counted per reason; the frame is still stored).
-SKIP_REASONS = ("superseded", "stale", "overflow")
+SKIP_REASONS = ("superseded", "stale", "sequence", "overflow")
 
 
 class FrameStream:
@@ -121,6 +121,10 @@ class FrameStream:
       newer frame is waiting (the newest frame is always analysed);
     - a required frame (a survey tile, a base field under a quota, the frame a
       burst is triggered from) is never skipped for freshness;
+    - with `sequence_last_only`, of the frames no policy needs from a
+      hardware sequence only the last is analysed; the others are skipped as
+      ``"sequence"`` at once (a decision takes effect only between sequences,
+      and each analysis during one takes CPU from the camera's streaming);
     - beyond `maxsize` waiting frames the oldest frame no policy needs goes
       (``"overflow"``); beyond `hard_limit` (memory) even required ones do.
 
@@ -136,10 +140,12 @@ class FrameStream:
         max_frame_age_s: float | None = None,
         clock: Callable[[], float] | None = None,
         hard_limit: int | None = None,
+        sequence_last_only: bool = False,
     ) -> None:
         self.maxsize = maxsize
         self.hard_limit = hard_limit or max(16 * maxsize, 256)
         self.max_frame_age_s = max_frame_age_s
+        self.sequence_last_only = sequence_last_only
         self._clock = clock
         self._items: list[tuple[Frame, np.ndarray, bool]] = []
         self._cond = threading.Condition()
@@ -157,14 +163,22 @@ class FrameStream:
     def put(self, frame: Frame, image: np.ndarray, *, required: bool = True) -> bool:
         """Queue a frame for analysis without waiting.
 
-        Returns False if the frame itself had to go at once (``"overflow"``:
-        the queue is full of frames that policies need). Skipped frames are
-        reported to `on_skip` from the consumer's thread (`get_batch`), never
-        from the caller's.
+        Returns False if the frame itself had to go at once (``"sequence"``:
+        not the last of its hardware sequence, or ``"overflow"``: the queue is
+        full of frames that policies need). Skipped frames are reported to
+        `on_skip` from the consumer's thread (`get_batch`), never from the
+        caller's.
         """
         with self._cond:
             self._items.append((frame, image, required))
             self.n_put += 1
+            if (
+                self.sequence_last_only
+                and not required
+                and frame.sequence is not None
+                and not frame.sequence_end
+            ):
+                self._skip(len(self._items) - 1, "sequence")
             if len(self._items) > self.maxsize:
                 self._skip_unneeded()
             if len(self._items) > self.maxsize:

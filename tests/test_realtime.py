@@ -51,7 +51,12 @@ def test_frames_no_policy_needs_are_superseded_by_the_newest():
     batch = stream.get_batch(4)
     assert [f.frame_index for f, _ in batch] == [4]
     assert skipped == [(i, "superseded") for i in range(4)]
-    assert stream.n_skipped == {"superseded": 4, "stale": 0, "overflow": 0}
+    assert stream.n_skipped == {
+        "superseded": 4,
+        "stale": 0,
+        "sequence": 0,
+        "overflow": 0,
+    }
     assert [f.dropped for f in frames] == [True] * 4 + [False]
 
 
@@ -76,6 +81,38 @@ def test_stale_frames_are_skipped_but_the_newest_is_always_analysed():
     # alone in the queue, even an old frame is analysed: decisions never starve
     stream.put(_frame(3, "a", t=1.0), IMAGE, required=False)
     assert [f.frame_index for f, _ in stream.get_batch(10)] == [3]
+
+
+def _streamed(i: int, sequence: int | None, end: bool = False):
+    frame = _frame(i, kind="stream")
+    frame.sequence, frame.sequence_end = sequence, end
+    return frame
+
+
+def test_of_a_hardware_sequence_only_the_last_frame_is_analysed_unless_needed():
+    stream, skipped = _stream(maxsize=16, sequence_last_only=True)
+    assert not stream.put(_streamed(0, sequence=0), IMAGE, required=False)
+    stream.put(_streamed(1, sequence=0), IMAGE, required=True)  # a policy's
+    stream.put(_streamed(2, sequence=0, end=True), IMAGE, required=False)
+    assert [f.frame_index for f, _ in stream.get_batch(4)] == [1, 2]
+    assert skipped == [(0, "sequence")]
+    # frames taken event by event are not sequence frames
+    stream.put(_streamed(3, sequence=None), IMAGE, required=False)
+    assert [f.frame_index for f, _ in stream.get_batch(4)] == [3]
+    assert stream.n_skipped == {
+        "superseded": 0,
+        "stale": 0,
+        "sequence": 1,
+        "overflow": 0,
+    }
+
+
+def test_without_last_only_the_model_takes_the_newest_frames_of_a_sequence():
+    stream, skipped = _stream(maxsize=16, sequence_last_only=False)
+    for i in range(3):
+        stream.put(_streamed(i, sequence=0), IMAGE, required=False)
+        assert [f.frame_index for f, _ in stream.get_batch(4)] == [i]
+    assert skipped == []
 
 
 def test_a_full_queue_drops_the_oldest_frame_no_policy_needs():
@@ -157,7 +194,7 @@ class NeedsEveryBase:
         return frame.kind == "base"
 
 
-def _fast_timelapse(tmp_path, policies, frames=24):
+def _fast_timelapse(tmp_path, policies, frames=24, **analysis):
     return Experiment.model_validate(
         {
             "name": "realtime",
@@ -167,14 +204,16 @@ def _fast_timelapse(tmp_path, policies, frames=24):
             },
             "segmenter": {"name": "test_realtime:SlowThreshold"},
             "policies": policies,
-            "analysis": {"worker": "thread", "batch_size": 1},
+            "analysis": {"worker": "thread", "batch_size": 1, **analysis},
             "output": {"directory": str(tmp_path / "run")},
         }
     )
 
 
 def test_a_slow_model_skips_stale_frames_but_stores_every_frame(tmp_path):
-    exp = _fast_timelapse(tmp_path, [])
+    # the time-lapse streams as one hardware sequence: all its newest frames
+    # are offered to the model, not only the sequence's last
+    exp = _fast_timelapse(tmp_path, [], sequence_frames="newest")
     with Runner(exp) as runner:
         summary = runner.run()
     gc.collect()
@@ -204,7 +243,12 @@ def test_frames_a_policy_needs_are_all_analysed_in_order(tmp_path):
     gc.collect()
     assert summary.status == "completed"
     assert seen == list(range(24))
-    assert summary.analysis["skipped"] == {"superseded": 0, "stale": 0, "overflow": 0}
+    assert summary.analysis["skipped"] == {
+        "superseded": 0,
+        "stale": 0,
+        "sequence": 0,
+        "overflow": 0,
+    }
     assert [r["frame_index"] for r in load_run(tmp_path / "run").detections] == list(
         range(24)
     )

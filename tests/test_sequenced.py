@@ -220,6 +220,12 @@ def test_every_sequenced_frame_is_stored_and_logged_with_its_own_index_and_time(
     assert summary.frames_analysed + sum(skipped.values()) == 40
     logged = read_jsonl(out / "detections.jsonl")
     assert sorted(r["frame_index"] for r in logged) == list(range(40))
+    # each frame names its sequence; no policy needs these frames, so only the
+    # last of each sequence is analysed (analysis.sequence_frames: last)
+    assert [f["sequence"] for f in frames] == [0] * 20 + [1] * 20
+    assert [f["frame_index"] for f in frames if f["sequence_end"]] == [19, 39]
+    assert [r["frame_index"] for r in logged if "skipped" not in r] == [19, 39]
+    assert skipped["sequence"] == 38
 
 
 def test_each_sequence_runs_at_its_exposure_and_a_boundary_resends_nothing(tmp_path):

@@ -95,9 +95,10 @@ class EventBurst(PolicyBase):
 
     With ``stream: true`` the burst is a *streamed burst* instead: frames as
     fast as the camera runs (a `Stream`, hardware-sequenced in chunks of
-    `chunk_frames`) rather than every `interval_s`. The newest frames are
-    analysed as the model keeps up (the others are stored and counted as
-    skipped); each analysed frame decides as above, and the stream is kept two
+    `chunk_frames`) rather than every `interval_s`. The last frame of each
+    chunk is analysed (``analysis.sequence_frames: last``; with ``newest``,
+    the newest frames as the model keeps up; the others are stored and counted
+    as skipped); each analysed frame decides as above, and the stream is kept two
     chunks ahead of it (`ExtendStream`) or ended between chunks (`StopStream`).
     `interval_s` is then the longest gap its frames may have (the rate a
     division capture is scored at) and times a stream whose frames stopped
@@ -360,7 +361,7 @@ class EventBurst(PolicyBase):
         A clocked burst is chained: each analysed frame schedules the next ones,
         so its frames are needed (a skipped one could end the burst). A streamed
         burst's frames are not: the stream goes on by itself, and analysis
-        takes its newest frames.
+        takes the last frame of each chunk (``analysis.sequence_frames``).
         """
         if self._is_survey(frame):
             return True

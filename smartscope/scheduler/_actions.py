@@ -177,9 +177,9 @@ class Stream:
     extension the stream ends after `n_frames`.
 
     Streamed frames are analysed like any frame, but no policy needs them unless
-    its ``needs(frame)`` says so: when analysis is slower than the camera, only
-    the newest frames of the stream are analysed (the others are counted as
-    skipped, and stored).
+    its ``needs(frame)`` says so: of each chunk only its last frame is analysed
+    (``analysis.sequence_frames: last``), or with ``newest`` the newest frames
+    as the model keeps up (the others are counted as skipped, and stored).
     """
 
     event: MDAEvent
