@@ -176,9 +176,14 @@ class SafeEngine(MDAEngine):
         last sleep (up to 0.5 s) would otherwise still take the frame.
     choose_ahead : callable, optional
         Called once while the camera takes the last frame of a sequence (e.g.
-        `Scheduler.choose_ahead`): the next event is then ready the moment
-        that frame arrives, and the camera stands still for less time between
-        sequences. Its errors are logged, never raised.
+        `Scheduler.choose_ahead`, returning the event chosen): the next event
+        is then ready the moment that frame arrives, and the camera stands
+        still for less time between sequences. With it, a sequence's camera
+        run is asked for the frames planned at its place (``camera_frames`` in
+        its ``metadata["smartscope"]``), and a chosen sequence with the same
+        setting that fits in that run is taken from it without stopping the
+        camera; otherwise the camera is stopped after the last frame. Its
+        errors are logged, never raised.
     **kwargs
         Passed to `MDAEngine` (hardware sequencing is off by default: adaptive
         runs execute event by event).
@@ -193,6 +198,10 @@ class SafeEngine(MDAEngine):
         Why the camera could not sequence (None while it can).
     n_sequences : int
         Camera sequences acquired.
+    n_camera_starts : int
+        Times the camera was started for them: a sequence that continues the
+        one before (same setting, chosen while the camera took that one's last
+        frame) is taken from the same camera run, with no restart.
     holding : bool
         Whether an event is waiting in its set-up because `hold` says pause.
     """
@@ -223,6 +232,12 @@ class SafeEngine(MDAEngine):
         self.holding = False  # an event waits in set-up for `hold` to let it go
         self.sequence_refused: str | None = None
         self.n_sequences = 0
+        self.n_camera_starts = 0
+        # the sequence chosen ahead that the running camera goes on into, and
+        # the camera run's start (ms on the runner's clock: frame times)
+        self._runs_into: Any = None
+        self._run_t0_ms = 0.0
+        self._camera_left = 0  # frames the running camera takes after this sequence
         # where this engine last sent the stages (a sequence's set-up moves only
         # if that changed; None: unknown)
         self._xy_at: tuple[float, float] | None = None
@@ -261,11 +276,13 @@ class SafeEngine(MDAEngine):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def stats(self) -> dict[str, int]:
-        """Retried calls and failed attempts of the run (``run.json``)."""
+        """Retried calls, failed attempts and camera sequences (``run.json``)."""
         return {
             "retries": self.retries,
             "calls_retried": self.n_retried,
             "failed_attempts": self.n_failed_attempts,
+            "camera_sequences": self.n_sequences,
+            "camera_starts": self.n_camera_starts,
         }
 
     def _refuse(self, device: str, call: str, reason: str | None) -> None:
@@ -279,9 +296,14 @@ class SafeEngine(MDAEngine):
 
     def setup_event(self, event: MDAEvent) -> None:
         self._event = event
+        core = self.mmcore
+        if self._runs_into is not None:
+            if event is self._runs_into and (self.hold is None or self.hold() is None):
+                return  # the same setting, the camera still running: send nothing
+            self._runs_into = None
+            self._stop_camera()
         if self.hold is not None and self.hold() is not None:
             self._wait_while_held(event)
-        core = self.mmcore
         if isinstance(event, SequencedEvent) and (
             event.x_sequence
             or event.z_sequence
@@ -530,8 +552,24 @@ class SafeEngine(MDAEngine):
         if event.slm_image is not None:
             self._exec_event_slm_image(event.slm_image)
         camera = core.getCameraDevice()
+        if event is self._runs_into:
+            # its frames come from the camera's run (still running, or done
+            # with them waiting in its buffer)
+            self._runs_into = None
+            self._camera_left -= len(event.events)
+            self.n_sequences += 1
+            yield from self._pop_sequence(event, camera, self._run_t0_ms)
+            return
+        self._runs_into = None
+        # the frames planned at this place: the sequences after this one, chosen
+        # ahead, may continue the camera's run
+        n = len(event.events)
+        frames = n
+        if self.choose_ahead is not None:
+            planned = event.metadata.get("smartscope", {}).get("camera_frames", n)
+            frames = max(n, int(planned))
         try:
-            core.startSequenceAcquisition(len(event.events), 0, True)
+            core.startSequenceAcquisition(frames, 0, True)
         except Exception as e:
             self._refuse_sequencing(
                 f"{camera} cannot start a sequence acquisition: {first_line(e)}"
@@ -539,6 +577,8 @@ class SafeEngine(MDAEngine):
             yield from self._exec_each(event)
             return
         self.n_sequences += 1
+        self.n_camera_starts += 1
+        self._run_t0_ms, self._camera_left = t0_ms, frames - n
         self.post_sequence_started(event)
         yield from self._pop_sequence(event, camera, t0_ms)
 
@@ -584,8 +624,10 @@ class SafeEngine(MDAEngine):
                     # the camera stops; the frames it already took still come
                     core.stopSequenceAcquisition()
                     stopping = True
+                    self._runs_into = None
                 elif count == n - 1 and not stopping:
-                    self._choose_ahead()  # while the camera takes the last frame
+                    # while the camera takes the last frame
+                    self._runs_into = self._continuation(event, self._choose_ahead())
             elif core.isSequenceRunning():
                 if time.monotonic() > deadline:
                     core.stopSequenceAcquisition()
@@ -598,8 +640,8 @@ class SafeEngine(MDAEngine):
                 time.sleep(max(0.0005, next_frame - 0.001 - time.monotonic()))
             elif not core.getRemainingImageCount():
                 break  # the camera has stopped and its buffer is empty
-        if core.isSequenceRunning():  # done: let the next set-up find it stopped
-            core.stopSequenceAcquisition()
+        if self._runs_into is None and core.isSequenceRunning():
+            core.stopSequenceAcquisition()  # done: the next set-up finds it stopped
         if core.isBufferOverflowed():
             raise DeviceFault(
                 camera, "sequence acquisition", "the sequence buffer overflowed"
@@ -612,13 +654,59 @@ class SafeEngine(MDAEngine):
                 event=event,
             )
 
-    def _choose_ahead(self) -> None:
+    def _choose_ahead(self) -> Any:
+        """The event `choose_ahead` chose (None: none, or no such hook)."""
         if self.choose_ahead is None:
-            return
+            return None
         try:
-            self.choose_ahead()
+            return self.choose_ahead()
         except Exception as e:  # the next event is then chosen as usual
             _log.warning("choosing the next event ahead failed: %s", first_line(e))
+            return None
+
+    def _continuation(self, current: Any, chosen: Any) -> Any:
+        """`chosen` if the running camera can go on into it, else None.
+
+        A `FrameSequence` at the same place with the same channel, exposure,
+        ROI, shutter and properties as `current`, of no more frames than the
+        camera run was asked for beyond `current` (its ``camera_frames``).
+        """
+        if not isinstance(chosen, FrameSequence):
+            return None
+        if not 0 < len(chosen.events) <= self._camera_left:
+            return None
+        same = all(
+            getattr(chosen, attr) == getattr(current, attr)
+            for attr in (
+                "x_pos",
+                "y_pos",
+                "z_pos",
+                "channel",
+                "exposure",
+                "roi",
+                "properties",
+                "keep_shutter_open",
+                "slm_image",
+            )
+        )
+        return chosen if same and chosen.slm_image is None else None
+
+    def _stop_camera(self) -> None:
+        core = self.mmcore
+        if core.isSequenceRunning():
+            self.call(
+                core.getCameraDevice(),
+                "stopSequenceAcquisition",
+                core.stopSequenceAcquisition,
+            )
+
+    def teardown_sequence(self, sequence: Any) -> None:
+        """pymmcore-plus's teardown, after stopping a camera left running."""
+        self._runs_into = None
+        try:
+            self._stop_camera()
+        finally:
+            super().teardown_sequence(sequence)
 
     def _exec_each(self, event: Any) -> Iterator[PImagePayload | None]:
         """The frames of a ``SequencedEvent`` snapped one by one (no sequence)."""

@@ -229,8 +229,11 @@ class SchedulerSettings(BaseModel):
         True,
         description="Choose the event after a hardware sequence while the camera "
         "takes the sequence's last frame, so the camera stands still for less "
-        "time between sequences; a decision that arrives during that last frame "
-        "then waits one more sequence. false: choose only after the last frame.",
+        "time between sequences, or not at all where the next sequence continues "
+        "this one (one camera run for the frames planned there); a decision that "
+        "arrives during that last frame then waits one more sequence. false: "
+        "choose only after the last frame, and restart the camera for each "
+        "sequence.",
     )
 
 

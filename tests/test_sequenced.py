@@ -167,6 +167,9 @@ def test_a_run_of_sequenceable_events_becomes_sequenced_events(tmp_path):
     )
     assert summary.status == "completed", summary.reason
     assert _sizes(started) == [12, 12, 6]  # 30 frames, sequences of at most 12
+    # the camera was asked for all 30 at once and ran on across the boundaries
+    assert summary.hardware["camera_sequences"] == 3
+    assert summary.hardware["camera_starts"] == 1
     # each sequenced frame comes with its own event, in the plan's order
     inner = [e.index["t"] for s in started for e in s.events]
     assert inner == list(range(30))
@@ -251,6 +254,7 @@ def test_each_sequence_runs_at_its_exposure_and_a_boundary_resends_nothing(tmp_p
     assert summary.status == "completed", summary.reason
     assert summary.schedule["sequences"]["n"] == 2
     assert seen == [(EXPOSURE_MS, EXPOSURE_MS)] * 6 + [(2 * EXPOSURE_MS,) * 2] * 6
+    assert summary.hardware["camera_starts"] == 2  # another setting: a restart
 
     # the base frame (an event on its own, set up in full) sends its exposure;
     # the stream's four chunks at the same place and exposure send nothing
@@ -265,6 +269,7 @@ def test_each_sequence_runs_at_its_exposure_and_a_boundary_resends_nothing(tmp_p
     assert summary.status == "completed", summary.reason
     assert summary.schedule["sequences"]["n"] == 4
     assert sent == [EXPOSURE_MS]
+    assert summary.hardware["camera_starts"] == 1
 
 
 @pytest.mark.parametrize("ahead", [True, False])
@@ -304,6 +309,8 @@ def test_the_next_sequence_is_chosen_while_the_camera_takes_the_last_frame(
             assert last < k < frame_at[tag["event_ids"][0]]
     chosen = summary.schedule["sequences"]["chosen_ahead"]
     assert chosen == (5 if ahead else 0)
+    # chosen ahead, each next sequence continues the camera's run of 60
+    assert summary.hardware["camera_starts"] == (1 if ahead else 6)
 
 
 # ------------------------------------------------------------ streams
@@ -335,6 +342,9 @@ def test_a_stop_between_chunks_ends_the_stream(tmp_path):
     assert len(stops) == 1 and stops[0]["status"] == "applied"
     assert stops[0]["outcome"] == f"stream at A_s ends after {n} frames"
     assert summary.schedule["streams"]["ended"] == {"A_s": "stopped: seen enough"}
+    # one camera run, stopped with the stream (no frame after it was stored)
+    assert summary.hardware["camera_starts"] == 1
+    assert summary.hardware["camera_sequences"] == n // 10
     # streamed frames are not needed by any policy: analysed or counted skipped
     skipped = summary.analysis["skipped"]
     assert summary.frames_analysed + sum(skipped.values()) == len(frames)
@@ -349,6 +359,8 @@ def test_an_extension_between_chunks_lengthens_the_stream(tmp_path):
     assert [f["array"]["t"] for f in streamed] == list(range(35))
     assert sorted(_sizes(started)[1:]) == [5, 10, 10, 10]
     assert summary.schedule["streams"]["ended"] == {"A_s": "completed"}
+    # the camera ran for the 20 frames planned at first, then for the 15 more
+    assert summary.hardware["camera_starts"] == 2
 
 
 # ------------------------------------------------------------ fallback
@@ -558,8 +570,11 @@ def test_the_live_cell_camera_streams_and_its_run_is_scored(tmp_path):
     gc.collect()
     assert summary.status == "completed", summary.reason
     assert _sizes(started) == [0, 20, 20, 20]
-    # the camera streamed three sequences of 20 exposures, back to back
-    assert [(s["n_requested"], s["n_frames"]) for s in sequences] == [(20, 20)] * 3
+    # three sequences of 20 from one camera run of exactly the stream's 60
+    # exposures: started once, never stopped between chunks, no extra exposure
+    assert [(s["n_requested"], s["n_frames"]) for s in sequences] == [(60, 60)]
+    assert summary.hardware["camera_sequences"] == 3
+    assert summary.hardware["camera_starts"] == 1
     frames = read_jsonl(out / "frames.jsonl")
     assert len(frames) == len(snaps) == 61
     # every exposure lines up with its frame: the base field, then 64 µm ROIs

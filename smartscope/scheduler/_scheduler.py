@@ -1027,31 +1027,32 @@ class Scheduler(Iterator[MDAEvent]):
                 return ready  # chosen ahead (`choose_ahead`)
             return self._as_sequence(self._next_event())
 
-    def choose_ahead(self) -> bool:
+    def choose_ahead(self) -> MDAEvent | None:
         """Choose the next event now, if one is due; ``next()`` then returns it.
 
         Called by the engine while the camera takes a sequence's last frame, so
         the next event is ready the moment that frame arrives and the camera
-        stands still for less time between sequences. Never waits: with
-        nothing due now (or held, or stopping) it chooses nothing and returns
-        False. An action applied after this call takes effect after the event
-        chosen here; a stop still drops it.
+        stands still for less time (or, for a sequence that continues the
+        current one, not at all) between sequences. Returns the event chosen.
+        Never waits: with nothing due now (or held, or stopping) it chooses
+        nothing and returns None. An action applied after this call takes
+        effect after the event chosen here; a stop still drops it.
         """
         with self._cond:
             if self._ready is not None:
-                return True
+                return self._ready
             if self._held or self._stop_reason is not None:
-                return False
+                return None
             now = self.now()
             kind, what = self._choose(now)
             if kind == "wait":
-                return False
+                return None
             event = self._take(kind, what, now)
             if event is None:  # a visit dropped (its light-dose budget)
-                return False
+                return None
             self._ready = self._as_sequence(event)
             self.n_chosen_ahead += 1
-            return True
+            return self._ready
 
     def _as_sequence(self, event: MDAEvent) -> MDAEvent:
         if self.max_sequence_frames >= 2 and _sequenceable(event):
@@ -1166,17 +1167,29 @@ class Scheduler(Iterator[MDAEvent]):
         """`first`, or a `SequencedEvent` of it and the events that can follow it.
 
         Takes, while they are due and can be sequenced with `first`, the
-        events the Scheduler would serve next anyway.
+        events the Scheduler would serve next anyway. A sequence cut short by
+        `max_sequence_frames` or a stream's chunk, where the next event would
+        otherwise join it, names the frames planned at that place so far
+        (``camera_frames``: the rest of its stream, or of its time-lapse
+        position): the engine may ask the camera for all of them and run on
+        into the next sequences (`SafeEngine`).
         """
         batch = [first]
         due0 = _due(first)
-        while len(batch) < self.max_sequence_frames and self._stop_reason is None:
+        runs_on = False
+        while self._stop_reason is None:
             now = self.now()
             kind, what = self._choose(now, pending=len(batch))
             if kind == "wait":
                 break
             candidate, due = self._preview(kind, what)
-            if not self._joins(first, candidate, due, max(now, due0)):
+            latest = max(now, due0)
+            if not self._joins(first, candidate, due, latest, any_chunk=True):
+                break
+            if len(batch) >= self.max_sequence_frames or not self._joins(
+                first, candidate, due, latest
+            ):
+                runs_on = True
                 break
             event = self._take(kind, what, now)
             if event is None:
@@ -1205,6 +1218,9 @@ class Scheduler(Iterator[MDAEvent]):
                 "smartscope": {
                     "sequence": self.n_sequences - 1,
                     "n_frames": len(batch),
+                    "camera_frames": len(batch) + self._frames_left(first)
+                    if runs_on
+                    else len(batch),
                     "position": tag.get("position"),
                     "kind": tag.get("kind"),
                     "event_ids": [event_tag(e).get("event_id") for e in batch],
@@ -1214,15 +1230,32 @@ class Scheduler(Iterator[MDAEvent]):
         self.events.sequenceServed.emit(sequence)
         return sequence
 
+    def _frames_left(self, served: MDAEvent) -> int:
+        """Frames still planned like `served`: its stream's, or its position's."""
+        tag = event_tag(served)
+        if "stream" in tag:
+            state = self._streams.get(str(tag["stream"]))
+            return max(0, state.n_total - state.n_served) if state else 0
+        tl = self._timelines.get(str(tag.get("position"))) if self._timelines else None
+        if tl is None or len(tl.template) != 1:
+            return 0
+        return tl.remaining_visits()
+
     def _joins(
-        self, first: MDAEvent, event: MDAEvent, due: float, latest_due: float
+        self,
+        first: MDAEvent,
+        event: MDAEvent,
+        due: float,
+        latest_due: float,
+        *,
+        any_chunk: bool = False,
     ) -> bool:
         """Whether `event` can be acquired in one hardware sequence after `first`.
 
         `first` has been served; `event` (due at `due`) is not yet. Same place,
         channel, exposure, ROI and properties as `first`, an image acquisition,
         no wait (due no later than `latest_due`), and the same stream chunk (or
-        none).
+        none; with `any_chunk`, the same stream).
         """
         if not _sequenceable(event) or due > latest_due + 1e-9:
             return False
@@ -1240,7 +1273,9 @@ class Scheduler(Iterator[MDAEvent]):
         if event.keep_shutter_open != first.keep_shutter_open:
             return False
         a, b = event_tag(first), event_tag(event)
-        return (a.get("stream"), a.get("chunk")) == (b.get("stream"), b.get("chunk"))
+        if a.get("stream") != b.get("stream"):
+            return False
+        return any_chunk or a.get("chunk") == b.get("chunk")
 
     def disable_sequencing(self, reason: str) -> None:
         """Serve every event on its own from now on (the hardware cannot sequence)."""
