@@ -532,9 +532,11 @@ class SafeEngine(MDAEngine):
         """Acquire a ``SequencedEvent`` as one camera sequence, frame by frame.
 
         Each frame comes with its own event (``event.events[k]``). A cancel
-        stops the camera and still delivers the frames it had taken. A camera
-        that refuses to start a sequence gets the frames snapped one by one
-        (and `on_cannot_sequence` is told, once). Frames that never come, a
+        stops the camera and still delivers the frames it had taken. A
+        sequence chosen ahead to continue the last one (see `choose_ahead`)
+        takes its frames from the camera run already going. A camera that
+        refuses to start a sequence gets the frames snapped one by one (and
+        `on_cannot_sequence` is told, once). Frames that never come, a
         stalled camera or an overflowed buffer raise a `DeviceFault`.
         """
         core = self.mmcore
@@ -686,7 +688,6 @@ class SafeEngine(MDAEngine):
                 "roi",
                 "properties",
                 "keep_shutter_open",
-                "slm_image",
             )
         )
         return chosen if same and chosen.slm_image is None else None

@@ -545,7 +545,8 @@ class Runner:
             t_clock=t_clock,
             pixel_size_um=_opt_float(meta.get("pixel_size_um")),
             sequence=sequence.get("index"),
-            sequence_end=sequence.get("frame", -1) == sequence.get("frames", 0) - 1,
+            sequence_end=bool(sequence)
+            and sequence.get("frame") == sequence.get("frames", 0) - 1,
         )
         self._frame_count += 1
         # queued for the writer before analysis can see it: its labels (written

@@ -189,6 +189,8 @@ def test_a_run_of_sequenceable_events_becomes_sequenced_events(tmp_path):
     summary, started, _ = _run(_experiment(loops=30, sequence="off"), tmp_path / "off")
     assert summary.status == "completed"
     assert _sizes(started) == [0] * 30
+    frames = read_jsonl(tmp_path / "off" / "frames.jsonl")
+    assert {(f["sequence"], f["sequence_end"]) for f in frames} == {(None, False)}
 
 
 def test_events_that_cannot_share_a_sequence_are_not_merged(tmp_path):
