@@ -180,7 +180,8 @@ class SafeEngine(MDAEngine):
         is then ready the moment that frame arrives, and the camera stands
         still for less time between sequences. With it, a sequence's camera
         run is asked for the frames planned at its place (``camera_frames`` in
-        its ``metadata["smartscope"]``), and a chosen sequence with the same
+        its ``metadata["smartscope"]``, at most `max_run_frames`), and a chosen
+        sequence with the same
         setting that fits in that run is taken from it without stopping the
         camera; otherwise the camera is stopped after the last frame. Its
         errors are logged, never raised.
@@ -238,6 +239,10 @@ class SafeEngine(MDAEngine):
         self._runs_into: Any = None
         self._run_t0_ms = 0.0
         self._camera_left = 0  # frames the running camera takes after this sequence
+        #: most frames one camera run may be asked for (the runner sets the
+        #: sequence buffer's capacity: a run then never overflows the buffer,
+        #: however far behind the popping falls); None: no bound
+        self.max_run_frames: int | None = None
         # where this engine last sent the stages (a sequence's set-up moves only
         # if that changed; None: unknown)
         self._xy_at: tuple[float, float] | None = None
@@ -570,6 +575,8 @@ class SafeEngine(MDAEngine):
         if self.choose_ahead is not None:
             planned = event.metadata.get("smartscope", {}).get("camera_frames", n)
             frames = max(n, int(planned))
+            if self.max_run_frames is not None:
+                frames = max(n, min(frames, self.max_run_frames))
         try:
             core.startSequenceAcquisition(frames, 0, True)
         except Exception as e:

@@ -474,6 +474,8 @@ class Runner:
         if why is not None:
             self._log_event_by_event(why)
             return 0
+        # a camera run that later sequences continue stops within the buffer too
+        self.engine.max_run_frames = capacity
         return min(capacity, settings.max_sequence_frames)
 
     def _cannot_sequence(self, reason: str) -> None:

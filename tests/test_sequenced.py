@@ -193,6 +193,27 @@ def test_a_run_of_sequenceable_events_becomes_sequenced_events(tmp_path):
     assert {(f["sequence"], f["sequence_end"]) for f in frames} == {(None, False)}
 
 
+def test_a_camera_run_never_asks_for_more_frames_than_its_buffer_holds(tmp_path):
+    # 8 MB of sequence buffer hold 16 demo frames (512 x 512, 16 bit): the
+    # camera run of a 40-frame time-lapse stops (by itself) within them, and
+    # each later sequence starts the camera again instead of overflowing it
+    from smartscope.microscope import Microscope
+
+    exp = _experiment(loops=40)
+    with Microscope(exp.config) as microscope:
+        microscope.core.setCircularBufferMemoryFootprint(8)
+        with Runner(exp, microscope=microscope, out_dir=tmp_path / "run") as runner:
+            started: list[MDAEvent] = []
+            microscope.core.mda.events.eventStarted.connect(started.append)
+            summary = runner.run()
+    gc.collect()
+    assert summary.status == "completed", summary.reason
+    assert _sizes(started) == [16, 16, 8]
+    assert summary.hardware["camera_starts"] == 3
+    frames = read_jsonl(tmp_path / "run" / "frames.jsonl")
+    assert [f["index"]["t"] for f in frames] == list(range(40))
+
+
 def test_events_that_cannot_share_a_sequence_are_not_merged(tmp_path):
     # two positions visited round-robin: no two neighbours share a place
     summary, started, _ = _run(_experiment(loops=4, positions=2), tmp_path / "rr")
