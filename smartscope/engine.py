@@ -181,10 +181,9 @@ class SafeEngine(MDAEngine):
         still for less time between sequences. With it, a sequence's camera
         run is asked for the frames planned at its place (``camera_frames`` in
         its ``metadata["smartscope"]``, at most `max_run_frames`), and a chosen
-        sequence with the same
-        setting that fits in that run is taken from it without stopping the
-        camera; otherwise the camera is stopped after the last frame. Its
-        errors are logged, never raised.
+        sequence with the same setting that fits in that run is taken from it
+        without stopping the camera; otherwise the camera is stopped after the
+        last frame. Its errors are logged, never raised.
     **kwargs
         Passed to `MDAEngine` (hardware sequencing is off by default: adaptive
         runs execute event by event).
@@ -302,12 +301,13 @@ class SafeEngine(MDAEngine):
     def setup_event(self, event: MDAEvent) -> None:
         self._event = event
         core = self.mmcore
+        held = self.hold is not None and self.hold() is not None
         if self._runs_into is not None:
-            if event is self._runs_into and (self.hold is None or self.hold() is None):
+            if event is self._runs_into and not held:
                 return  # the same setting, the camera still running: send nothing
             self._runs_into = None
             self._stop_camera()
-        if self.hold is not None and self.hold() is not None:
+        if held:
             self._wait_while_held(event)
         if isinstance(event, SequencedEvent) and (
             event.x_sequence
@@ -326,11 +326,7 @@ class SafeEngine(MDAEngine):
             # exposure are sent only if they changed (a stream's next chunk
             # sends nothing, so the camera stands still for less time)
             if core.isSequenceRunning():
-                self.call(
-                    core.getCameraDevice(),
-                    "stopSequenceAcquisition",
-                    core.stopSequenceAcquisition,
-                )
+                self._stop_camera()
                 self._sent = True
             self._unchanged_only = True
             try:

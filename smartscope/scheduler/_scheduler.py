@@ -1176,6 +1176,7 @@ class Scheduler(Iterator[MDAEvent]):
         """
         batch = [first]
         due0 = _due(first)
+        first_chunk = event_tag(first).get("chunk")
         runs_on = False
         while self._stop_reason is None:
             now = self.now()
@@ -1183,13 +1184,11 @@ class Scheduler(Iterator[MDAEvent]):
             if kind == "wait":
                 break
             candidate, due = self._preview(kind, what)
-            latest = max(now, due0)
-            if not self._joins(first, candidate, due, latest, any_chunk=True):
+            if not self._joins(first, candidate, due, max(now, due0)):
                 break
-            if len(batch) >= self.max_sequence_frames or not self._joins(
-                first, candidate, due, latest
-            ):
-                runs_on = True
+            chunk = event_tag(candidate).get("chunk")
+            if len(batch) >= self.max_sequence_frames or chunk != first_chunk:
+                runs_on = True  # it would join, but in the next sequence
                 break
             event = self._take(kind, what, now)
             if event is None:
@@ -1242,20 +1241,14 @@ class Scheduler(Iterator[MDAEvent]):
         return tl.remaining_visits()
 
     def _joins(
-        self,
-        first: MDAEvent,
-        event: MDAEvent,
-        due: float,
-        latest_due: float,
-        *,
-        any_chunk: bool = False,
+        self, first: MDAEvent, event: MDAEvent, due: float, latest_due: float
     ) -> bool:
-        """Whether `event` can be acquired in one hardware sequence after `first`.
+        """Whether `event` can be streamed by the camera right after `first`.
 
         `first` has been served; `event` (due at `due`) is not yet. Same place,
         channel, exposure, ROI and properties as `first`, an image acquisition,
-        no wait (due no later than `latest_due`), and the same stream chunk (or
-        none; with `any_chunk`, the same stream).
+        no wait (due no later than `latest_due`), and the same stream (or none;
+        a stream's chunks are separate sequences, see `_sequence_from`).
         """
         if not _sequenceable(event) or due > latest_due + 1e-9:
             return False
@@ -1272,10 +1265,7 @@ class Scheduler(Iterator[MDAEvent]):
             return False
         if event.keep_shutter_open != first.keep_shutter_open:
             return False
-        a, b = event_tag(first), event_tag(event)
-        if a.get("stream") != b.get("stream"):
-            return False
-        return any_chunk or a.get("chunk") == b.get("chunk")
+        return event_tag(first).get("stream") == event_tag(event).get("stream")
 
     def disable_sequencing(self, reason: str) -> None:
         """Serve every event on its own from now on (the hardware cannot sequence)."""
