@@ -87,3 +87,45 @@ def test_detections_table():
     )
     with pytest.raises(ValueError, match="same 2D shape"):
         Detections.from_labels(labels, image[:5])
+
+
+def test_fragments_join_the_larger_object_they_touch():
+    from smartscope.segment._postprocess import merge_fragments
+
+    lab = np.zeros((100, 60), np.uint16)
+    lab[5:25, 5:25] = 1  # a nucleus (400 px)
+    lab[10:14, 25:28] = 2  # a piece split off it (12 px, 4 shared edges)
+    lab[5:25, 35:55] = 3  # a second nucleus
+    lab[30:34, 36:39] = 4  # a small object that touches nothing: a bead
+    lab[30:34, 10:13] = 5  # two small touching objects of one size:
+    lab[30:34, 13:16] = 6  # daughters, not fragments
+    lab[25:27, 40:50] = 7  # a sliver along nucleus 3 (10 shared edges)
+    for i, y in enumerate(range(40, 100, 20)):  # more nuclei: the median is theirs
+        lab[y : y + 18, 5:27] = 8 + 2 * i
+        lab[y : y + 18, 35:57] = 9 + 2 * i
+    out = merge_fragments(lab, fraction=0.4)
+    assert (out[lab == 2] == 1).all() and (out[lab == 7] == 3).all()
+    for kept in (1, 3, 4, 5, 6, 8, 13):
+        assert (out[lab == kept] == kept).all()
+    assert merge_fragments(lab, fraction=0) is lab  # 0 turns it off
+    # a piece between two nuclei joins the one it shares more edges with
+    two = lab.copy()
+    two[lab == 2] = 0
+    two[10:18, 25:35] = 2  # 8 edges with nucleus 1 (its left side) ...
+    two[16:18, 33:35] = 3  # ... 10 with nucleus 3, which reaches into a corner
+    np.testing.assert_array_equal(merge_fragments(two, 0.4)[two == 2], 3)
+
+
+def test_probabilities_to_labels_merges_a_split_off_piece():
+    from smartscope.segment._postprocess import probabilities_to_labels
+
+    classes = np.zeros((48, 48), np.int64)  # 0 background, 1 interior, 2 boundary
+    classes[8:40, 8:40] = 1
+    classes[8:40, 8] = classes[8:40, 39] = classes[8, 8:40] = classes[39, 8:40] = 2
+    # a stray boundary line cuts a corner off: a seed of its own
+    classes[34, 30:39] = classes[34:39, 30] = 2
+    probs = np.eye(3, dtype=np.float32)[classes].transpose(2, 0, 1)
+    apart, _ = probabilities_to_labels(probs, fragment_fraction=0)
+    joined, scores = probabilities_to_labels(probs)
+    assert apart.max() == 2 and joined.max() == 1 and len(scores) == 1
+    assert (joined[8:40, 8:40] == 1).all()

@@ -215,6 +215,27 @@ def test_widefield_scenes_and_contact_weights():
         np.testing.assert_array_equal(contact, n_objects >= 2)
         touching += int(contact.any())
     assert touching >= 3
+
+    # where widefield nuclei overlap their light adds up (as in real images):
+    # the same scene's contacts are brighter, relative to the nuclei they
+    # join, with overlap "add" than with "press"
+    def contact_brightness(seed: int, overlap: str) -> float:
+        rng = np.random.default_rng(seed)
+        scene = render_scene(rng, (128, 128), "nuclei", 12.0, "widefield", overlap)
+        lab = scene.labels.astype(np.int64)
+        contact = contact_mask(lab) & (lab > 0)
+        means = np.bincount(lab.ravel(), scene.image.ravel()) / np.maximum(
+            np.bincount(lab.ravel()), 1
+        )
+        return float(np.median(scene.image[contact] / means[lab[contact]]))
+
+    ratios = [
+        (contact_brightness(s, "add"), contact_brightness(s, "press"))
+        for s in range(100, 106)
+    ]
+    assert all(add > press for add, press in ratios), ratios
+    added, pressed = zip(*ratios, strict=True)
+    assert np.median(added) > 1.0 > np.median(pressed)
     # the classic style (the validation set's) is the default
     a = render_scene(np.random.default_rng(3), (64, 64), "nuclei")
     b = render_scene(np.random.default_rng(3), (64, 64), "nuclei", style="classic")

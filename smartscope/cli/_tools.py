@@ -345,6 +345,21 @@ def train(
     max_radius: Annotated[
         float, typer.Option(min=4.0, help="Largest mean nucleus radius (px).")
     ] = 36.0,
+    widefield_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of synthetic nuclei scenes in the widefield style "
+            "(crowded, pressed-together nuclei of one brightness).",
+        ),
+    ] = 0.6,
+    contact_weight: Annotated[
+        float,
+        typer.Option(
+            min=0.0, help="Extra loss weight where two objects touch (x class weight)."
+        ),
+    ] = 4.0,
     threads: Annotated[Optional[int], typer.Option(min=1)] = None,  # noqa: UP045
     no_eval: Annotated[
         bool, typer.Option("--no-eval", help="Skip the validation metrics.")
@@ -369,6 +384,8 @@ def train(
         pool_size=pool,
         synthetic_fraction=synthetic_fraction if data else 1.0,
         max_radius=max_radius,
+        widefield_fraction=widefield_fraction,
+        contact_weight=contact_weight,
         threads=threads,
     )
     with user_errors(), _TrainProgress(steps) as progress:

@@ -62,6 +62,9 @@ class UNetSegmenter(BaseModel):
         Foreground and interior-seed probability thresholds.
     min_area_px : int
         Smaller objects are dropped (in original pixels).
+    fragment_fraction : float
+        Pieces smaller than this fraction of the median object that touch a
+        larger object join it (`merge_fragments`); 0 keeps every piece.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
@@ -77,6 +80,7 @@ class UNetSegmenter(BaseModel):
     fg_threshold: float = Field(0.6, gt=0, lt=1)
     seed_threshold: float = Field(0.6, gt=0, lt=1)
     min_area_px: int = Field(8, ge=0)
+    fragment_fraction: float = Field(0.4, ge=0, lt=1)
 
     _engine: Any = PrivateAttr(None)
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
@@ -120,6 +124,7 @@ class UNetSegmenter(BaseModel):
                 fg_threshold=self.fg_threshold,
                 seed_threshold=self.seed_threshold,
                 min_area_px=self.min_area_px,
+                fragment_fraction=self.fragment_fraction,
             )
             scores.append(s)
         return Segmentation(labels, scores)

@@ -36,7 +36,12 @@ from smartscope.segment._model import ModelFile
 from smartscope.segment._postprocess import NORM_PERCENTILES
 
 #: postprocessing of the probabilities, as `UNetSegmenter` does it by default
-POSTPROCESS = {"fg_threshold": 0.6, "seed_threshold": 0.6, "min_area_px": 8}
+POSTPROCESS = {
+    "fg_threshold": 0.6,
+    "seed_threshold": 0.6,
+    "min_area_px": 8,
+    "fragment_fraction": 0.4,
+}
 TEST_SHAPE = (256, 256)
 _CITATION = (
     "Caicedo JC et al. (2019) Evaluation of Deep Learning Strategies for Nucleus "
@@ -72,6 +77,7 @@ def _cover(image: np.ndarray, probs: np.ndarray, path: Path) -> Path:
         fg_threshold=POSTPROCESS["fg_threshold"],
         seed_threshold=POSTPROCESS["seed_threshold"],
         min_area_px=int(POSTPROCESS["min_area_px"]),
+        fragment_fraction=POSTPROCESS["fragment_fraction"],
     )
     grey = np.clip(scale_range(image), 0, 1)
     grey8 = (grey * 255).astype(np.uint8)
@@ -130,7 +136,9 @@ clipped, as smartscope does.
 Connected regions of interior probability > {POSTPROCESS["seed_threshold"]}
 (at least 2 px) are seeds; seeds grow over the foreground (interior + boundary
 probability > {POSTPROCESS["fg_threshold"]}) by up to 4 pixel rings; foreground
-that no seed reaches becomes its own object; objects under
+that no seed reaches becomes its own object; a piece under
+{POSTPROCESS["fragment_fraction"]} x the median object area that touches an
+object at least twice its size joins it; objects under
 {POSTPROCESS["min_area_px"]} px are dropped. In Python:
 `smartscope.segment._postprocess.probabilities_to_labels`, or the
 `smartscope-bioimageio` plugin (segmenter `bioimageio`) with this package.

@@ -17,7 +17,12 @@ from smartscope._errors import SmartscopeError
 from smartscope.segment import Segmentation, as_batch
 
 OutputKind = Literal["boundary3", "fg_boundary", "foreground", "distance"]
-_DEFAULTS = {"fg_threshold": 0.5, "seed_threshold": 0.5, "min_area_px": 8}
+_DEFAULTS = {
+    "fg_threshold": 0.5,
+    "seed_threshold": 0.5,
+    "min_area_px": 8,
+    "fragment_fraction": 0.4,
+}
 
 
 class BioimageioModelError(SmartscopeError):
@@ -87,6 +92,10 @@ class BioimageioSegmenter(BaseModel):
         ``config.smartscope.postprocess``, else 0.5).
     min_area_px : int, optional
         Smaller objects are dropped (default: package config, else 8).
+    fragment_fraction : float, optional
+        Class outputs: pieces under this fraction of the median object that
+        touch a larger object join it (default: package config, else 0.4;
+        0 keeps every piece).
     split_touching : bool
         ``foreground`` output: split touching objects.
     min_distance_px : int
@@ -107,6 +116,7 @@ class BioimageioSegmenter(BaseModel):
     fg_threshold: float | None = Field(None, gt=0)
     seed_threshold: float | None = Field(None, gt=0, lt=1)
     min_area_px: int | None = Field(None, ge=0)
+    fragment_fraction: float | None = Field(None, ge=0, lt=1)
     split_touching: bool = True
     min_distance_px: int = Field(3, ge=1)
 
@@ -452,6 +462,7 @@ class BioimageioSegmenter(BaseModel):
                     fg_threshold=fg_t,
                     seed_threshold=seed_t,
                     min_area_px=min_area,
+                    fragment_fraction=float(self._setting("fragment_fraction")),
                 )
             elif kind == "distance":
                 labels[i], s = foreground_to_labels(

@@ -90,6 +90,9 @@ class OnnxSegmenter(BaseModel):
         Foreground and interior-seed probability thresholds.
     min_area_px : int
         Smaller objects are dropped.
+    fragment_fraction : float
+        ``boundary3`` output: pieces under this fraction of the median object
+        that touch a larger object join it; 0 keeps every piece.
     split_touching : bool
         ``foreground`` output: split touching objects (watershed on the
         distance transform).
@@ -110,6 +113,7 @@ class OnnxSegmenter(BaseModel):
     fg_threshold: float = Field(0.6, gt=0, lt=1)
     seed_threshold: float = Field(0.6, gt=0, lt=1)
     min_area_px: int = Field(8, ge=0)
+    fragment_fraction: float = Field(0.4, ge=0, lt=1)
     split_touching: bool = True
     min_distance_px: int = Field(3, ge=1)
 
@@ -317,6 +321,7 @@ class OnnxSegmenter(BaseModel):
                     fg_threshold=self.fg_threshold,
                     seed_threshold=self.seed_threshold,
                     min_area_px=self.min_area_px,
+                    fragment_fraction=self.fragment_fraction,
                 )
             else:
                 fg = p[0] if p.shape[0] == 1 else 1 - p[0]
