@@ -32,7 +32,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from smartscope.segment._postprocess import normalize, probabilities_to_labels
+from smartscope.segment._postprocess import (
+    FRAGMENT_FRACTION,
+    normalize,
+    probabilities_to_labels,
+)
 from smartscope.segment._protocol import Segmentation, as_batch
 
 
@@ -80,7 +84,7 @@ class UNetSegmenter(BaseModel):
     fg_threshold: float = Field(0.6, gt=0, lt=1)
     seed_threshold: float = Field(0.6, gt=0, lt=1)
     min_area_px: int = Field(8, ge=0)
-    fragment_fraction: float = Field(0.4, ge=0, lt=1)
+    fragment_fraction: float = Field(FRAGMENT_FRACTION, ge=0, lt=1)
 
     _engine: Any = PrivateAttr(None)
     _lock: Any = PrivateAttr(default_factory=threading.Lock)

@@ -14,6 +14,7 @@ from typing import Any
 from smartscope.segment._export_bioimageio import export_bioimageio
 from smartscope.segment._export_onnx import ExportError, export_onnx
 from smartscope.segment._model import load_model_file, sha256_of
+from smartscope.segment._postprocess import FRAGMENT_FRACTION
 
 #: formats `export_model` writes, and the suffix of their default file name
 EXPORT_FORMATS = {"onnx": ".onnx", "bioimageio": ".bioimageio.zip"}
@@ -237,9 +238,10 @@ level, {arch["parameters"]:,} parameters.
 Input: {arch["input"]}. Output: {arch["output"]}.
 Instances: interior components (p > 0.6) grown over the foreground
 (interior + boundary > 0.6) by up to 4 px; seedless foreground becomes its own
-object; a piece under 0.4 x the median object area that touches an object at
-least twice its size joins it; objects under 8 px are dropped (thresholds
-chosen on a tuning set of other seeds than the validation set).
+object; a piece under {FRAGMENT_FRACTION:g} x the median object area that
+touches an object at least twice its size joins it; objects under 8 px are
+dropped (thresholds chosen on a tuning set of other seeds than the validation
+set).
 
 ### Why this design
 {_WHY}

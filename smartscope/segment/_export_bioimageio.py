@@ -33,14 +33,14 @@ from smartscope.segment._export_onnx import (
     packaged_network,
 )
 from smartscope.segment._model import ModelFile
-from smartscope.segment._postprocess import NORM_PERCENTILES
+from smartscope.segment._postprocess import FRAGMENT_FRACTION, NORM_PERCENTILES
 
 #: postprocessing of the probabilities, as `UNetSegmenter` does it by default
 POSTPROCESS = {
     "fg_threshold": 0.6,
     "seed_threshold": 0.6,
     "min_area_px": 8,
-    "fragment_fraction": 0.4,
+    "fragment_fraction": FRAGMENT_FRACTION,
 }
 TEST_SHAPE = (256, 256)
 _CITATION = (

@@ -8,6 +8,9 @@ from scipy import ndimage as ndi
 #: percentiles mapped to 0 and 1 by `normalize`
 NORM_PERCENTILES = (1.0, 99.8)
 _SAMPLE_PIXELS = 1 << 16
+#: pieces under this fraction of the median object that touch a larger object
+#: join it (`merge_fragments`); chosen on a synthetic tuning set
+FRAGMENT_FRACTION = 0.4
 
 
 def normalize(image: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -105,7 +108,10 @@ def _grow(seeds: np.ndarray, fg: np.ndarray, steps: int) -> np.ndarray:
 
 
 def merge_fragments(
-    labels: np.ndarray, fraction: float = 0.4, ratio: float = 2.0, min_contact: int = 2
+    labels: np.ndarray,
+    fraction: float = FRAGMENT_FRACTION,
+    ratio: float = 2.0,
+    min_contact: int = 2,
 ) -> np.ndarray:
     """Merge small pieces into the larger object they touch.
 
@@ -175,7 +181,7 @@ def probabilities_to_labels(
     min_seed_px: int = 2,
     min_area_px: int = 8,
     grow_steps: int = 4,
-    fragment_fraction: float = 0.4,
+    fragment_fraction: float = FRAGMENT_FRACTION,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Instance labels and per-object scores from ``(3, Y, X)`` class probabilities.
 

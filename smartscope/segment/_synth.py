@@ -201,7 +201,7 @@ def _render_nuclei(
                 * np.cos(harm_k[:, None, None] * phi + harm_p[:, None, None])
             ).sum(0)
         )
-        cover = np.clip(radius - d + 0.5, 0.0, 1.0)
+        cover = light = np.clip(radius - d + 0.5, 0.0, 1.0)
         inside = cover > 0.5
         if not inside.any():
             continue
@@ -227,7 +227,7 @@ def _render_nuclei(
             depth_map[y0:y1, x0:x1][inside] = rel_d[inside]
         region = image[y0:y1, x0:x1]
         if additive:
-            image[y0:y1, x0:x1] = region + np.clip(radius - d + 0.5, 0, 1) * obj
+            image[y0:y1, x0:x1] = region + light * obj  # all its light
         else:
             image[y0:y1, x0:x1] = region * (1 - cover) + cover * obj
         labels[y0:y1, x0:x1][inside] = label

@@ -15,13 +15,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from smartscope._errors import SmartscopeError
 from smartscope.segment import Segmentation, as_batch
+from smartscope.segment._postprocess import FRAGMENT_FRACTION
 
 OutputKind = Literal["boundary3", "fg_boundary", "foreground", "distance"]
 _DEFAULTS = {
     "fg_threshold": 0.5,
     "seed_threshold": 0.5,
     "min_area_px": 8,
-    "fragment_fraction": 0.4,
+    "fragment_fraction": FRAGMENT_FRACTION,
 }
 
 

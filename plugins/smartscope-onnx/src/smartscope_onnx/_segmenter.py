@@ -10,6 +10,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 from smartscope._errors import SmartscopeError
 from smartscope.segment import Segmentation, as_batch
+from smartscope.segment._postprocess import FRAGMENT_FRACTION
 
 DEFAULT_PERCENTILES = (1.0, 99.8)
 _SAMPLE_PIXELS = 1 << 16
@@ -113,7 +114,7 @@ class OnnxSegmenter(BaseModel):
     fg_threshold: float = Field(0.6, gt=0, lt=1)
     seed_threshold: float = Field(0.6, gt=0, lt=1)
     min_area_px: int = Field(8, ge=0)
-    fragment_fraction: float = Field(0.4, ge=0, lt=1)
+    fragment_fraction: float = Field(FRAGMENT_FRACTION, ge=0, lt=1)
     split_touching: bool = True
     min_distance_px: int = Field(3, ge=1)
 
