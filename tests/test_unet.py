@@ -128,6 +128,32 @@ def test_identical_input_gives_identical_labels():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("widths", [(8, 16, 32, 64, 128), (4, 12, 20)])
+def test_inference_layout_gives_the_networks_outputs(widths):
+    # the fused channels-last head must compute exactly what SmartUNet's
+    # PixelShuffle head computes, for any width, batch and frame size
+    import torch
+
+    from smartscope.segment._net import SmartUNet, for_inference
+
+    torch.manual_seed(3)
+    net = SmartUNet(widths, 2)
+    with torch.no_grad():  # non-trivial BatchNorm statistics and head bias
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        net.head[0].bias.uniform_(-1, 1)
+    net.eval()
+    fast = for_inference(net)
+    x = torch.rand(2, 1, 2 * net.multiple, 3 * net.multiple)
+    with torch.inference_mode():
+        want = net(x)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            got = fast.to(memory_format=layout)(x.contiguous(memory_format=layout))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_tiling_matches_whole_frame(builtin):
     img, _truth = synth_sample(12, (300, 340), kind="nuclei")
     whole = builtin.segment(img).labels[0]

@@ -6,6 +6,9 @@ from the inference worker), ``smartscope segment`` and the benchmark.
 Engine
 ------
 * Device ``auto``: CUDA when available, else CPU.
+* Both devices: the network laid out for channels-last inference
+  (`smartscope.segment._net.for_inference`: the sub-pixel head fused into
+  the last skip addition; the same outputs, about 10 % faster at 512²).
 * CPU: frozen TorchScript graph (BatchNorm folded), channels-last, bf16
   weights and activations where the CPU has AMX / AVX-512 BF16
   (``precision="auto"``),
@@ -141,7 +144,7 @@ class _Engine:
         import torch
 
         from smartscope.segment._model import ModelFileError, load_model_file
-        from smartscope.segment._net import SmartUNet
+        from smartscope.segment._net import SmartUNet, for_inference
 
         self.cfg = cfg
         self.model_file = load_model_file(cfg.model)
@@ -180,7 +183,7 @@ class _Engine:
         }[precision]
         if cfg.threads and not cuda:
             torch.set_num_threads(cfg.threads)
-        net = net.eval().to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+        net = for_inference(net).to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.input_dtype = torch.float32
         if cuda:
             self.net = torch.compile(net) if cfg.compile else net

@@ -9,6 +9,9 @@ Built for CPU latency: strided-convolution downsampling instead of max
 pooling, additive skip connections instead of concatenation (both were the
 slowest operators at 512² in profiling), only 8 channels at full resolution,
 a sub-pixel (pixel-shuffle) upsampling to full resolution, channels-last.
+`for_inference` gives the same network with the last upsampling and skip
+addition fused for channels-last memory (identical outputs, fewer passes over
+the full-resolution tensors).
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ class SmartUNet(nn.Module):
         self.head = nn.Sequential(nn.Conv2d(w[1], w[0] * 4, 1), nn.PixelShuffle(2))
         self.out = nn.Sequential(_cbr(w[0], w[0]), nn.Conv2d(w[0], N_CLASSES, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's half-resolution output and the stem's full-resolution one."""
         x0 = self.stem(x)
         x = x0
         skips: list[torch.Tensor] = []
@@ -70,4 +74,53 @@ class SmartUNet(nn.Module):
         for proj, up in zip(self.proj, self.up, strict=False):
             skip = skips.pop()
             x = up(F.interpolate(proj(x), size=skip.shape[-2:], mode="nearest") + skip)
+        return x, x0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, x0 = self.features(x)
         return self.out(self.head(x) + x0)
+
+
+class _InferenceUNet(nn.Module):
+    """`SmartUNet` with its sub-pixel head fused into the skip addition.
+
+    ``PixelShuffle`` then ``+ x0`` makes two full-resolution passes (a
+    permuting copy and an addition) and, in channels-last memory, the shuffle
+    gathers every 4th channel. Here the head's 1x1 convolution emits its
+    channels in (row, column, channel) order instead of (channel, row,
+    column), so each output pixel's channels are one contiguous block, and the
+    shuffle is a strided view added straight into the stem's output: one
+    pass. The arithmetic is the same, so the outputs are identical.
+    """
+
+    def __init__(self, net: SmartUNet) -> None:
+        super().__init__()
+        self.net = net
+        conv = net.head[0]
+        assert isinstance(conv, nn.Conv2d) and conv.bias is not None
+        c = conv.out_channels // 4
+        order = torch.arange(4 * c).reshape(c, 2, 2).permute(1, 2, 0).reshape(-1)
+        self.head = nn.Conv2d(conv.in_channels, 4 * c, 1)
+        with torch.no_grad():
+            self.head.weight.copy_(conv.weight[order])
+            self.head.bias.copy_(conv.bias[order])  # type: ignore[union-attr]
+        self.channels = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, x0 = self.net.features(x)
+        b, _, h, w = x.shape
+        c = self.channels
+        # (b, h, w, [i, j, c]) -> (b, h, i, w, j, c): pixel (2y+i, 2x+j), channel c
+        sub = self.head(x).permute(0, 2, 3, 1).reshape(b, h, w, 2, 2, c)
+        sub = sub.permute(0, 1, 3, 2, 4, 5)
+        full = x0.permute(0, 2, 3, 1).reshape(b, h, 2, w, 2, c) + sub
+        return self.net.out(full.reshape(b, 2 * h, 2 * w, c).permute(0, 3, 1, 2))
+
+
+def for_inference(net: SmartUNet) -> nn.Module:
+    """The same network (same outputs) laid out for fast channels-last inference.
+
+    The result shares `net`'s layers, with a re-ordered copy of its head.
+    Inference only: model files and exports keep `SmartUNet`'s layout.
+    """
+    return _InferenceUNet(net).eval()
