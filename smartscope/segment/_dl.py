@@ -8,7 +8,8 @@ Engine
 * Device ``auto``: CUDA when available, else CPU.
 * Both devices: the network laid out for channels-last inference
   (`smartscope.segment._net.for_inference`: the sub-pixel head fused into
-  the last skip addition; the same outputs, about 10 % faster at 512²).
+  the last skip addition; the same outputs, a 512² call 6-14 % faster on
+  this project's 2-core CPU host).
 * CPU: frozen TorchScript graph (BatchNorm folded), channels-last, bf16
   weights and activations where the CPU has AMX / AVX-512 BF16
   (``precision="auto"``),

@@ -155,8 +155,10 @@ watershed that costs 10-20 ms per 512² on this CPU.
 The network is shaped for CPU latency (profiled on 2 cores at 512²): strided
 convolutions instead of max pooling (max pooling at full resolution cost 11 ms),
 additive instead of concatenated skips (concatenation cost 9 ms per forward),
-8 channels at full resolution, pixel-shuffle upsampling, channels-last, frozen
-TorchScript (BatchNorm folded) and bf16 weights on CPUs with AMX.
+8 channels at full resolution, pixel-shuffle upsampling (at inference fused
+into the last skip addition, one pass over the full-resolution tensors instead
+of two; a 512² call 6-14 % faster), channels-last, frozen TorchScript
+(BatchNorm folded) and bf16 weights on CPUs with AMX.
 """
 
 
