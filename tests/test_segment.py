@@ -129,3 +129,22 @@ def test_probabilities_to_labels_merges_a_split_off_piece():
     joined, scores = probabilities_to_labels(probs)
     assert apart.max() == 2 and joined.max() == 1 and len(scores) == 1
     assert (joined[8:40, 8:40] == 1).all()
+
+
+def test_median_object_radius_measures_pieces_of_foreground():
+    from smartscope.segment._postprocess import median_object_radius
+
+    yy, xx = np.indices((256, 256))
+    fg = np.zeros((256, 256), bool)
+    for (y, x), r in zip(
+        [(40, 40), (40, 150), (150, 60), (170, 180)], [30, 30, 30, 10]
+    ):
+        fg |= (yy - y) ** 2 + (xx - x) ** 2 <= r**2
+    fg[0:2, 250:252] = True  # a speck under min_area_px: ignored
+    assert median_object_radius(fg) == pytest.approx(30, abs=1.0)
+    assert median_object_radius(fg, step=1) == pytest.approx(30, abs=0.5)
+    # the median, not the mean: 4 small pieces and 3 large ones read small
+    for x in (40, 100, 230):
+        fg |= (yy - 225) ** 2 + (xx - x) ** 2 <= 10**2
+    assert median_object_radius(fg) == pytest.approx(10, abs=1.0)
+    assert median_object_radius(np.zeros((64, 64), bool)) == 0.0

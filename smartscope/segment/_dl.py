@@ -38,6 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from smartscope.segment._postprocess import (
     FRAGMENT_FRACTION,
+    MAX_OBJECT_RADIUS_PX,
+    median_object_radius,
     normalize,
     probabilities_to_labels,
 )
@@ -60,6 +62,12 @@ class UNetSegmenter(BaseModel):
     scale : float
         Resize input by this factor before the network (labels are returned
         at the original size). <1 is faster and suits large objects.
+    max_object_radius_px : float | None
+        Test-time scale from object size: when a frame's median object
+        (foreground component) is larger than this radius at the network's
+        input, the frame is segmented again at the scale that brings it to
+        this radius (at least 0.25), as the network splits nuclei far larger
+        than those it was trained on. None turns it off.
     tile : int
         Largest tile side fed to the network; bigger frames are tiled.
     halo : int
@@ -82,6 +90,7 @@ class UNetSegmenter(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     threads: int | None = Field(None, ge=1)
     scale: float = Field(1.0, gt=0.05, le=4.0)
+    max_object_radius_px: float | None = Field(MAX_OBJECT_RADIUS_PX, gt=0)
     tile: int = Field(1024, ge=64)
     halo: int = Field(32, ge=0)
     compile: bool = False
@@ -102,6 +111,9 @@ class UNetSegmenter(BaseModel):
         extra = ""
         if self.scale != 1.0:
             extra += f"@x{self.scale:g}"
+        if self.max_object_radius_px != MAX_OBJECT_RADIUS_PX:
+            limit = self.max_object_radius_px
+            extra += "@r-off" if limit is None else f"@r{limit:g}"
         return self._engine.model_file.model_id + extra
 
     @property
@@ -116,14 +128,26 @@ class UNetSegmenter(BaseModel):
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:
         """``(3, Y, X)`` background/interior/boundary probabilities of one image."""
+        return self._batch_probabilities(np.asarray(image)[None])[0]
+
+    def _batch_probabilities(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Per-image probabilities, large-object frames again at a smaller scale."""
         with self._lock:
-            return self._engine.probabilities(np.asarray(image))
+            probs = self._engine.batch_probabilities(batch)
+            limit = self.max_object_radius_px
+            if limit is None:
+                return probs
+            for i, p in enumerate(probs):
+                radius = median_object_radius(p[1] + p[2] > self.fg_threshold)
+                if radius * self.scale > limit:
+                    scale = max(0.25, limit / radius)
+                    probs[i] = self._engine.probabilities(batch[i], scale)
+        return probs
 
     def segment(self, images: np.ndarray) -> Segmentation:
         """Segment a ``(B, Y, X)`` batch (or one ``(Y, X)`` image)."""
         batch = as_batch(images)
-        with self._lock:
-            probs = self._engine.batch_probabilities(batch)
+        probs = self._batch_probabilities(batch)
         labels = np.zeros(batch.shape, np.uint16)
         scores = []
         for i, p in enumerate(probs):
@@ -252,10 +276,10 @@ class _Engine:
                 out[:, y:ye, x:xe] = probs[:, y - y0 : ye - y0, x - x0 : xe - x0]
         return out
 
-    def _prepare(self, image: np.ndarray) -> np.ndarray:
+    def _prepare(self, image: np.ndarray, scale: float) -> np.ndarray:
         norm = normalize(image)
-        if self.cfg.scale != 1.0:
-            norm = self._resize(norm[None], self.cfg.scale)[0]
+        if scale != 1.0:
+            norm = self._resize(norm[None], scale)[0]
         return norm
 
     def _resize(
@@ -275,13 +299,21 @@ class _Engine:
             probs = self._resize(probs, size=shape)
         return probs
 
-    def probabilities(self, image: np.ndarray) -> np.ndarray:
-        return self.batch_probabilities(image[None])[0]
+    def probabilities(
+        self, image: np.ndarray, scale: float | None = None
+    ) -> np.ndarray:
+        return self.batch_probabilities(image[None], scale)[0]
 
-    def batch_probabilities(self, batch: np.ndarray) -> list[np.ndarray]:
-        """Per-image ``(3, Y, X)`` probabilities (one pass unless tiled)."""
+    def batch_probabilities(
+        self, batch: np.ndarray, scale: float | None = None
+    ) -> list[np.ndarray]:
+        """Per-image ``(3, Y, X)`` probabilities (one pass unless tiled).
+
+        At the configured scale unless `scale` is given.
+        """
         shape = batch.shape[1:]
-        prepared = np.stack([self._prepare(img) for img in batch])
+        scale = self.cfg.scale if scale is None else scale
+        prepared = np.stack([self._prepare(img, scale) for img in batch])
         if max(prepared.shape[1:]) <= self.cfg.tile:
             probs = list(self._padded_forward(prepared))
         else:

@@ -299,8 +299,10 @@ with no intensity dip between them are still the main source of errors on
 real images (two nuclei come out as one), and the outlines of very bright,
 saturated nuclei are the least accurate.
 `synthetic_large_nuclei` in `smartscope bench segment` tracks nuclei of
-40-70 px radius, the weakest range at scale 1 (F1 0.57); with `scale` 0.5 it
-reads 0.76, so use `scale` 0.5 for nuclei above about 30 px radius.
+40-70 px radius: the network alone splits them (F1 0.57 at scale 1), so a
+frame whose median object (foreground piece) is over 28 px radius is
+segmented again at the scale that brings it to 28 px
+(`max_object_radius_px`; F1 0.72, mean AP 0.61).
 Bright-field, H&E and
 other transmitted-light images are out of scope.
 

@@ -11,6 +11,10 @@ _SAMPLE_PIXELS = 1 << 16
 #: pieces under this fraction of the median object that touch a larger object
 #: join it (`merge_fragments`); chosen on a synthetic tuning set
 FRAGMENT_FRACTION = 0.4
+#: frames whose median object is larger than this radius (px) at the network's
+#: input are segmented again at a smaller scale (`UNetSegmenter`); chosen on a
+#: synthetic tuning set
+MAX_OBJECT_RADIUS_PX = 28.0
 
 
 def normalize(image: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -36,6 +40,25 @@ def normalize(image: np.ndarray, eps: float = 1e-6) -> np.ndarray:
         out[high] = 1 + np.log1p(out[high] - 1)
     np.maximum(out, -1, out=out)
     return out
+
+
+def median_object_radius(
+    foreground: np.ndarray, min_area_px: int = 8, step: int = 2
+) -> float:
+    """Equivalent radius (px) of the median connected piece of `foreground`.
+
+    The foreground (interior + boundary) of a nucleus stays one piece even
+    where a network splits its interior, so this measures object size before
+    instances exist. Measured on every `step`-th pixel in each direction (1 ms
+    instead of 2.6 at 512²; within a few percent for objects above ~4 px
+    radius). Pieces under `min_area_px` are ignored; 0 when none.
+    """
+    pieces, n = ndi.label(foreground[::step, ::step])
+    if n == 0:
+        return 0.0
+    areas = np.bincount(pieces.ravel(), minlength=n + 1)[1:] * float(step * step)
+    areas = areas[areas >= min_area_px]
+    return float(np.sqrt(np.median(areas) / np.pi)) if areas.size else 0.0
 
 
 def boundary_classes(labels: np.ndarray, contact_width: int = 1) -> np.ndarray:
