@@ -139,8 +139,8 @@ class UNetSegmenter(BaseModel):
                 return probs
             for i, p in enumerate(probs):
                 radius = median_object_radius(p[1] + p[2] > self.fg_threshold)
-                if radius * self.scale > limit:
-                    scale = max(0.25, limit / radius)
+                scale = max(min(0.25, self.scale), limit / max(radius, 1e-6))
+                if scale < self.scale:
                     probs[i] = self._engine.probabilities(batch[i], scale)
         return probs
 
