@@ -38,12 +38,15 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from smartscope.segment._postprocess import (
     FRAGMENT_FRACTION,
-    MAX_OBJECT_RADIUS_PX,
     median_object_radius,
     normalize,
     probabilities_to_labels,
 )
 from smartscope.segment._protocol import Segmentation, as_batch
+
+#: frames whose median object is larger than this radius (px) at the network's
+#: input are segmented again at a smaller scale; chosen on a synthetic tuning set
+MAX_OBJECT_RADIUS_PX = 28.0
 
 
 class UNetSegmenter(BaseModel):
@@ -127,7 +130,11 @@ class UNetSegmenter(BaseModel):
         return self._engine.precision
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:
-        """``(3, Y, X)`` background/interior/boundary probabilities of one image."""
+        """``(3, Y, X)`` background/interior/boundary probabilities of one image.
+
+        Those `segment` uses: from the smaller-scale pass when the image's
+        objects exceed `max_object_radius_px`.
+        """
         return self._batch_probabilities(np.asarray(image)[None])[0]
 
     def _batch_probabilities(self, batch: np.ndarray) -> list[np.ndarray]:

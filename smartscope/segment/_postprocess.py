@@ -11,10 +11,6 @@ _SAMPLE_PIXELS = 1 << 16
 #: pieces under this fraction of the median object that touch a larger object
 #: join it (`merge_fragments`); chosen on a synthetic tuning set
 FRAGMENT_FRACTION = 0.4
-#: frames whose median object is larger than this radius (px) at the network's
-#: input are segmented again at a smaller scale (`UNetSegmenter`); chosen on a
-#: synthetic tuning set
-MAX_OBJECT_RADIUS_PX = 28.0
 
 
 def normalize(image: np.ndarray, eps: float = 1e-6) -> np.ndarray:
