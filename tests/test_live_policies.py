@@ -9,6 +9,7 @@ ground truth.
 from __future__ import annotations
 
 import gc
+import math
 
 import numpy as np
 import pytest
@@ -126,7 +127,19 @@ def test_event_burst_catches_divisions_with_little_light(unet):
     burst = [f for f in frames if f.kind == "event_burst"]
     assert burst and all(f.event.roi.width == 64 for f in burst)
     assert policy.finished and not policy.active
-    assert any(b.ended == "signature gone" for b in policy.finished)
+    assert any(b.ended in ("signature gone", "divided") for b in policy.finished)
+    # a burst that saw its cell divide: a cell did divide there, during the
+    # burst (within 20 µm of where the burst ended: one of the daughters)
+    divided = [b for b in policy.finished if b.ended == "divided"]
+    seen = [
+        any(
+            b.started * ACCEL <= d["time_s"] <= b.ended_at * ACCEL
+            and math.hypot(d["x_um"] - b.xy[0], d["y_um"] - b.xy[1]) < 20
+            for d in specimen.ground_truth()["divisions"]
+        )
+        for b in divided
+    ]
+    assert len(divided) >= 10 and sum(seen) >= 0.9 * len(divided)
     # most triggers were real: the cell was in its pre-division window
     starts = [b for b in policy.finished + policy.active]
     real = 0
@@ -246,3 +259,104 @@ def test_z_stack_bursts_are_followed_on_their_focal_plane(unet):
     for b in policy.finished:
         n = len({k for (i, k) in by_frame if i == b.id})
         assert b.seen <= n
+
+
+def _cells(bright: float, *, dim: float = 100.0, dx: float = 0.0):
+    """Nine dim cells and one of intensity `bright`, near stage (0, 0) + `dx`."""
+    lab = np.zeros((64, 64), np.uint16)
+    image = np.full((64, 64), 1.0)
+    spots = [(30, 30)] + [(8 + 16 * (k % 3), 8 + 48 * (k // 3)) for k in range(9)]
+    for k, (x, y) in enumerate(spots, 1):
+        lab[y - 2 : y + 3, x - 2 : x + 3] = k
+        image[y - 2 : y + 3, x - 2 : x + 3] = bright if k == 1 else dim
+    return Detections.from_labels(lab, image, to_stage=lambda p: p - 31.5 + [dx, 0])
+
+
+def _survey(t):
+    from useq import MDAEvent
+
+    ev = MDAEvent(metadata={"smartscope": {"kind": "base", "position": "p"}})
+    return Frame(0, ev, "p", "base", 0.0, 0.0, 0.0, None, 10.0, t, t_clock=t)
+
+
+def _burst_frame(t, burst_id, k):
+    from useq import MDAEvent
+
+    tag = {"kind": "event_burst", "burst_id": burst_id, "burst_frame": k}
+    ev = MDAEvent(metadata={"smartscope": tag})
+    return Frame(0, ev, "b", "event_burst", 0.0, 0.0, 0.0, None, 10.0, t, t_clock=t)
+
+
+def _follow(policy, burst_id, intensities, ctx, t0=1.0):
+    """Feed a burst frame per second with the followed cell at each intensity."""
+    for k, value in enumerate(intensities):
+        policy.on_detections(_burst_frame(t0 + k, burst_id, k), _cells(value), ctx)
+        if not policy.active:
+            return t0 + k
+    return None
+
+
+def _plain_burst(**kw):
+    return EventBurst(
+        trigger={"relative_intensity": {"min": 1.5}},
+        sustain={"relative_intensity": {"min": 1.1}},
+        interval_s=1.0,
+        field_um=None,
+        max_duration_s=5,
+        cooldown_s=0,
+        confirm_frames=0,
+        tail_frames=1,
+        **kw,
+    )
+
+
+def test_event_burst_watches_the_cells_brightness():
+    """Daughters end a burst, brightening extends one, bright-by-nature cells rest."""
+    ctx = PolicyContext(fov_um=(64, 64))
+    # a division: the nucleus gives way to dimmer daughters that still pass
+    # `sustain` (1.1): the burst ends at the drop, after `tail_frames`
+    policy = _plain_burst()
+    assert policy.on_detections(_survey(0), _cells(200), ctx)
+    ended = _follow(policy, 1, [200, 210, 205, 130, 130, 130, 130], ctx)
+    assert policy.finished[0].ended == "divided" and ended == 1 + 4
+    kept = _plain_burst(division_drop=None)  # without the rule: to the longest
+    kept.on_detections(_survey(0), _cells(200), ctx)
+    _follow(kept, 1, [200, 210, 205, 130, 130, 130, 130], ctx)
+    assert kept.finished[0].ended.startswith("longest")
+
+    # the signature arrives during the burst: it goes on past max_duration_s
+    policy = _plain_burst()
+    policy.on_detections(_survey(0), _cells(160), ctx)
+    ended = _follow(policy, 1, [160] * 3 + [320] * 20, ctx)
+    burst = policy.finished[0]
+    assert burst.extended and burst.ended.startswith("longest")
+    assert ended == 10  # 5 s, then 5 s more from there (frame 9, at 10 s)
+
+    # a cell bright by nature: its burst runs out, and it does not trigger again
+    # until it is `brightening` times brighter than it was
+    policy = _plain_burst()
+    policy.on_detections(_survey(0), _cells(180), ctx)
+    _follow(policy, 1, [180] * 10, ctx)
+    assert not policy.finished[0].extended
+    assert policy.on_detections(_survey(20), _cells(190), ctx) == []
+    assert policy.report()["bright_cells"] == 1
+    assert policy.on_detections(_survey(30), _cells(1.5 * 180 + 1), ctx)
+    assert len(policy.active) == 1 and policy.report()["bright_cells"] == 0
+    # without the rule the same cell triggers again at once
+    again = _plain_burst(brightening=None)
+    again.on_detections(_survey(0), _cells(180), ctx)
+    _follow(again, 1, [180] * 10, ctx)
+    assert again.on_detections(_survey(20), _cells(190), ctx)
+
+
+def test_a_brighter_cell_takes_the_place_of_the_weakest_burst():
+    ctx = PolicyContext(fov_um=(64, 64))
+    policy = _plain_burst(max_active=1)
+    policy.on_detections(_survey(0), _cells(160), ctx)
+    # other fields: a slightly brighter cell waits, a far brighter one preempts
+    assert policy.on_detections(_survey(1), _cells(180, dx=100), ctx) == []
+    assert not policy.finished
+    out = policy.on_detections(_survey(2), _cells(400, dx=200), ctx)
+    assert out and policy.finished[0].ended == "preempted by a brighter cell"
+    assert len(policy.active) == 1 and policy.active[0].strength == 4.0
+    assert policy.active[0].xy[0] == pytest.approx(198.5)

@@ -61,6 +61,17 @@ class _Burst:
     ended: str | None = None
     ended_at: float = math.inf
     progress_at: float = -math.inf  # scheduler clock of its last analysed frame
+    first: float = math.nan  # the cell's relative intensity in its first frame
+    peak: float = math.nan  # ... its highest in the burst
+    last: float = math.nan  # ... in the last frame it was found in
+    until: float = math.inf  # scheduler clock at which the burst ends at the latest
+    extended: bool = False  # it got brighter: `max_duration_s` granted again
+    strength: float = math.nan  # the cell's relative intensity in the trigger frame
+
+
+#: How a burst ends when its cell did what the burst was for: it is not a false
+#: alarm, and the place may trigger again at once (daughters, neighbours).
+_REAL_ENDINGS = ("signature gone", "divided")
 
 
 #: What starts a burst by default: a bright round cell (rounding up before
@@ -92,6 +103,23 @@ class EventBurst(PolicyBase):
     a false alarm or a burst that hit `max_duration_s`, the place does not
     trigger again for `cooldown_s`. Frames are scheduled two ahead, so one
     dropped analysis does not break a burst.
+
+    The followed cell's brightness (mean intensity relative to the trigger
+    field's median) is watched through the burst, so that light goes to cells
+    that change:
+
+    - A nucleus that divides gives way to two dimmer daughters: once it is
+      below `division_drop` times its brightest in the burst it counts as
+      divided, as if it had failed `sustain` (the daughters of a bright cell
+      may still pass `sustain`), and the burst ends after `tail_frames`.
+    - A cell that becomes `brightening` times as bright as in the burst's first
+      frame shows the signature arriving (a bright cell that triggered early):
+      at `max_duration_s` its burst goes on, once, for up to `max_duration_s`
+      more.
+    - A burst that reaches `max_duration_s` on a cell that never got brighter
+      was following a cell that is bright by nature, not dividing: that cell
+      (followed from survey frame to survey frame) triggers again only once it
+      is `brightening` times as bright as it was then.
 
     With ``stream: true`` the burst is a *streamed burst* instead: frames as
     fast as the camera runs (a `Stream`, hardware-sequenced in chunks of
@@ -150,6 +178,29 @@ class EventBurst(PolicyBase):
     z_plan: ZRangeAround | None = None
     match_radius_um: float = Field(12.0, gt=0)
     max_active: int = Field(8, ge=1, description="Bursts running at once, at most.")
+    preempt: float | None = Field(
+        1.3,
+        gt=1,
+        description="With `max_active` bursts running, a cell this many times as "
+        "bright (relative intensity in the trigger frame) as the weakest running "
+        "burst's takes its place (None: never).",
+    )
+    division_drop: float | None = Field(
+        0.7,
+        gt=0,
+        lt=1,
+        description="The followed nucleus has divided once its intensity is below "
+        "this fraction of its brightest in the burst (None: only `sustain` ends a "
+        "burst).",
+    )
+    brightening: float | None = Field(
+        1.5,
+        gt=1,
+        description="Intensity ratio that counts as the cell getting brighter: "
+        "its burst goes on past `max_duration_s` (once), and a bright cell whose "
+        "burst ran out triggers again only after brightening this much (None: "
+        "neither).",
+    )
     priority: int = 20
     stream: bool = Field(
         False,
@@ -165,6 +216,8 @@ class EventBurst(PolicyBase):
 
     _bursts: dict[int, _Burst] = PrivateAttr(default_factory=dict)
     _done: list[_Burst] = PrivateAttr(default_factory=list)
+    # cells bright by nature: [x, y, relative intensity] when their burst ran out
+    _bright: list[list[float]] = PrivateAttr(default_factory=list)
     _ids: int = PrivateAttr(0)
     _clock: Callable[[], float] | None = PrivateAttr(None)
 
@@ -191,6 +244,7 @@ class EventBurst(PolicyBase):
         return {
             "n_bursts": len(bursts),
             "ended": reasons,
+            "bright_cells": len(self._bright),
             "bursts": [
                 {
                     "id": b.id,
@@ -199,6 +253,7 @@ class EventBurst(PolicyBase):
                     "y_um": round(b.xy[1], 2),
                     "started_s": round(b.started, 3),
                     "frames": b.analysed + 1,
+                    "extended": b.extended,
                     "ended": b.ended,
                 }
                 for b in bursts
@@ -250,19 +305,25 @@ class EventBurst(PolicyBase):
         self, frame: Frame, det: Detections, context: PolicyContext
     ) -> list[Action]:
         feats = object_features(det)
+        self._follow_bright(det.centroids_um, feats["relative_intensity"])
         hit = matches(self.trigger, feats, len(det)) & self.filter.mask(det)
         if not hit.any():
             return []
         pts = det.centroids_um[hit]
-        order = np.argsort(-feats["relative_intensity"][hit])
+        rel = feats["relative_intensity"][hit]
+        order = np.argsort(-rel)
         t_now = frame.t_clock if frame.t_clock is not None else context.now()
         actions: list[Action] = []
         for i in order:
             x, y = (float(v) for v in pts[i])
-            if len(self._bursts) >= self.max_active:
-                break
-            if self._known(x, y, t_now):
+            if self._known(x, y, t_now) or self._bright_by_nature(x, y, rel[i]):
                 continue
+            if len(self._bursts) >= self.max_active:
+                weakest = min(self._bursts.values(), key=lambda b: b.strength)
+                if self.preempt is None or rel[i] < self.preempt * weakest.strength:
+                    break  # the candidates come brightest first
+                self._end(weakest, "preempted by a brighter cell", t_now)
+                actions += self._stop_stream(weakest)
             self._ids += 1
             burst = _Burst(
                 self._ids,
@@ -272,6 +333,8 @@ class EventBurst(PolicyBase):
                 started=t_now,
                 due0=t_now + self.interval_s,
                 reference=field_medians(det),
+                until=t_now + self.max_duration_s,
+                strength=float(rel[i]),
             )
             self._bursts[burst.id] = burst
             actions += self._schedule(
@@ -288,12 +351,45 @@ class EventBurst(PolicyBase):
         cooling = [
             b
             for b in self._done[-50:]
-            if b.ended != "signature gone" and now - b.ended_at < self.cooldown_s
+            if b.ended not in _REAL_ENDINGS and now - b.ended_at < self.cooldown_s
         ]
         return any(
             math.hypot(x - b.xy[0], y - b.xy[1]) < self.match_radius_um
             for b in [*self._bursts.values(), *cooling]
         )
+
+    def _follow_bright(self, points: np.ndarray, rel: np.ndarray) -> None:
+        """Move each remembered bright cell to the same cell in a survey frame.
+
+        That is the nearest object within `match_radius_um` unless it is far
+        dimmer or brighter (a neighbour, or the cell getting brighter): then
+        the cell stays where it was seen last.
+        """
+        if not self._bright or not len(points) or self.brightening is None:
+            return
+        cells = np.array([c[:2] for c in self._bright])
+        j, d = nearest(cells, points)
+        for cell, k, dist in zip(self._bright, j, d, strict=True):
+            ratio = rel[k] / cell[2] if cell[2] > 0 else math.inf
+            if dist <= self.match_radius_um and 1 / self.brightening < ratio < (
+                self.brightening
+            ):
+                cell[0], cell[1] = (float(v) for v in points[k])
+
+    def _bright_by_nature(self, x: float, y: float, rel: float) -> bool:
+        """Whether (x, y) is a remembered bright cell that has not got brighter.
+
+        One that has is forgotten (it may now be dividing).
+        """
+        if self.brightening is None:
+            return False
+        for cell in self._bright:
+            if math.hypot(x - cell[0], y - cell[1]) < self.match_radius_um:
+                if rel >= self.brightening * cell[2]:
+                    self._bright.remove(cell)
+                    return False
+                return True
+        return False
 
     def _continue(
         self,
@@ -307,7 +403,7 @@ class EventBurst(PolicyBase):
         burst.progress_at = frame.t_clock if frame.t_clock is not None else math.inf
         if burst.ended is not None:
             return []
-        still = confirmed = False
+        still = confirmed = divided = False
         if len(det):
             j, d = nearest(np.array([burst.xy]), det.centroids_um)
             if d[0] <= self.match_radius_um:
@@ -316,6 +412,16 @@ class EventBurst(PolicyBase):
                 crit = self.sustain or self.trigger
                 still = bool(matches(crit, feats, len(det))[j[0]])
                 confirmed = bool(matches(self.trigger, feats, len(det))[j[0]])
+                rel = float(feats["relative_intensity"][j[0]])
+                if math.isnan(burst.first):
+                    burst.first = rel
+                burst.peak = rel if math.isnan(burst.peak) else max(burst.peak, rel)
+                burst.last = rel
+                divided = (
+                    self.division_drop is not None
+                    and rel < self.division_drop * burst.peak
+                )
+                still = still and not divided
         burst.seen += 1
         burst.confirmed += confirmed
         if burst.seen == self.confirm_frames and not burst.confirmed:
@@ -329,9 +435,19 @@ class EventBurst(PolicyBase):
         t_now = frame.t_clock if frame.t_clock is not None else context.now()
         reason = ""
         if burst.off > self.tail_frames:
-            reason = "signature gone"
-        elif t_now - burst.started >= self.max_duration_s:
-            reason = f"longest burst ({self.max_duration_s:g} s) reached"
+            reason = "divided" if divided else "signature gone"
+        elif t_now >= burst.until:
+            if self._brighter(burst, burst.last) and not burst.extended:
+                burst.extended = True
+                burst.until = t_now + self.max_duration_s
+            else:
+                reason = f"longest burst ({self.max_duration_s:g} s) reached"
+                if (
+                    not burst.extended
+                    and math.isfinite(burst.last)
+                    and not self._brighter(burst, burst.peak)
+                ):
+                    self._bright = [*self._bright[-255:], [*burst.xy, burst.last]]
         if reason:
             self._end(burst, reason, t_now)
             return self._stop_stream(burst)
@@ -347,6 +463,10 @@ class EventBurst(PolicyBase):
                 )
             ]
         return self._schedule(burst, context, upto=k + 2, reason=f"burst {burst.id}")
+
+    def _brighter(self, burst: _Burst, rel: float) -> bool:
+        """Whether `rel` is `brightening` times the cell's first intensity."""
+        return self.brightening is not None and rel >= self.brightening * burst.first
 
     def _stop_stream(self, burst: _Burst) -> list[Action]:
         """End a streamed burst's stream (nothing for a burst on a clock)."""
