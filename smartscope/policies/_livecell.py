@@ -443,7 +443,8 @@ class EventBurst(PolicyBase):
             else:
                 reason = f"longest burst ({self.max_duration_s:g} s) reached"
                 if (
-                    not burst.extended
+                    self.brightening is not None
+                    and not burst.extended
                     and math.isfinite(burst.last)
                     and not self._brighter(burst, burst.peak)
                 ):
