@@ -251,6 +251,19 @@ def test_a_gap_in_the_window_misses_the_division(run: ImagedRun) -> None:
     assert score(before)["caught"]
     assert score(before)["first_fast_s"] >= a - 100
 
+    # nor does a gap that starts before it: only the part inside counts, so
+    # a lone snap shortly before the covered part changes nothing
+    late_start = [s for s in run.snaps if not a - 400 < s["t_s"] < a + 0.5 * FAST_S]
+    assert score(late_start)["caught"]
+    first = min((s for s in late_start if s["t_s"] > a), key=lambda s: s["t_s"])
+    lone = {**first, "t_s": first["t_s"] - 1.6 * FAST_S}  # a gap over 1.5 F
+    assert a - 1.5 * FAST_S < lone["t_s"] < a  # inside the scored span
+    with_lone = sorted(late_start + [lone], key=lambda s: s["t_s"])
+    assert score(with_lone)["caught"]
+    # ... while the same gap inside the covered part misses the division
+    inside = [s for s in run.snaps if not a + 100 < s["t_s"] < a + 100 + 2 * FAST_S]
+    assert not score(inside)["caught"]
+
 
 def test_division_capture_without_divisions_or_snaps(run: ImagedRun) -> None:
     nowhere = division_capture(

@@ -355,8 +355,11 @@ def division_capture(
     contained the dividing cell, taken in ``[A - tolerance*F, B + tolerance*F]``
     where ``A = B - window_fraction*W``, exist, start by ``A + tolerance*F``, end
     no earlier than ``B - tolerance*F`` and are never more than ``tolerance*F``
-    apart. The parent's position at a snap is interpolated along its track; for
-    snaps at or after the division, the division's position is used.
+    apart, a snap before ``A`` counting as taken at ``A`` (so only the part of
+    a gap inside ``[A, B]`` counts, and an extra snap never turns a caught
+    division into a missed one). The parent's position at a snap is
+    interpolated along its track; for snaps at or after the division, the
+    division's position is used.
 
     Parameters
     ----------
@@ -739,6 +742,10 @@ def _capture(
     """Score one division from the sorted times of the snaps that saw its cell."""
     in_window = (times >= pre - _EPS_S) & (times <= b + _EPS_S)
     span = times[(times >= a - tol - _EPS_S) & (times <= b + tol + _EPS_S)]
+    # a snap before the covered part covers its start: it counts as taken at
+    # `a`, so a gap only counts for the time it leaves [a, b] unseen (an extra
+    # early snap must never turn a caught division into a missed one)
+    span = np.maximum(span, a)
     gaps = np.diff(span)
     caught = bool(
         span.size
