@@ -33,7 +33,7 @@ def test_live_mitosis_demo_prints_what_it_caught(tmp_path):
     report = json.loads((out / "specimen_report.json").read_text())
     truth = json.loads((out / "ground_truth.json").read_text())
     assert truth["parameters"]["acceleration"] == 120
-    assert report["frames"]["base"] >= 16  # 4 fields every 2-2.5 s
+    assert report["frames"]["base"] >= 16  # 4 fields every 2.25-2.5 s
     assert report["follow"]["A"]["fraction_within"] >= 0.95
     run = json.loads((out / "run.json").read_text())
     bursts = run["policy_reports"]["event_burst"]
