@@ -34,6 +34,9 @@ def test_live_mitosis_demo_prints_what_it_caught(tmp_path):
     truth = json.loads((out / "ground_truth.json").read_text())
     assert truth["parameters"]["acceleration"] == 120
     assert report["frames"]["base"] >= 16  # 4 fields every 2.25-2.5 s
+    div = report["divisions"]
+    assert len(div["missed"]) == div["n_divisions"] - div["n_caught"]
+    assert all(not d["caught"] and "max_gap_s" in d for d in div["missed"])
     assert report["follow"]["A"]["fraction_within"] >= 0.95
     run = json.loads((out / "run.json").read_text())
     bursts = run["policy_reports"]["event_burst"]

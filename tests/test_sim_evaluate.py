@@ -15,6 +15,7 @@ from smartscope.sim.evaluate import (
     division_capture,
     dose_summary,
     follow_summary,
+    live_run_report,
     nearest_cell,
 )
 from smartscope.sim.specimen import LiveSpecimen
@@ -263,6 +264,25 @@ def test_a_gap_in_the_window_misses_the_division(run: ImagedRun) -> None:
     # ... while the same gap inside the covered part misses the division
     inside = [s for s in run.snaps if not a + 100 < s["t_s"] < a + 100 + 2 * FAST_S]
     assert not score(inside)["caught"]
+
+
+def test_live_run_report_lists_the_missed_divisions(run: ImagedRun) -> None:
+    def report(snaps: list[Snap]) -> dict:
+        frames = [
+            {"frame_index": i, "position": "p0", "kind": "base"}
+            for i in range(len(snaps))
+        ]
+        return live_run_report(run.truth, snaps, frames, fast_interval_s=FAST_S)[
+            "divisions"
+        ]
+
+    fast = report(run.snaps)
+    assert fast["n_divisions"] > 0 and fast["missed"] == []
+    slow = report(run.snaps[::10])  # every 10 fast intervals: none caught
+    assert slow["n_caught"] == 0 and len(slow["missed"]) == slow["n_divisions"] > 0
+    for d in slow["missed"]:
+        assert not d["caught"] and "first_fast_s" in d
+        assert d["max_gap_s"] is None or d["max_gap_s"] > 1.5 * FAST_S
 
 
 def test_division_capture_without_divisions_or_snaps(run: ImagedRun) -> None:

@@ -147,7 +147,9 @@ def bench_livecell(
     -------
     dict
         Per run: divisions in the imaged fields and the fraction caught at the
-        fast rate inside their pre-division window, total light dose the cells
+        fast rate inside their pre-division window (with each missed one: its
+        time, place, when fast imaging of it began and its longest gap, in
+        simulated seconds), total light dose the cells
         received, illumination, frames, cells harmed, tracking (followed cell
         within 10 % of the field width, track losses) and timepoint lateness
         (p50/p99/max, missed deadlines); then the adaptive/fixed-fast dose
@@ -229,6 +231,7 @@ def _run_scored(exp: Experiment, out: Path, fast: float) -> dict[str, Any]:
         "divisions": div["n_divisions"],
         "caught": div["n_caught"],
         "fraction_caught": div["fraction_caught"],
+        "missed": div["missed"],
         "total_cell_dose_ms": round(dose["total_cell_dose_ms"], 1),
         "illumination_ms_mm2": round(dose["illumination_ms_mm2"], 3),
         "frames": report["frames"],

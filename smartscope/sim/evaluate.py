@@ -601,8 +601,10 @@ def live_run_report(
         ``divisions``: the divisions in the fields of base-plan frames (at least
         `margin_um` inside) whose whole pre-division window lies in the run
         (from its first frame to its last base-plan frame),
-        and how many were caught (`division_capture`, without the per-division
-        list); ``dose``:
+        and how many were caught (`division_capture`; of the per-division
+        list only the ``missed`` ones, each with its ``first_fast_s`` and
+        ``max_gap_s``, so a miss can be told from a late start or a gap);
+        ``dose``:
         `dose_summary` of the cells that were ever in those fields;
         ``frames``: counts per kind; ``follow``: per followed position,
         `follow_summary` (without per-frame offsets) and the cell id.
@@ -665,6 +667,7 @@ def live_run_report(
         n_divisions=len(kept),
         n_caught=n_caught,
         fraction_caught=n_caught / len(kept) if kept else None,
+        missed=[d for d in kept if not d["caught"]],
     )
     report: dict[str, Any] = {
         "simulated_s": None if t0 is None else t1 - t0,
