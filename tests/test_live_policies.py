@@ -297,7 +297,7 @@ def _follow(policy, burst_id, intensities, ctx, t0=1.0):
 
 
 def _plain_burst(**kw):
-    return EventBurst(
+    defaults = dict(
         trigger={"relative_intensity": {"min": 1.5}},
         sustain={"relative_intensity": {"min": 1.1}},
         interval_s=1.0,
@@ -306,8 +306,8 @@ def _plain_burst(**kw):
         cooldown_s=0,
         confirm_frames=0,
         tail_frames=1,
-        **kw,
     )
+    return EventBurst(**{**defaults, **kw})
 
 
 def test_event_burst_watches_the_cells_brightness():
@@ -360,3 +360,26 @@ def test_a_brighter_cell_takes_the_place_of_the_weakest_burst():
     assert out and policy.finished[0].ended == "preempted by a brighter cell"
     assert len(policy.active) == 1 and policy.active[0].strength == 4.0
     assert policy.active[0].xy[0] == pytest.approx(198.5)
+
+
+def test_a_burst_whose_frames_come_late_goes_on_at_their_pace():
+    """A saturated camera delays burst frames: the burst keeps going, rebased.
+
+    Frames asked for every 1 s come every 2.5 s (other bursts share the
+    camera). The burst must not end as stale while its frames keep coming,
+    and each frame it asks for next is due after the frame just taken (within
+    two intervals), not on the original grid, already overdue.
+    """
+    ctx = PolicyContext(fov_um=(64, 64))
+    policy = _plain_burst(max_duration_s=60)
+    assert policy.on_detections(_survey(0), _cells(200), ctx)
+    for k in range(10):
+        t = 1 + 2.5 * k
+        out = policy.on_detections(_burst_frame(t, 1, k), _cells(200), ctx)
+        assert policy.active, f"frame {k}: {policy.finished[0].ended}"
+        (add,) = out
+        due = [e.min_start_time for e in add.events]
+        assert t < min(due) <= t + 2.0 + 1e-9, (k, t, due)
+    # frames that stop coming still end the burst
+    policy.on_detections(_survey(60), _cells(100), ctx)
+    assert policy.finished[0].ended.startswith("its frames were not acquired")

@@ -102,7 +102,11 @@ class EventBurst(PolicyBase):
     `confirm_frames` frames (one noisy frame must not cost a long burst); after
     a false alarm or a burst that hit `max_duration_s`, the place does not
     trigger again for `cooldown_s`. Frames are scheduled two ahead, so one
-    dropped analysis does not break a burst.
+    dropped analysis does not break a burst. When the camera is busy (several
+    bursts at once) and a frame is taken more than `interval_s` after its due
+    time, the burst's later frames are due from that frame on: the burst goes
+    at the pace the camera can give it instead of queueing overdue frames,
+    and only a burst whose frames stop coming ends as stale.
 
     The followed cell's brightness (mean intensity relative to the trigger
     field's median) is watched through the burst, so that light goes to cells
@@ -463,6 +467,15 @@ class EventBurst(PolicyBase):
                     _burst_key(burst), more, reason=f"burst {burst.id} goes on"
                 )
             ]
+        # A frame acquired more than an interval late (the camera is shared
+        # with other bursts and the base plan) moves the burst's clock, so
+        # that its backlog stays within one interval. On the original grid a
+        # saturated schedule falls further behind with every frame (frames
+        # queue up, each older than the last decision) and bursts end as
+        # stale although their frames are still coming.
+        late = t_now - (burst.due0 + k * self.interval_s)
+        if late > self.interval_s:
+            burst.due0 += late - self.interval_s
         return self._schedule(burst, context, upto=k + 2, reason=f"burst {burst.id}")
 
     def _brighter(self, burst: _Burst, rel: float) -> bool:
