@@ -383,3 +383,34 @@ def test_a_burst_whose_frames_come_late_goes_on_at_their_pace():
     # frames that stop coming still end the burst
     policy.on_detections(_survey(60), _cells(100), ctx)
     assert policy.finished[0].ended.startswith("its frames were not acquired")
+
+
+def test_a_late_burst_frame_does_not_pull_the_next_one_straight_after_it():
+    """Served by the real Scheduler: overdue burst frames keep their pace.
+
+    The camera was busy when a burst's first two frames came due; the first
+    is taken late, and the second, overdue too, waits `BURST_PACE` intervals
+    after it instead of following at once (a gap of two intervals after it).
+    """
+    from _closed_loop import FakeClock, next_due
+
+    from smartscope.policies._livecell import BURST_PACE
+    from smartscope.scheduler import Scheduler
+
+    clock = FakeClock()
+    plan = MDASequence(
+        stage_positions=[(0, 0, 0)], time_plan={"interval": 1, "loops": 1}
+    )
+    sched = Scheduler(plan, clock=clock)
+    ctx = PolicyContext(fov_um=(64, 64), clock=clock)
+    policy = _plain_burst(max_duration_s=60)
+    next_due(sched, clock)  # the survey frame
+    for action in policy.on_detections(_survey(0), _cells(200), ctx):
+        sched.apply(action)
+    clock.t = 5.0  # both burst frames queued (two ahead) are overdue now
+    served = []
+    for _ in range(2):
+        event = next_due(sched, clock)
+        served.append((clock.t, event.metadata["smartscope"]["burst_frame"]))
+        clock.advance(0.05)  # a frame takes 50 ms
+    assert served == [(5.0, 0), (pytest.approx(5.0 + BURST_PACE * 1.0), 1)]

@@ -267,3 +267,62 @@ def test_hold_pauses_at_the_event_boundary_and_stop_still_ends():
     sched.stop("cancelled")
     with pytest.raises(StopIteration):
         next(sched)
+
+
+def _burst_events(name, visits, planes=1, interval=0.5):
+    """A burst's frames: `visits` visits every `interval` s, `planes` events each."""
+    return tuple(
+        MDAEvent(
+            pos_name=name,
+            min_start_time=k * interval,
+            z_pos=float(z),
+            metadata={"smartscope": {"visit": k}},
+        )
+        for k in range(visits)
+        for z in range(planes)
+    )
+
+
+def test_paced_events_served_late_keep_their_gap():
+    clock = FakeClock()
+    sched = Scheduler(_timelapse([(0, 0, 0)], loops=1), clock=clock)
+    next(sched)  # the base plan's one frame, at t=0
+    sched.apply(AddEvents(_burst_events("paced", 3), priority=20, min_gap_s=0.5))
+    sched.apply(AddEvents(_burst_events("plain", 3), priority=20))
+    clock.advance(1.0)  # the camera was busy: every frame is overdue
+    served = [
+        (round(t, 3), _tag(e)["position"], e)
+        for t, e in _serve_all(sched, clock, frame_s=0.1)
+    ]
+    assert [(t, pos) for t, pos, _ in served] == [
+        (1.0, "paced"),
+        (1.1, "plain"),  # an unpaced position's frames go back to back
+        (1.2, "plain"),
+        (1.3, "plain"),
+        (1.5, "paced"),  # 0.5 s after the paced one before it, not at 1.1
+        (2.0, "paced"),
+    ]
+    # a pushed event says when it is due now; those served on time are unchanged
+    assert [e.min_start_time for _, pos, e in served if pos == "paced"] == [
+        0.0,
+        pytest.approx(1.5),
+        pytest.approx(2.0),
+    ]
+
+
+def test_pacing_keeps_the_planes_of_one_visit_together():
+    clock = FakeClock()
+    sched = Scheduler(_timelapse([(0, 0, 0)], loops=1), clock=clock)
+    next(sched)
+    events = _burst_events("stack", 2, planes=3)
+    sched.apply(AddEvents(events, priority=20, min_gap_s=0.5))
+    clock.advance(1.0)
+    served = [(round(t, 3), e.z_pos) for t, e in _serve_all(sched, clock, 0.1)]
+    assert served == [
+        (1.0, 0.0),
+        (1.1, 1.0),
+        (1.2, 2.0),
+        (1.5, 0.0),  # the next visit: 0.5 s after the first plane of this one
+        (1.6, 1.0),
+        (1.7, 2.0),
+    ]

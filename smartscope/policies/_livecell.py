@@ -74,6 +74,12 @@ class _Burst:
 _REAL_ENDINGS = ("signature gone", "divided")
 
 
+#: A clocked burst's frames are served at least this many intervals apart
+#: (`AddEvents.min_gap_s`): a frame taken late does not pull the next one
+#: (already queued, and overdue too) straight after it.
+BURST_PACE = 0.75
+
+
 #: What starts a burst by default: a bright round cell (rounding up before
 #: division), or a very bright one of any shape.
 _BURST_TRIGGER: list[Criterion] = [
@@ -106,7 +112,10 @@ class EventBurst(PolicyBase):
     bursts at once) and a frame is taken more than `interval_s` after its due
     time, the burst's later frames are due from that frame on: the burst goes
     at the pace the camera can give it instead of queueing overdue frames,
-    and only a burst whose frames stop coming ends as stale.
+    and only a burst whose frames stop coming ends as stale. A burst's frames
+    are also served at least 0.75 `interval_s` apart (`BURST_PACE`): a late
+    frame does not pull the next one, overdue too, straight after it (two
+    frames at once, then a gap twice as long).
 
     The followed cell's brightness (mean intensity relative to the trigger
     field's median) is watched through the burst, so that light goes to cells
@@ -586,7 +595,14 @@ class EventBurst(PolicyBase):
         burst.scheduled = max(burst.scheduled, upto)
         if not events:
             return []
-        return [AddEvents(tuple(events), priority=self.priority, reason=reason)]
+        return [
+            AddEvents(
+                tuple(events),
+                priority=self.priority,
+                reason=reason,
+                min_gap_s=BURST_PACE * self.interval_s,
+            )
+        ]
 
     @model_validator(mode="after")
     def _check(self) -> EventBurst:

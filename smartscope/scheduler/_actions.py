@@ -32,20 +32,30 @@ class AddEvents:
 
     Events are served in the order given (policies give a short travel order);
     higher priority first across actions.
+
+    With `min_gap_s`, the events of one position (``pos_name``) are served at
+    least that far apart: when one is served late, the position's queued
+    events after it are pushed back rather than served straight after it (a
+    burst whose frames fell behind keeps its pace instead of taking two
+    frames at once, which would leave the longest gap just as long).
     """
 
     events: tuple[MDAEvent, ...]
     priority: int = 10
     reason: str = ""
+    min_gap_s: float | None = None
     type: Literal["add_events"] = field(default="add_events", init=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "type": self.type,
             "priority": self.priority,
             "reason": self.reason,
             "n_events": len(self.events),
         }
+        if self.min_gap_s is not None:
+            out["min_gap_s"] = self.min_gap_s
+        return out
 
 
 @dataclass(frozen=True)

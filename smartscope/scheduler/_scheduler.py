@@ -334,6 +334,10 @@ class Scheduler(Iterator[MDAEvent]):
         self._cond = threading.Condition()
         self._added: list[tuple[int, int, float, MDAEvent, str]] = []
         self._counter = itertools.count()
+        # AddEvents.min_gap_s per position, and when each such position was
+        # last served (pacing: see `_pace`)
+        self._min_gap: dict[str, float] = {}
+        self._paced_at: dict[str, tuple[float, Any]] = {}
         self._event_ids = itertools.count()
         self._in_flight = 0
         self._pending_checks: list[Callable[[], bool]] = []
@@ -681,6 +685,10 @@ class Scheduler(Iterator[MDAEvent]):
             self._added.append(
                 (-action.priority, next(self._counter), due, stamped, bkey)
             )
+            pos = _tag_pos(stamped)
+            if pos is not None and action.min_gap_s:
+                self._min_gap[pos] = float(action.min_gap_s)
+                self._pace(pos)
             if self.dose_budget_ms is not None:
                 self._dose_reserved[bkey] = self._dose_reserved.get(
                     bkey, 0.0
@@ -1138,9 +1146,36 @@ class Scheduler(Iterator[MDAEvent]):
         event = what[3]
         if what[2] > -math.inf:
             self.lateness_s["added"].add(max(0.0, now - what[2]))
+        key = _tag_pos(event)
+        if key in self._min_gap:
+            visit = event_tag(event).get("visit")
+            last = self._paced_at.get(key)
+            if last is None or visit is None or visit != last[1]:
+                self._paced_at[key] = (now, visit)  # a visit's first event
+            self._pace(key)
         if "stream" in event_tag(event):
             self._stream_served(event)
         return self._serve(event, base=False)
+
+    def _pace(self, key: str) -> None:
+        """Keep the queued visits of a paced position `min_gap_s` apart.
+
+        In queue order, each event is due no sooner than `min_gap_s` after the
+        one before it (the last one served first), except that the events of
+        one visit (the planes of a Z-stack: the same ``visit`` tag) go
+        together; a pushed event's ``min_start_time`` says its new due time.
+        """
+        gap = self._min_gap[key]
+        prev_t, prev_v = self._paced_at.get(key, (-math.inf, None))
+        mine = [(i, q) for i, q in enumerate(self._added) if _tag_pos(q[3]) == key]
+        for i, item in sorted(mine, key=lambda iq: iq[1][1]):
+            visit = event_tag(item[3]).get("visit")
+            same = visit is not None and visit == prev_v
+            due = max(item[2], prev_t if same else prev_t + gap)
+            if due > item[2]:
+                event = item[3].model_copy(update={"min_start_time": due})
+                self._added[i] = (item[0], item[1], due, event, item[4])
+            prev_t, prev_v = due, visit
 
     def _preview(self, kind: str, what: Any) -> tuple[MDAEvent, float]:
         """The event `_take` would serve for this choice, and when it is due.
