@@ -68,6 +68,18 @@ class SegmenterSpec(_Named):
 
         return create_segmenter(self.name, self.params)
 
+    @classmethod
+    def checked(cls, spec: dict[str, Any]) -> SegmenterSpec:
+        """Validate `spec` up front: `ExperimentError` in one line if it is bad.
+
+        An unknown name, a bad parameter or ``device: cuda`` on a machine
+        without CUDA stops a benchmark before it loads the microscope.
+        """
+        try:
+            return cls.model_validate(spec)
+        except ValidationError as e:
+            raise ExperimentError(f"segmenter: {format_validation_error(e)}") from None
+
 
 class PolicySpec(_Named):
     """A policy and its parameters, e.g. ``{name: skip_empty, min_objects: 1}``.

@@ -161,6 +161,34 @@ def test_a_killed_benchmark_leaves_no_core_busy(tmp_path):
     assert not running()  # gone with its parent
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("loop", "--segmenter", "nope"), "unknown segmenter 'nope'"),
+        (("burst", "--segmenter", "nope"), "unknown segmenter 'nope'"),
+        (("loop", "--segmenter", "onnx"), "segmenter: "),
+        pytest.param(
+            ("loop", "--device", "cuda"),
+            "CUDA is not available",
+            marks=pytest.mark.skipif(_has_cuda(), reason="this machine has CUDA"),
+        ),
+    ],
+)
+def test_bench_with_a_bad_segmenter_is_one_line(args, message):
+    result = smartscope("bench", *args, "--json", timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: segmenter: "), lines
+    assert message in lines[0]
+    assert result.stdout == ""  # stopped before any arm ran
+
+
 def test_bench_loop_reports_json():
     result = smartscope(
         "bench", "loop", "--json", "--frames", "8", "--repeats", "1", timeout=300

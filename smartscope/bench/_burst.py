@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smartscope.bench._loop import base_sequence, busy_core, count_stored_frames
-from smartscope.experiment import Experiment
+from smartscope.experiment import Experiment, SegmenterSpec
 from smartscope.microscope import Microscope
 from smartscope.runner import Runner, package_versions
 
@@ -238,6 +238,7 @@ def bench_burst(
         raise ValueError(f"exposure_ms must be > 0, got {exposure_ms}")
     if repeats < 1:
         raise ValueError(f"repeats must be ≥ 1, got {repeats}")
+    SegmenterSpec.checked({"name": segmenter})
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="smartscope-burst-") as tmp:
             return _bench_burst(

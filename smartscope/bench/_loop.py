@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from smartscope.experiment import Experiment
+from smartscope.experiment import Experiment, SegmenterSpec
 from smartscope.microscope import Microscope
 from smartscope.rundir import load_run, read_position
 from smartscope.runner import Runner, RunSummary, package_versions
@@ -287,6 +287,7 @@ def bench_loop(
     spec: dict[str, Any] = {"name": segmenter}
     if segmenter == "unet":
         spec["device"] = device
+    SegmenterSpec.checked(spec)
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="smartscope-bench-") as tmp:
             return _bench_loop(
