@@ -182,6 +182,10 @@ def test_corrupt_and_foreign_model_files_are_clear_errors(tmp_path):
     junk.write_bytes(b"not a model at all")
     with pytest.raises(ModelFileError, match="cannot read model file"):
         load_model_file(junk)
+    text = tmp_path / "passwd"  # torch.load raises IndexError on this one
+    text.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(ModelFileError, match="cannot read model file"):
+        load_model_file(text)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     with pytest.raises(ModelFileError, match="not a smartscope model"):

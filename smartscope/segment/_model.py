@@ -113,9 +113,6 @@ def load_model_file(model: str | Path) -> ModelFile:
     ModelFileError
         Missing file, sha256 mismatch with the card, unreadable or foreign file.
     """
-    import pickle
-    import zipfile
-
     import torch
 
     path, expected = resolve_model(model)
@@ -129,17 +126,15 @@ def load_model_file(model: str | Path) -> ModelFile:
         )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        RuntimeError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        EOFError,
-        ValueError,
-        OSError,
-    ) as exc:
-        msg = (
-            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        )
+    except Exception as exc:
+        # any bytes can reach the unpickler: a text file raises IndexError
+        # inside torch.load, other files other errors; all mean one thing here
+        text = str(exc).strip()
+        msg = text.splitlines()[0] if text else type(exc).__name__
+        if "weights_only" in text:
+            msg = "not a weights-only PyTorch file"
+        elif not isinstance(exc, (RuntimeError, OSError, EOFError, ValueError)):
+            msg = f"not a PyTorch file ({type(exc).__name__}: {msg})"
         raise ModelFileError(f"cannot read model file {path}: {msg}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(

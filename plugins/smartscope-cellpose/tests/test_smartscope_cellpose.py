@@ -236,7 +236,7 @@ def test_refuses_files_that_are_no_cellpose4_model(tmp_path):
     junk.write_bytes(b"no torch file")
     with pytest.raises(CellposeModelError) as exc:
         CellposeSegmenter(model=str(junk))
-    assert "cannot read Cellpose model junk" in _one_line(exc)
+    assert "cannot read Cellpose model junk: not a PyTorch file" in _one_line(exc)
 
 
 def test_wrong_image_rank(segmenter):

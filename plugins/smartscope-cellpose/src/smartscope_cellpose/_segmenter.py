@@ -7,6 +7,7 @@ import hashlib
 import logging
 import threading
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -133,6 +134,11 @@ class CellposeSegmenter(BaseModel):
     @staticmethod
     def _check_file(path: Path, torch: Any) -> None:
         """Fail fast (before building the network) on files that are no CP4 model."""
+        if not zipfile.is_zipfile(path):  # what torch.save has written since 1.6
+            raise CellposeModelError(
+                f"cannot read Cellpose model {path.name}: not a PyTorch file "
+                "(a Cellpose model is the file torch.save writes)"
+            )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:
