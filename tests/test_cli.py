@@ -223,3 +223,82 @@ def test_bench_loop_reports_json():
     last = data["cases"]["4"]["arms"]["smartscope"]  # the flat keys: the last case
     assert data["ratio"] == last["ratio_to_bare"]
     assert data["smart_wall_s"] == last["wall_s"]
+
+
+def _broken_plugin(root: Path) -> None:
+    """A third-party distribution whose code fails: on import, or on start.
+
+    A ``*.dist-info`` folder on the path is how pip installs a distribution;
+    `importlib.metadata` finds its entry points the same way.
+    """
+    (root / "broken_plugin").mkdir(parents=True)
+    (root / "broken_plugin" / "__init__.py").write_text(
+        "class Starts:\n"
+        "    def __init__(self, **params):\n"
+        "        raise RuntimeError('licence server unreachable')\n"
+    )
+    (root / "broken_plugin" / "needs_tf.py").write_text(
+        "raise ImportError('No module named tensorflow')\n"
+    )
+    (root / "broken_plugin" / "typo.py").write_text("class Policy(:\n    pass\n")
+    info = root / "broken_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n"
+    )
+    (info / "entry_points.txt").write_text(
+        "[smartscope.segmenters]\n"
+        "tf_seg = broken_plugin.needs_tf:Segmenter\n"
+        "licensed = broken_plugin:Starts\n"
+        "[smartscope.policies]\n"
+        "tf_policy = broken_plugin.needs_tf:Policy\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("segmenter", "policy", "message"),
+    [
+        (
+            "tf_seg",
+            "skip_empty",
+            "segmenter 'tf_seg' (from broken-plugin): cannot import "
+            "'broken_plugin.needs_tf:Segmenter': ImportError: No module named "
+            "tensorflow",
+        ),
+        (
+            "licensed",
+            "skip_empty",
+            "segmenter 'licensed' failed to start: RuntimeError: licence server "
+            "unreachable",
+        ),
+        (
+            "threshold",
+            "tf_policy",
+            "policy 'tf_policy' (from broken-plugin): cannot import "
+            "'broken_plugin.needs_tf:Policy': ImportError",
+        ),
+        (  # a user's own policy by import path, with a syntax error
+            "threshold",
+            "'broken_plugin.typo:Policy'",
+            "policy 'broken_plugin.typo:Policy': cannot import "
+            "'broken_plugin.typo:Policy': SyntaxError: invalid syntax",
+        ),
+    ],
+)
+def test_a_broken_plugin_is_one_line(segmenter, policy, message, tmp_path, monkeypatch):
+    _broken_plugin(tmp_path / "site")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
+    config = Path(__file__).parents[1] / "hardware_configs" / "demo.cfg"
+    experiment = tmp_path / "x.yaml"
+    experiment.write_text(
+        f"config: {config}\n"
+        "sequence: {stage_positions: [{x: 0, y: 0}]}\n"
+        f"segmenter: {{name: {segmenter}}}\n"
+        f"policies: [{{name: {policy}}}]\n"
+    )
+    for command in ("validate", "run"):
+        result = smartscope(command, str(experiment), timeout=120)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        assert message in lines[0]

@@ -6,7 +6,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from smartscope._errors import RegistryError
-from smartscope._imports import import_path
+from smartscope._imports import build_component, import_path, load_entry_point
 from smartscope.policies._protocol import PPolicy
 
 __all__ = ["available_policies", "create_policy", "policy_class"]
@@ -50,7 +50,7 @@ def policy_class(name: str) -> Any:
         return import_path(_BUILTINS[name], f"policy {name!r}")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
-            return ep.load()
+            return load_entry_point(ep, f"policy {name!r}")
     if ":" in name:
         return import_path(name, f"policy {name!r}")
     raise RegistryError(
@@ -60,8 +60,17 @@ def policy_class(name: str) -> Any:
 
 
 def create_policy(name: str, params: dict[str, Any] | None = None) -> PPolicy:
-    """Build policy `name` with keyword `params` (validated by the policy)."""
-    policy = policy_class(name)(**(params or {}))
+    """Build policy `name` with keyword `params` (validated by the policy).
+
+    Raises
+    ------
+    RegistryError
+        If nothing of that name is registered, or a plugin's own code fails
+        to import or to start (its error in one line).
+    ValueError
+        If the parameters are invalid for it (pydantic validation errors).
+    """
+    policy = build_component(policy_class(name), params, f"policy {name!r}")
     if not isinstance(policy, PPolicy):
         raise RegistryError(f"policy {name!r} does not implement PPolicy")
     return policy

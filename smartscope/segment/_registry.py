@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from smartscope._errors import RegistryError
-from smartscope._imports import import_path
+from smartscope._imports import build_component, import_path, load_entry_point
 from smartscope.segment._protocol import PSegmenter
 
 ENTRY_POINT_GROUP = "smartscope.segmenters"
@@ -44,7 +44,7 @@ def segmenter_factory(name: str) -> Any:
         return factories[name]
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
-            return ep.load()
+            return load_entry_point(ep, f"segmenter {name!r}")
     if ":" in name:
         return import_path(name, f"segmenter {name!r}")
     raise RegistryError(
@@ -63,11 +63,12 @@ def create_segmenter(name: str, params: dict[str, Any] | None = None) -> PSegmen
     Raises
     ------
     RegistryError
-        If no segmenter of that name is registered.
+        If no segmenter of that name is registered, or a plugin's own code
+        fails to import or to start (its error in one line).
     ValueError
         If the parameters are invalid for it (pydantic validation errors).
     """
-    segmenter = segmenter_factory(name)(**(params or {}))
+    segmenter = build_component(segmenter_factory(name), params, f"segmenter {name!r}")
     if not isinstance(segmenter, PSegmenter):
         raise RegistryError(f"segmenter {name!r} does not implement PSegmenter")
     return segmenter
