@@ -211,3 +211,90 @@ def test_wrong_image_rank_and_output_kind(tmp_path):
     with pytest.raises(OnnxModelError) as exc:
         forced.segment(np.zeros((32, 32), np.float32))
     assert "3 channels" in _one_line(exc)
+
+
+# -- foreign models: fixed sizes and channels-last layouts ---------------------------
+def _blur_model(path, dims, *, channels_last=False):
+    """ONNX model: a 5 x 5 box blur, then sigmoid(12 (x - 0.5)), input `dims`.
+
+    The blur makes each output pixel depend on its neighbours, so tiles
+    stitched without enough overlap would show their seams.
+    """
+    x = helper.make_tensor_value_info("raw", TensorProto.FLOAT, dims)
+    box = helper.make_tensor("box", TensorProto.FLOAT, [1, 1, 5, 5], [1 / 25] * 25)
+    half = helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])
+    gain = helper.make_tensor("gain", TensorProto.FLOAT, [], [12.0])
+    nodes = []
+    src = "raw"
+    if channels_last:
+        nodes.append(
+            helper.make_node("Transpose", ["raw"], ["nchw"], perm=[0, 3, 1, 2])
+        )
+        src = "nchw"
+    nodes += [
+        helper.make_node("Conv", [src, "box"], ["blur"], pads=[2, 2, 2, 2]),
+        helper.make_node("Sub", ["blur", "half"], ["centred"]),
+        helper.make_node("Mul", ["centred", "gain"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], ["prob"]),
+    ]
+    if channels_last:
+        nodes.append(
+            helper.make_node("Transpose", ["prob"], ["out"], perm=[0, 2, 3, 1])
+        )
+    else:
+        nodes.append(helper.make_node("Identity", ["prob"], ["out"]))
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, dims)
+    graph = helper.make_graph(nodes, "blur", [x], [y], initializer=[box, half, gain])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return _save(model, path)
+
+
+def test_fixed_size_models_are_tiled_and_channels_last_read(tmp_path):
+    free = OnnxSegmenter(  # the image as it is (no padding to a multiple)
+        model=str(_blur_model(tmp_path / "free.onnx", ["b", 1, "y", "x"])),
+        device="cpu",
+        multiple=1,
+    )
+    assert free.tile is None
+    variants = {
+        "tiles of 64": _blur_model(tmp_path / "t64.onnx", [1, 1, 64, 64]),
+        "tiles of 48 x 80, batch 2": _blur_model(tmp_path / "t48.onnx", [2, 1, 48, 80]),
+        "channels last": _blur_model(
+            tmp_path / "nhwc.onnx", ["b", "y", "x", 1], channels_last=True
+        ),
+        "channels last, tiles of 64": _blur_model(
+            tmp_path / "nhwc64.onnx", [1, 64, 64, 1], channels_last=True
+        ),
+    }
+    image, truth = _discs()
+    wide = np.tile(image, (2, 3))[:200, :312]  # no multiple of any tile
+    for name, path in variants.items():
+        seg = OnnxSegmenter(model=str(path), device="cpu", fg_threshold=0.5, multiple=1)
+        for img in (image, wide):
+            np.testing.assert_allclose(
+                seg.probabilities(img), free.probabilities(img), atol=1e-5, err_msg=name
+            )
+        labels = seg.segment(np.stack([image, image, image])).labels
+        for lab in labels:  # an odd batch through a fixed batch of 2
+            assert scores([(truth, lab)])["f1@0.5"] == 1.0, name
+    # an image smaller than the tile is padded (reflected) to it
+    tiled = OnnxSegmenter(model=str(variants["tiles of 64"]), device="cpu")
+    assert tiled.tile == (64, 64)
+    small = image[20:60, 20:70]
+    got = tiled.probabilities(small)
+    assert got.shape == (1, 1, 40, 50)
+    np.testing.assert_allclose(
+        got[0, 0, 2:-2, 2:-2], free.probabilities(small)[0, 0, 2:-2, 2:-2], atol=1e-5
+    )
+
+
+def test_multichannel_channels_last_is_refused(tmp_path):
+    x = helper.make_tensor_value_info("raw", TensorProto.FLOAT, ["b", "y", "x", 3])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", "y", "x", 3])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["raw"], ["out"])], "rgb", [x], [y]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(OnnxModelError) as exc:
+        OnnxSegmenter(model=str(_save(model, tmp_path / "rgb.onnx")))
+    assert "has 3 channels; smartscope segments single-channel images" in _one_line(exc)

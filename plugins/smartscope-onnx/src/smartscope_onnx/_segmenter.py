@@ -53,12 +53,16 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 class OnnxSegmenter(BaseModel):
     """An ``.onnx`` segmentation model as a smartscope segmenter (``onnx``).
 
-    The model takes ``(B, 1, Y, X)`` (or ``(B, Y, X)``) float images and returns
-    per-pixel maps of the same Y, X: three class channels (background,
-    interior, boundary, as the built-in model exported with
+    The model takes ``(B, 1, Y, X)``, ``(B, Y, X, 1)`` (channels last, as
+    TensorFlow exports) or ``(B, Y, X)`` float images and returns per-pixel
+    maps of the same Y, X (channels first or last): three class channels
+    (background, interior, boundary, as the built-in model exported with
     ``smartscope export --format onnx``) or a foreground map (one channel, or
     background + foreground). Files exported by smartscope say all of this in
-    their metadata; for other files the defaults below apply.
+    their metadata; for other files the defaults below apply. A model whose
+    input has a fixed Y, X (exported for 256 x 256, say) is run on
+    overlapping tiles of that size, stitched; one with a fixed batch size
+    gets its batches filled up.
 
     Parameters
     ----------
@@ -123,6 +127,9 @@ class OnnxSegmenter(BaseModel):
     _sha256: str = PrivateAttr("")
     _input: Any = PrivateAttr(None)
     _dtype: Any = PrivateAttr(np.float32)
+    _layout: str = PrivateAttr("nchw")
+    _tile: tuple[int, int] | None = PrivateAttr(None)
+    _fixed_batch: int | None = PrivateAttr(None)
 
     @field_validator("percentiles")
     @classmethod
@@ -168,16 +175,7 @@ class OnnxSegmenter(BaseModel):
                 f"{len(inputs)} ({names})"
             )
         inp = inputs[0]
-        if len(inp.shape) not in (3, 4):
-            raise OnnxModelError(
-                f"{path.name}: input {inp.name!r} has rank {len(inp.shape)} "
-                f"{inp.shape}; expected (B, 1, Y, X) or (B, Y, X)"
-            )
-        if len(inp.shape) == 4 and isinstance(inp.shape[1], int) and inp.shape[1] != 1:
-            raise OnnxModelError(
-                f"{path.name}: input {inp.name!r} has {inp.shape[1]} channels; "
-                "smartscope segments single-channel images"
-            )
+        self._layout, self._tile, self._fixed_batch = _input_layout(path.name, inp)
         if inp.type not in _FLOAT_TYPES:
             raise OnnxModelError(
                 f"{path.name}: input {inp.name!r} is {inp.type}; expected float"
@@ -261,35 +259,74 @@ class OnnxSegmenter(BaseModel):
         return out
 
     # -- inference ---------------------------------------------------------------
+    @property
+    def tile(self) -> tuple[int, int] | None:
+        """The model's fixed input size (Y, X), if it has one: images are tiled."""
+        return self._tile
+
     def _run(self, x: np.ndarray) -> np.ndarray:
         """Model output as ``(B, C, Y, X)`` float32 for a prepared ``(B, Y, X)``."""
+        if self._tile is not None:
+            return self._run_tiled(x, self._tile)
+        return self._infer(x)
+
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        """`_run` for images of a size the model takes, in its batch size.
+
+        A model with a fixed batch size gets its last chunk filled up with
+        copies of the last image (their outputs are dropped).
+        """
         inp = self._input
-        feed = x[:, None] if len(inp.shape) == 4 else x
-        feed = np.ascontiguousarray(feed, dtype=self._dtype)
-        fixed_batch = isinstance(inp.shape[0], int)
-        chunk = inp.shape[0] if fixed_batch else len(feed)
-        if fixed_batch and len(feed) % chunk:
-            raise OnnxModelError(
-                f"the model takes batches of exactly {chunk} images, got {len(feed)}"
-            )
+        chunk = self._fixed_batch or len(x)
         outs = []
-        for i in range(0, len(feed), chunk):
+        for i in range(0, len(x), chunk):
+            part = x[i : i + chunk]
+            n = len(part)
+            if n < chunk:
+                part = np.concatenate([part, np.repeat(part[-1:], chunk - n, axis=0)])
+            feed = {"nchw": part[:, None], "nhwc": part[..., None]}.get(
+                self._layout, part
+            )
+            feed = np.ascontiguousarray(feed, dtype=self._dtype)
             try:
-                out = self._session.run(None, {inp.name: feed[i : i + chunk]})[0]
+                out = self._session.run(None, {inp.name: feed})[0]
             except Exception as exc:
                 raise OnnxModelError(
                     f"ONNX model failed on a {feed.shape[1:]} batch: {_first_line(exc)}"
                 ) from None
-            outs.append(np.asarray(out, np.float32))
-        out = np.concatenate(outs)
-        if out.ndim == 3:
-            out = out[:, None]
-        if out.ndim != 4 or out.shape[-2:] != x.shape[-2:]:
-            raise OnnxModelError(
-                f"model output has shape {out.shape} for input {feed.shape}; "
-                "expected per-pixel maps (B, C, Y, X) of the input's Y, X"
+            outs.append(
+                _as_bcyx(np.asarray(out, np.float32), part.shape, feed.shape)[:n]
             )
-        return out
+        return np.concatenate(outs)
+
+    def _run_tiled(self, x: np.ndarray, tile: tuple[int, int]) -> np.ndarray:
+        """`_run` for a model of fixed input size: overlapping tiles, stitched.
+
+        Tiles overlap by a quarter of their size; each keeps its centre (an
+        eighth of the tile from each inner edge is the neighbour's), so a
+        convolutional model sees context on every side of what it keeps. An
+        image smaller than a tile is padded by reflection.
+        """
+        b, h, w = x.shape
+        ty, tx = tile
+        if h < ty or w < tx:
+            x = np.pad(x, ((0, 0), (0, max(0, ty - h)), (0, max(0, tx - w))), "reflect")
+        hp, wp = x.shape[1:]
+        my, mx = ty // 8, tx // 8
+        ys, xs = _tile_starts(hp, ty, my), _tile_starts(wp, tx, mx)
+        where = [(k, y0, x0) for k in range(b) for y0 in ys for x0 in xs]
+        tiles = np.stack([x[k, y0 : y0 + ty, x0 : x0 + tx] for k, y0, x0 in where])
+        out = self._infer(tiles)
+        full = np.zeros((b, out.shape[1], hp, wp), np.float32)
+        for t, (k, y0, x0) in enumerate(where):
+            top = 0 if y0 == 0 else my
+            left = 0 if x0 == 0 else mx
+            bottom = ty - (0 if y0 + ty == hp else my)
+            right = tx - (0 if x0 + tx == wp else mx)
+            full[k, :, y0 + top : y0 + bottom, x0 + left : x0 + right] = out[
+                t, :, top:bottom, left:right
+            ]
+        return full[:, :, :h, :w]
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """``(B, C, Y, X)`` per-pixel probabilities of a ``(B, Y, X)`` batch."""
@@ -300,7 +337,7 @@ class OnnxSegmenter(BaseModel):
             x = np.stack([percentile_scale(img, pct) for img in batch])
         else:
             x = batch.astype(np.float32)
-        m = self._multiple()
+        m = 1 if self._tile is not None else self._multiple()
         ph, pw = (-h) % m, (-w) % m
         if ph or pw:
             x = np.pad(x, ((0, 0), (0, ph), (0, pw)), mode="reflect")
@@ -335,3 +372,69 @@ class OnnxSegmenter(BaseModel):
                 )
             scores.append(s)
         return Segmentation(labels, scores)
+
+
+def _input_layout(
+    name: str, inp: Any
+) -> tuple[str, tuple[int, int] | None, int | None]:
+    """The input's layout, fixed (Y, X) size and fixed batch size, if any.
+
+    Layouts: ``nchw`` (B, 1, Y, X), ``nhwc`` (B, Y, X, 1, as TensorFlow and
+    Keras export), ``byx`` (B, Y, X). Dimensions ONNX leaves open are names
+    or None; a fixed one is an int.
+    """
+    shape = list(inp.shape)
+
+    def fixed(d: Any) -> bool:
+        return isinstance(d, int) and d > 0
+
+    if len(shape) == 3:
+        layout, yx = "byx", shape[1:3]
+    elif len(shape) == 4 and shape[1] == 1:
+        layout, yx = "nchw", shape[2:4]
+    elif len(shape) == 4 and shape[3] == 1:
+        layout, yx = "nhwc", shape[1:3]
+    elif len(shape) == 4:
+        c = shape[1] if fixed(shape[1]) else shape[3] if fixed(shape[3]) else None
+        if c is not None:
+            raise OnnxModelError(
+                f"{name}: input {inp.name!r} {shape} has {c} channels; smartscope "
+                "segments single-channel images"
+            )
+        layout, yx = "nchw", shape[2:4]
+    else:
+        raise OnnxModelError(
+            f"{name}: input {inp.name!r} has rank {len(shape)} {shape}; expected "
+            "(B, 1, Y, X), (B, Y, X, 1) or (B, Y, X)"
+        )
+    tile = (yx[0], yx[1]) if fixed(yx[0]) and fixed(yx[1]) else None
+    if tile is not None and min(tile) < 8:
+        raise OnnxModelError(f"{name}: input {inp.name!r} {shape} is too small to tile")
+    return layout, tile, shape[0] if fixed(shape[0]) else None
+
+
+def _as_bcyx(
+    out: np.ndarray, part: tuple[int, ...], feed: tuple[int, ...]
+) -> np.ndarray:
+    """A model's output as (B, C, Y, X), from (B, C, Y, X), (B, Y, X, C), (B, Y, X)."""
+    yx = tuple(part[-2:])
+    if out.ndim == 3 and out.shape[1:] == yx:
+        return out[:, None]
+    if out.ndim == 4 and out.shape[2:] == yx:
+        return out
+    if out.ndim == 4 and out.shape[1:3] == yx:
+        return out.transpose(0, 3, 1, 2)
+    raise OnnxModelError(
+        f"model output has shape {out.shape} for input {feed}; expected per-pixel "
+        "maps (B, C, Y, X) or (B, Y, X, C) of the input's Y, X"
+    )
+
+
+def _tile_starts(n: int, tile: int, margin: int) -> list[int]:
+    """Tile origins along an axis of `n` (>= `tile`) pixels, every tile whole.
+
+    Neighbours overlap by 2 `margin`; the last tile ends at the edge.
+    """
+    step = tile - 2 * margin
+    starts = list(range(0, n - tile, step))
+    return [*starts, n - tile]
