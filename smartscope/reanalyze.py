@@ -216,6 +216,7 @@ def _segment_task(
     """
     from distributed import get_worker
 
+    from smartscope.segment._protocol import instance_labels
     from smartscope.stream import segment_zoomed
 
     seg = _worker_segmenter(key)
@@ -228,7 +229,8 @@ def _segment_task(
             f"segmenter returned labels of shape {labels.shape} for images of "
             f"shape {planes.shape}"
         )
-    return labels.astype(np.uint16, copy=False), seg.model_id, get_worker().address
+    labels = np.stack([instance_labels(lab, lab.shape) for lab in labels])
+    return labels, seg.model_id, get_worker().address
 
 
 # ------------------------------------------------------------ comparison

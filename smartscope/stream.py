@@ -889,14 +889,10 @@ def _stream_frames_stored(action: Stream, stored: Callable[[MDAEvent], bool]) ->
 
 
 def _checked(labels: Any, scores: Any, image: np.ndarray) -> tuple[np.ndarray, Any]:
-    """`labels` as an array of the image's shape (else a segmenter fault)."""
-    labels = np.asarray(labels)
-    if labels.shape != image.shape:
-        raise ValueError(
-            f"segmenter returned labels of shape {labels.shape} for an image "
-            f"of shape {image.shape}"
-        )
-    return labels, scores
+    """`labels` as uint16 instance labels of the image's shape (else a fault)."""
+    from smartscope.segment._protocol import instance_labels
+
+    return instance_labels(labels, image.shape), scores
 
 
 def _frame_ref(frame: Frame) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -148,3 +150,62 @@ def test_median_object_radius_measures_pieces_of_foreground():
         fg |= (yy - 225) ** 2 + (xx - x) ** 2 <= 10**2
     assert median_object_radius(fg) == pytest.approx(10, abs=1.0)
     assert median_object_radius(np.zeros((64, 64), bool)) == 0.0
+
+
+# ------------------------------------------- labels from other people's models
+def test_instance_labels_accepts_the_dtypes_other_tools_return():
+    from smartscope.segment._protocol import instance_labels
+
+    ref = np.zeros((6, 8), np.uint16)
+    ref[1:3, 1:3], ref[4:6, 5:8] = 1, 2
+    for labels in (
+        ref,
+        ref.astype(np.int32),
+        ref.astype(np.uint64),
+        ref.astype(np.float32),  # whole numbers in a float array
+    ):
+        out = instance_labels(labels, (6, 8))
+        assert out.dtype == np.uint16
+        np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(instance_labels(ref > 0, (6, 8)), ref > 0)
+    # ids beyond uint16, sparse: renumbered 1..N in the order of their values
+    sparse = np.where(ref == 1, 2**40, np.where(ref == 2, 70_000, 0)).astype(np.int64)
+    np.testing.assert_array_equal(
+        instance_labels(sparse, (6, 8)), np.where(ref, 3 - ref, 0)
+    )
+    # no background pixel at all: the ids still start at 1
+    full = np.full((2, 2), 100_000, np.int64)
+    full[0, 0] = 200_000
+    np.testing.assert_array_equal(instance_labels(full, (2, 2)), [[2, 1], [1, 1]])
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (
+            np.zeros((5, 5), np.uint16),
+            "labels of shape (5, 5) for an image of shape (6, 8)",
+        ),
+        (np.full((6, 8), 0.5), "dtype float64 with non-integer or NaN values"),
+        (np.full((6, 8), np.nan, np.float32), "dtype float32 with non-integer or NaN"),
+        (np.full((6, 8), -1, np.int32), "negative labels (min -1)"),
+        (np.full((6, 8), "a"), "dtype <U1: instance labels are integers"),
+        (np.arange(1, 6 * 8 + 1).reshape(6, 8) + 2**20, None),  # fine: 48 objects
+    ],
+)
+def test_instance_labels_refuses_what_is_no_label_image(labels, message):
+    from smartscope.segment._protocol import instance_labels
+
+    if message is None:
+        assert instance_labels(labels, (6, 8)).max() == 48
+        return
+    with pytest.raises(ValueError, match=re.escape(message)):
+        instance_labels(labels, (6, 8))
+
+
+def test_instance_labels_refuses_more_objects_than_the_dataset_stores():
+    from smartscope.segment._protocol import instance_labels
+
+    labels = np.arange(1, 257 * 256 + 1, dtype=np.int64).reshape(257, 256)
+    with pytest.raises(ValueError, match="65792 objects in one image; at most 65535"):
+        instance_labels(labels, (257, 256))
