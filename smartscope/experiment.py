@@ -178,6 +178,15 @@ class AnalysisSettings(BaseModel):
         "shape) does: skip the frames it failed on (logged, the run goes on and "
         "ends completed_with_errors) or stop the run (failed).",
     )
+    segment_timeout_s: float | None = Field(
+        120.0,
+        gt=0,
+        description="Longest wait for one segmenter call in its child process "
+        "(worker: process). A segmenter that does not answer in time (a hung "
+        "plugin or driver) is stopped, and it and every later call are "
+        "segmenter faults (on_error): the run goes on without analysis, or "
+        "stops. None: wait as long as it takes.",
+    )
 
 
 class SchedulerSettings(BaseModel):

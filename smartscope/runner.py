@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from psygnal import Signal, SignalGroup
 
-from smartscope._errors import ExperimentError, OutputError, first_line
+from smartscope._errors import (
+    ExperimentError,
+    OutputError,
+    RegistryError,
+    SmartscopeError,
+    first_line,
+)
 from smartscope._threads import freeze_heap, thaw_heap
 from smartscope.approval import ApprovalGate
 from smartscope.engine import DeviceFault, sequence_capacity
@@ -258,7 +264,7 @@ class Runner:
             self.objectives = microscope.objectives()
             # imports, caches and JIT of the model are paid before the first frame
             self.warmup_s = (
-                warm_up(self.segmenter, microscope.image_shape)
+                _warm_up(self.segmenter, microscope.image_shape, experiment)
                 if experiment.analysis.enabled
                 else 0.0
             )
@@ -842,7 +848,32 @@ def _build_segmenter(experiment: Experiment) -> Any:
         spec.params,
         nice=analysis.nice,
         num_threads=analysis_threads(experiment),
+        call_timeout_s=analysis.segment_timeout_s,
     )
+
+
+def _warm_up(segmenter: Any, shape: tuple[int, int], experiment: Experiment) -> float:
+    """`warm_up`; a segmenter that fails or hangs on the test frame is one line.
+
+    Nothing has been acquired yet, so the run does not start: `RegistryError`
+    naming the segmenter and what went wrong.
+    """
+    try:
+        return warm_up(segmenter, shape)
+    except SmartscopeError:
+        raise
+    except Exception as e:
+        from smartscope.segment import SegmenterProcessError
+
+        why = (
+            first_line(e)
+            if isinstance(e, SegmenterProcessError)
+            else f"{type(e).__name__}: {first_line(e)}"
+        )
+        raise RegistryError(
+            f"segmenter {experiment.segmenter.name!r} failed on a test frame "
+            f"before acquisition: {why}"
+        ) from e
 
 
 def resolve_plan(seq: MDASequence, microscope: Microscope) -> MDASequence:

@@ -159,6 +159,40 @@ class FlakySegmenter(ThresholdSegmenter):
         if self._n in self.wrong_calls:
             return Segmentation([lab[:10, :10] for lab in out.labels], out.scores)
         return out
+
+
+class Stuck(ThresholdSegmenter):
+    """The threshold baseline that, from call `stuck_from` on, hangs (sleeps
+    an hour) or, with `exit_code`, ends its process."""
+
+    stuck_from: int = 2
+    exit_code: int | None = None
+    _n: int = PrivateAttr(0)
+
+    def segment(self, images):
+        self._n += 1
+        if self._n >= self.stuck_from:
+            if self.exit_code is not None:
+                import os
+
+                os._exit(self.exit_code)
+            import time
+
+            time.sleep(3600)
+        return super().segment(images)
+
+
+class SparseLabels(ThresholdSegmenter):
+    """The threshold baseline numbering its objects as another tool might:
+    int64, from 70 000 up in steps of 2**33."""
+
+    def segment(self, images):
+        out = super().segment(images)
+        labels = [
+            np.where(lab > 0, 70_000 + lab.astype(np.int64) * 2**33, 0)
+            for lab in out.labels
+        ]
+        return Segmentation(labels, out.scores)
 '''
 
 
@@ -461,6 +495,93 @@ def test_segmenter_fault_can_stop_the_run(modules, tmp_path):
     assert summary.status == "failed"
     assert summary.error.startswith("segmenter failed at frame 1: RuntimeError")
     assert len(_frames_on_disk(out)) == 2
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "error"),
+    [
+        (
+            None,
+            "no answer within 2 s (analysis.segment_timeout_s); its process "
+            "was stopped",
+        ),
+        (139, "its process ended (exit code 139)"),
+    ],
+    ids=["hangs", "dies"],
+)
+def test_a_segmenter_process_that_hangs_or_dies_is_a_fault_not_a_hang(
+    modules, tmp_path, exit_code, error
+):
+    # call 1 is the warm-up; frames 0 and 1 are analysed, then it hangs/dies
+    path = _write(
+        tmp_path,
+        segmenter={"name": "faultmods:Stuck", "stuck_from": 4, "exit_code": exit_code},
+        analysis={"worker": "process", "segment_timeout_s": 2},
+    )
+    out = tmp_path / "run"
+    runner, summary, _ = _run(path, out)
+
+    assert summary.status == "completed_with_errors"
+    assert len(_frames_on_disk(out)) == 9  # acquisition went on without it
+    assert summary.frames_analysed == 2
+    assert summary.analysis["segmenter_errors"] == 7
+    assert summary.errors[0]["frame_index"] == 2
+    assert summary.errors[0]["error"] == f"SegmenterProcessError: {error}"
+    with pytest.raises(ProcessLookupError):  # the child is gone
+        os.kill(runner.segmenter.pid, 0)
+
+
+def test_a_segmenter_that_hangs_on_its_test_frame_is_one_line(modules, tmp_path):
+    path = _write(
+        tmp_path,
+        segmenter={"name": "faultmods:Stuck", "stuck_from": 1},
+        analysis={"worker": "process", "segment_timeout_s": 2},
+    )
+    env = {**os.environ, "PYTHONPATH": str(modules), "CI": "true"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smartscope.cli",
+            "run",
+            str(path),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        "error: segmenter 'faultmods:Stuck' failed on a test frame before "
+        "acquisition: no answer within 2 s (analysis.segment_timeout_s); its "
+        "process was stopped"
+    )
+    assert not (tmp_path / "run").exists()  # nothing acquired, nothing left
+
+
+def test_sparse_wide_labels_are_renumbered_not_wrapped(modules, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain = _write(tmp_path / "a", segmenter={"name": "threshold", "min_area_px": 6})
+    sparse = _write(
+        tmp_path / "b", segmenter={"name": "faultmods:SparseLabels", "min_area_px": 6}
+    )
+    _run(plain, tmp_path / "a" / "run")
+    _, summary, _ = _run(sparse, tmp_path / "b" / "run")
+
+    assert summary.status == "completed" and summary.analysis["segmenter_errors"] == 0
+
+    def objects(run):
+        return [
+            (r["frame_index"], r["objects"]["label"], r["objects"]["area_px"])
+            for r in read_jsonl(run / "detections.jsonl")
+        ]
+
+    assert objects(tmp_path / "b" / "run") == objects(tmp_path / "a" / "run")
 
 
 def test_import_path_policy_fault_on_the_command_line_exits_3(modules, tmp_path):

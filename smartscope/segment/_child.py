@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
@@ -86,4 +87,7 @@ def serve(conn: Connection) -> None:
 
 
 if __name__ == "__main__":
+    # Ctrl-C reaches the whole process group: the parent decides what stops
+    # (it ends the run, then this process), so no traceback from here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     serve(Connection(int(sys.argv[1])))

@@ -47,6 +47,11 @@ class ProcessSegmenter:
         Torch thread count in the child (for torch segmenters).
     start_timeout_s : float
         Longest wait for the child to import and build the segmenter.
+    call_timeout_s : float, optional
+        Longest wait for one `segment` call. A child that does not answer in
+        time (a hung plugin, a deadlocked driver) is stopped, and this and
+        every later call raise `SegmenterProcessError`; so does every call
+        after the child died. None: wait as long as it takes.
 
     Raises
     ------
@@ -63,8 +68,12 @@ class ProcessSegmenter:
         nice: int = 10,
         num_threads: int | None = None,
         start_timeout_s: float = 300.0,
+        call_timeout_s: float | None = None,
     ) -> None:
         self.name = name
+        self.call_timeout_s = call_timeout_s
+        #: why the child can no longer segment (it hung or ended), once it cannot
+        self._failed: str | None = None
         self._lock = threading.Lock()
         self._shm_in: SharedMemory | None = None
         self._outputs: dict[str, SharedMemory] = {}
@@ -103,11 +112,24 @@ class ProcessSegmenter:
         """Segment a ``(B, Y, X)`` batch in the child process."""
         batch = np.ascontiguousarray(as_batch(images))
         with self._lock:
+            if self._failed is not None:
+                raise SegmenterProcessError(self._failed)
             if self._proc is None:
                 raise SegmenterProcessError(f"segmenter {self.name!r} is closed")
             shm = self._input(batch.nbytes)
             np.ndarray(batch.shape, batch.dtype, buffer=shm.buf)[...] = batch
-            self._conn.send((shm.name, batch.shape, batch.dtype.str))
+            try:
+                self._conn.send((shm.name, batch.shape, batch.dtype.str))
+            except OSError:
+                self._recv()  # the child is gone: raises with its exit code
+            timeout = self.call_timeout_s
+            if timeout is not None and not self._conn.poll(timeout):
+                self._proc.kill()
+                self._failed = (
+                    f"no answer within {timeout:g} s (analysis.segment_timeout_s); "
+                    "its process was stopped"
+                )
+                raise SegmenterProcessError(self._failed)
             reply = self._recv()
             if reply[0] == "error":
                 raise SegmenterProcessError(reply[1])
@@ -134,10 +156,12 @@ class ProcessSegmenter:
         try:
             return self._conn.recv()
         except (EOFError, OSError):
-            code = self._proc.poll() if self._proc is not None else None
-            raise SegmenterProcessError(
-                f"segmenter {self.name!r}: its process ended (exit code {code})"
-            ) from None
+            code = None
+            if self._proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    code = self._proc.wait(5)
+            self._failed = f"its process ended (exit code {code})"
+            raise SegmenterProcessError(self._failed) from None
 
     def close(self) -> None:
         """Stop the child process and free the shared memory. Safe to call twice."""
