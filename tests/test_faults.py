@@ -510,7 +510,7 @@ def test_segmenter_fault_can_stop_the_run(modules, tmp_path):
     ids=["hangs", "dies"],
 )
 def test_a_segmenter_process_that_hangs_or_dies_is_a_fault_not_a_hang(
-    modules, tmp_path, exit_code, error
+    modules, tmp_path, exit_code, error, capfd
 ):
     # call 1 is the warm-up; frames 0 and 1 are analysed, then it hangs/dies
     path = _write(
@@ -529,6 +529,8 @@ def test_a_segmenter_process_that_hangs_or_dies_is_a_fault_not_a_hang(
     assert summary.errors[0]["error"] == f"SegmenterProcessError: {error}"
     with pytest.raises(ProcessLookupError):  # the child is gone
         os.kill(runner.segmenter.pid, 0)
+    # the shared memory it left is cleaned up without a warning on the terminal
+    assert "leaked shared_memory" not in capfd.readouterr().err
 
 
 def test_a_segmenter_that_hangs_on_its_test_frame_is_one_line(modules, tmp_path):

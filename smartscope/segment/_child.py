@@ -90,4 +90,11 @@ if __name__ == "__main__":
     # Ctrl-C reaches the whole process group: the parent decides what stops
     # (it ends the run, then this process), so no traceback from here
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # if the parent has to stop this process (a hung segmenter), the resource
+    # tracker it started unlinks the shared memory left behind: without its
+    # "leaked shared_memory objects" warning on the user's terminal
+    quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        w for w in (os.environ.get("PYTHONWARNINGS"), quiet) if w
+    )
     serve(Connection(int(sys.argv[1])))
