@@ -145,10 +145,13 @@ def _pointwise_onnx(path, op: str, channel_last: bool = False):
     return path
 
 
-def _foreign_package(tmp_path, op: str, channel: str, channel_last: bool = False):
+def _foreign_package(
+    tmp_path, op: str, channel: str, channel_last: bool = False, size: int = 0
+):
     """A bioimage.io package of a per-pixel ONNX model, as another tool writes it.
 
-    Axes (batch, channel, y, x), or (batch, y, x, channel) with `channel_last`.
+    Axes (batch, channel, y, x), or (batch, y, x, channel) with `channel_last`;
+    y and x of any size (multiples of 8), or of fixed `size`.
     """
     import onnxruntime as ort
     from bioimageio.spec import save_bioimageio_package
@@ -156,6 +159,8 @@ def _foreign_package(tmp_path, op: str, channel: str, channel_last: bool = False
 
     weights = _pointwise_onnx(tmp_path / "model.onnx", op, channel_last)
     image, _ = _cones()
+    if size:
+        image = image[:size, :size]
     x = image[None, :, :, None] if channel_last else image[None, None]
     scaled = (x - x.min()) / (x.max() - x.min() + 1e-6)
     sess = ort.InferenceSession(str(weights), providers=["CPUExecutionProvider"])
@@ -163,7 +168,9 @@ def _foreign_package(tmp_path, op: str, channel: str, channel_last: bool = False
     np.save(tmp_path / "out.npy", sess.run(None, {"raw": scaled})[0])
     ref = bio.TensorId("raw")
     space = [
-        bio.SpaceInputAxis(id=bio.AxisId(a), size=bio.ParameterizedSize(min=8, step=8))
+        bio.SpaceInputAxis(
+            id=bio.AxisId(a), size=size or bio.ParameterizedSize(min=8, step=8)
+        )
         for a in ("y", "x")
     ]
     descr = bio.ModelDescr(
@@ -249,6 +256,24 @@ def test_foreign_foreground_package(tmp_path, channel_last):
     assert scores([(truth, labels)], thresholds=(0.5,))["f1@0.5"] == 1.0
     merged = BioimageioSegmenter(model=str(path), device="cpu", split_touching=False)
     assert merged.segment(image).labels.max() == 2
+
+
+def test_fixed_size_package_runs_in_blocks(tmp_path, capfd):
+    # the same model, once for any size, once for 64 x 64 only; its
+    # preprocessing scales each image to its own range, so blocks normalised
+    # one by one would cut the cones at other heights
+    (tmp_path / "any").mkdir()
+    (tmp_path / "fixed").mkdir()
+    free = _foreign_package(tmp_path / "any", "sigmoid", "foreground")
+    fixed = _foreign_package(tmp_path / "fixed", "sigmoid", "foreground", size=64)
+    image, truth = _cones()
+    image = image + np.linspace(0, 3, 128, dtype=np.float32)  # a slope: ranges differ
+    want = BioimageioSegmenter(model=str(free), device="cpu").segment(image).labels
+    got = BioimageioSegmenter(model=str(fixed), device="cpu").segment(image).labels
+    assert got.shape == (1, 128, 128)
+    np.testing.assert_array_equal(got, want)
+    assert scores([(truth, got[0])], thresholds=(0.5,))["n_pred"] >= 3
+    assert "block" not in capfd.readouterr().err  # no progress bar per frame
 
 
 def test_foreign_distance_package(tmp_path):

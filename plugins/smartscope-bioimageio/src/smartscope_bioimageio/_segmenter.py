@@ -54,6 +54,29 @@ def _quiet_torchscript() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _no_progress_bars(pipeline: Any) -> Iterator[None]:
+    """No tqdm bar per frame on the terminal while a model predicts in blocks.
+
+    bioimage.io core draws one for every blocked prediction (a frame of a
+    run, here) and has no switch for it: its module's ``tqdm`` is swapped for
+    a disabled one while the call runs (the caller holds the segmenter lock).
+    """
+    import functools
+    import sys
+
+    module = sys.modules.get(type(pipeline).__module__)
+    bar = getattr(module, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    module.tqdm = functools.partial(bar, disable=True)  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        module.tqdm = bar  # type: ignore[union-attr]
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
@@ -362,11 +385,7 @@ class BioimageioSegmenter(BaseModel):
         from bioimageio.spec.model import v0_5
 
         if isinstance(size, int):
-            if n > size:
-                raise BioimageioModelError(
-                    f"the model takes images of at most {size} pixels per side, got {n}"
-                )
-            return size
+            return max(size, n)  # larger images: `predict` runs it in blocks
         if isinstance(size, v0_5.ParameterizedSize):
             k = max(0, -(-(n - size.min) // size.step))
             return size.min + k * size.step
@@ -382,6 +401,11 @@ class BioimageioSegmenter(BaseModel):
         sizes = {name: size for name, _, size in self._axes}
         ph = self._valid_size(sizes["y"], h) - h
         pw = self._valid_size(sizes["x"], w) - w
+        # a model of fixed input size sees a larger image in blocks of that
+        # size (with the halo its outputs declare), normalised as a whole
+        blocks = any(
+            isinstance(sizes[a], int) and n > sizes[a] for a, n in (("y", h), ("x", w))
+        )
         if ph or pw:
             batch = np.pad(batch, ((0, 0), (0, ph), (0, pw)), mode="reflect")
         ids = [name for name, _, _ in self._axes]
@@ -409,7 +433,11 @@ class BioimageioSegmenter(BaseModel):
             )
             with self._lock, _quiet_torchscript():
                 try:
-                    out = self._pipeline.predict_sample_without_blocking(sample)
+                    if blocks:
+                        with _no_progress_bars(self._pipeline):
+                            out = self._pipeline.predict_sample_with_blocking(sample)
+                    else:
+                        out = self._pipeline.predict_sample_without_blocking(sample)
                 except Exception as exc:
                     raise BioimageioModelError(
                         f"the model failed on a {arr.shape} input: {_first_line(exc)}"
