@@ -182,6 +182,17 @@ class Stuck(ThresholdSegmenter):
         return super().segment(images)
 
 
+class DiesInItsProcess(ThresholdSegmenter):
+    """Builds in the experiment's check, dies as its child process builds it."""
+
+    def model_post_init(self, context):
+        import os
+        import sys
+
+        if sys.argv[0].endswith("_child.py"):
+            os._exit(7)
+
+
 class SparseLabels(ThresholdSegmenter):
     """The threshold baseline numbering its objects as another tool might:
     int64, from 70 000 up in steps of 2**33."""
@@ -533,10 +544,27 @@ def test_a_segmenter_process_that_hangs_or_dies_is_a_fault_not_a_hang(
     assert "leaked shared_memory" not in capfd.readouterr().err
 
 
-def test_a_segmenter_that_hangs_on_its_test_frame_is_one_line(modules, tmp_path):
+@pytest.mark.parametrize(
+    ("segmenter", "error"),
+    [
+        (
+            {"name": "faultmods:Stuck", "stuck_from": 1},
+            "error: segmenter 'faultmods:Stuck' failed on a test frame before "
+            "acquisition: no answer within 2 s (analysis.segment_timeout_s); its "
+            "process was stopped",
+        ),
+        (
+            {"name": "faultmods:DiesInItsProcess"},
+            "error: segmenter 'faultmods:DiesInItsProcess' failed to start in its "
+            "process: its process ended (exit code 7)",
+        ),
+    ],
+    ids=["hangs on its test frame", "dies as it starts"],
+)
+def test_a_segmenter_that_cannot_start_is_one_line(modules, tmp_path, segmenter, error):
     path = _write(
         tmp_path,
-        segmenter={"name": "faultmods:Stuck", "stuck_from": 1},
+        segmenter=segmenter,
         analysis={"worker": "process", "segment_timeout_s": 2},
     )
     env = {**os.environ, "PYTHONPATH": str(modules), "CI": "true"}
@@ -557,11 +585,7 @@ def test_a_segmenter_that_hangs_on_its_test_frame_is_one_line(modules, tmp_path)
         env=env,
     )
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip() == (
-        "error: segmenter 'faultmods:Stuck' failed on a test frame before "
-        "acquisition: no answer within 2 s (analysis.segment_timeout_s); its "
-        "process was stopped"
-    )
+    assert result.stderr.strip() == error
     assert not (tmp_path / "run").exists()  # nothing acquired, nothing left
 
 

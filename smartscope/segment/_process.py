@@ -57,7 +57,8 @@ class ProcessSegmenter:
     ------
     RegistryError
         If the child cannot build the segmenter (unknown name, bad parameters,
-        a model file that does not load): the child's one-line error.
+        a model file that does not load): the child's one-line error; or the
+        child died or did not answer while building it.
     """
 
     def __init__(
@@ -90,11 +91,13 @@ class ProcessSegmenter:
         self._conn.send((name, dict(params or {}), nice, num_threads, sys.path))
         try:
             if not self._conn.poll(start_timeout_s):
-                raise SegmenterProcessError(
-                    f"segmenter {name!r}: the child process did not start within "
-                    f"{start_timeout_s:g} s"
-                )
+                raise SegmenterProcessError(f"no answer within {start_timeout_s:g} s")
             reply = self._recv()
+        except SegmenterProcessError as e:  # it died or hung while starting
+            self.close()
+            raise RegistryError(
+                f"segmenter {name!r} failed to start in its process: {e}"
+            ) from None
         except BaseException:
             self.close()
             raise
