@@ -325,6 +325,25 @@ def test_segment_cli_bad_input_is_one_line(tmp_path, args, message):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+def test_gamma_augmentation_raises_a_share_of_crops_to_a_power():
+    from smartscope.segment._train import TrainConfig, _Data
+
+    x = np.linspace(-0.1, 1.2, 50, dtype=np.float32)
+    never = _Data(TrainConfig(pool_size=0, gamma_fraction=0.0), user=[(x, x)])
+    assert never._gamma(x) is x
+    square = _Data(
+        TrainConfig(pool_size=0, gamma_fraction=1.0, gamma_range=(2.0, 2.0)),
+        user=[(x, x)],
+    )
+    np.testing.assert_allclose(square._gamma(x), np.clip(x, 0, None) ** 2, rtol=1e-6)
+    half = _Data(
+        TrainConfig(pool_size=0, gamma_fraction=0.5, gamma_range=(0.5, 2.0)),
+        user=[(x, x)],
+    )
+    changed = [not np.array_equal(half._gamma(x), x) for _ in range(400)]
+    assert 0.4 < np.mean(changed) < 0.6
+
+
 def test_train_cli_is_deterministic_and_usable(tmp_path):
     args = [
         "--steps",
@@ -382,6 +401,11 @@ def test_train_cli_fine_tunes_on_user_tiff_pairs(tmp_path):
         "64",
         "--batch-size",
         "2",
+        "--gamma-fraction",
+        "0.5",
+        "--gamma-range",
+        "0.6",
+        "1.2",
         "--no-eval",
         timeout=300,
     )
@@ -389,6 +413,11 @@ def test_train_cli_fine_tunes_on_user_tiff_pairs(tmp_path):
     card = json.loads((out / "model.json").read_text())
     assert card["training"]["init"] == "builtin"
     assert card["training"]["user_data"] == str(data)
+    assert card["training"]["gamma_fraction"] == 0.5
+    assert card["training"]["gamma_range"] == [0.6, 1.2]
+    res = smartscope("train", "--out", str(tmp_path / "g"), "--gamma-range", "2", "1")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "error: --gamma-range: lowest 2 above highest"
     res = smartscope(
         "train", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "nowhere")
     )

@@ -360,6 +360,19 @@ def train(
             min=0.0, help="Extra loss weight where two objects touch (x class weight)."
         ),
     ] = 4.0,
+    gamma_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of crops whose normalised intensities are raised to a "
+            "random power in --gamma-range (softer or harder nuclei profiles).",
+        ),
+    ] = 0.0,
+    gamma_range: Annotated[
+        tuple[float, float],
+        typer.Option(min=0.05, max=20.0, help="Lowest and highest power."),
+    ] = (0.55, 1.3),
     threads: Annotated[Optional[int], typer.Option(min=1)] = None,  # noqa: UP045
     no_eval: Annotated[
         bool, typer.Option("--no-eval", help="Skip the validation metrics.")
@@ -375,6 +388,9 @@ def train(
     from smartscope.segment._train import TrainConfig
     from smartscope.segment._train import train as run_training
 
+    if gamma_range[0] > gamma_range[1]:
+        bad_input(f"--gamma-range: lowest {gamma_range[0]:g} above highest")
+
     cfg = TrainConfig(
         steps=steps,
         batch_size=batch_size,
@@ -386,6 +402,8 @@ def train(
         max_radius=max_radius,
         widefield_fraction=widefield_fraction,
         contact_weight=contact_weight,
+        gamma_fraction=gamma_fraction,
+        gamma_range=gamma_range,
         threads=threads,
     )
     with user_errors(), _TrainProgress(steps) as progress:

@@ -171,6 +171,11 @@ def _command(tr: dict[str, Any], init: str | None) -> str:
     wide = tr.get("widefield_fraction", 0.0)
     contact = tr.get("contact_weight", 0.0)
     opts += f" --widefield-fraction {wide:g} --contact-weight {contact:g}"
+    if tr.get("gamma_fraction"):
+        lo, hi = tr.get("gamma_range", (0.55, 1.3))
+        opts += (
+            f" --gamma-fraction {tr['gamma_fraction']:g} --gamma-range {lo:g} {hi:g}"
+        )
     if tr.get("threads"):
         opts += f" --threads {tr['threads']}"
     cmd = f"`smartscope train --out OUT {opts}" + (f" --init {init}`" if init else "`")
