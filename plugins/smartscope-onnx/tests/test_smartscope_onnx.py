@@ -288,9 +288,10 @@ def test_fixed_size_models_are_tiled_and_channels_last_read(tmp_path):
     )
 
 
-def test_multichannel_channels_last_is_refused(tmp_path):
-    x = helper.make_tensor_value_info("raw", TensorProto.FLOAT, ["b", "y", "x", 3])
-    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", "y", "x", 3])
+@pytest.mark.parametrize("dims", [["b", "y", "x", 3], [1, 256, 256, 3]])
+def test_multichannel_channels_last_is_refused(tmp_path, dims):
+    x = helper.make_tensor_value_info("raw", TensorProto.FLOAT, dims)
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, dims)
     graph = helper.make_graph(
         [helper.make_node("Identity", ["raw"], ["out"])], "rgb", [x], [y]
     )
@@ -298,3 +299,13 @@ def test_multichannel_channels_last_is_refused(tmp_path):
     with pytest.raises(OnnxModelError) as exc:
         OnnxSegmenter(model=str(_save(model, tmp_path / "rgb.onnx")))
     assert "has 3 channels; smartscope segments single-channel images" in _one_line(exc)
+
+
+def test_an_image_far_smaller_than_the_tile(tmp_path):
+    tiled = OnnxSegmenter(
+        model=str(_blur_model(tmp_path / "t64.onnx", [1, 1, 64, 64])), device="cpu"
+    )
+    image = np.zeros((12, 9), np.float32)
+    image[3:8, 2:6] = 1000.0
+    labels = tiled.segment(image).labels
+    assert labels.shape == (1, 12, 9) and labels.max() == 1

@@ -395,7 +395,8 @@ def _input_layout(
     elif len(shape) == 4 and shape[3] == 1:
         layout, yx = "nhwc", shape[1:3]
     elif len(shape) == 4:
-        c = shape[1] if fixed(shape[1]) else shape[3] if fixed(shape[3]) else None
+        # channels: the smaller fixed one of the two candidate axes
+        c = min((d for d in (shape[1], shape[3]) if fixed(d)), default=None)
         if c is not None:
             raise OnnxModelError(
                 f"{name}: input {inp.name!r} {shape} has {c} channels; smartscope "
