@@ -103,6 +103,11 @@ class Detections:
         scores : np.ndarray, optional
             One confidence per label value present (in sorted label order); 1.0
             when the segmenter gives none.
+
+        Raises
+        ------
+        ValueError
+            If the shapes differ, or `scores` has not one value per object.
         """
         if labels.shape != image.shape or labels.ndim != 2:
             raise ValueError(
@@ -168,7 +173,14 @@ class Detections:
             stage = np.asarray(to_stage(centroids), dtype=float).reshape(n, 2)
         else:
             stage = np.full((n, 2), np.nan)
-        score = np.ones(n) if scores is None else np.asarray(scores, dtype=float)[:n]
+        score = (
+            np.ones(n) if scores is None else np.asarray(scores, dtype=float).ravel()
+        )
+        if len(score) != n:  # the segmenter's fault, not the policies' later
+            raise ValueError(
+                f"segmenter gave {len(score)} scores for {n} labelled objects (one "
+                "per label present, in label order)"
+            )
         objects = {
             "label": ids.astype(np.int64),
             "x_px": x_px,

@@ -216,14 +216,14 @@ def _segment_task(
     """
     from distributed import get_worker
 
-    from smartscope.segment._protocol import instance_labels
+    from smartscope.segment._protocol import as_segmentation, instance_labels
     from smartscope.stream import segment_zoomed
 
     seg = _worker_segmenter(key)
     if zoom:
         labels = np.stack([segment_zoomed(seg, plane, zoom)[0] for plane in planes])
     else:
-        labels = np.asarray(seg.segment(planes).labels)
+        labels = np.asarray(as_segmentation(seg.segment(planes)).labels)
     if labels.shape != planes.shape:
         raise ValueError(
             f"segmenter returned labels of shape {labels.shape} for images of "

@@ -28,6 +28,7 @@ from smartscope._stats import StreamingPercentiles
 from smartscope._threads import lower_thread_priority
 from smartscope.detections import Detections
 from smartscope.scheduler import AddEvents, Stream
+from smartscope.segment._protocol import as_segmentation, instance_labels
 
 if TYPE_CHECKING:
     from useq import MDAEvent
@@ -78,7 +79,7 @@ def segment_zoomed(
     zoomed = resize(
         image.astype(np.float32), small, anti_aliasing=factor < 1, preserve_range=True
     ).astype(image.dtype)
-    result = segmenter.segment(zoomed[None])
+    result = as_segmentation(segmenter.segment(zoomed[None]))
     rows = np.minimum((np.arange(height) * small[0] / height).astype(int), small[0] - 1)
     cols = np.minimum((np.arange(width) * small[1] / width).astype(int), small[1] - 1)
     found = np.asarray(result.labels[0])
@@ -609,7 +610,7 @@ class InferenceWorker(threading.Thread):
         factors = [self._zoom(frame) for frame, _ in batch]
         if len({im.shape for im in images}) == 1 and not any(factors):
             try:
-                result = self.segmenter.segment(np.stack(images))
+                result = as_segmentation(self.segmenter.segment(np.stack(images)))
                 if len(result.labels) != len(images):
                     raise ValueError(
                         f"segmenter returned {len(result.labels)} label images "
@@ -632,7 +633,7 @@ class InferenceWorker(threading.Thread):
                 if factor:
                     labels, score = segment_zoomed(self.segmenter, im, factor)
                 else:
-                    r = self.segmenter.segment(im[None])
+                    r = as_segmentation(self.segmenter.segment(im[None]))
                     labels, score = r.labels[0], r.scores[0] if r.scores else None
                 out.append(_checked(labels, score, im))
             except Exception as e:
@@ -890,8 +891,6 @@ def _stream_frames_stored(action: Stream, stored: Callable[[MDAEvent], bool]) ->
 
 def _checked(labels: Any, scores: Any, image: np.ndarray) -> tuple[np.ndarray, Any]:
     """`labels` as uint16 instance labels of the image's shape (else a fault)."""
-    from smartscope.segment._protocol import instance_labels
-
     return instance_labels(labels, image.shape), scores
 
 

@@ -193,6 +193,21 @@ class DiesInItsProcess(ThresholdSegmenter):
             os._exit(7)
 
 
+class BareLabels(ThresholdSegmenter):
+    """Returns the labels array alone, not a Segmentation (a common shortcut)."""
+
+    def segment(self, images):
+        return super().segment(images).labels
+
+
+class OneScore(ThresholdSegmenter):
+    """Gives one score per image, whatever the number of objects."""
+
+    def segment(self, images):
+        out = super().segment(images)
+        return Segmentation(out.labels, [np.ones(1) for _ in out.labels])
+
+
 class SparseLabels(ThresholdSegmenter):
     """The threshold baseline numbering its objects as another tool might:
     int64, from 70 000 up in steps of 2**33."""
@@ -608,6 +623,45 @@ def test_sparse_wide_labels_are_renumbered_not_wrapped(modules, tmp_path):
         ]
 
     assert objects(tmp_path / "b" / "run") == objects(tmp_path / "a" / "run")
+
+
+@pytest.mark.parametrize("worker", ["thread", "process"])
+def test_a_bare_labels_array_is_taken_as_the_segmentation(modules, tmp_path, worker):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain = _write(tmp_path / "a", segmenter={"name": "threshold", "min_area_px": 6})
+    bare = _write(
+        tmp_path / "b",
+        segmenter={"name": "faultmods:BareLabels", "min_area_px": 6},
+        analysis={"worker": worker},
+    )
+    _run(plain, tmp_path / "a" / "run")
+    _, summary, _ = _run(bare, tmp_path / "b" / "run")
+
+    assert summary.status == "completed" and summary.frames_analysed == 9
+
+    def objects(run):
+        return [
+            (r["frame_index"], r["objects"]["label"], r["objects"]["x_px"])
+            for r in read_jsonl(run / "detections.jsonl")
+        ]
+
+    assert objects(tmp_path / "b" / "run") == objects(tmp_path / "a" / "run")
+
+
+def test_scores_that_do_not_fit_the_labels_are_the_segmenters_fault(modules, tmp_path):
+    # with find_and_center the policy used to fail on the short score column
+    path = _write(
+        tmp_path,
+        segmenter={"name": "faultmods:OneScore", "min_area_px": 6},
+        policies=[{"name": "find_and_center", "survey_channel": "DAPI"}],
+    )
+    _, summary, _ = _run(path, tmp_path / "run")
+
+    assert summary.status == "completed_with_errors"
+    components = {e["component"] for e in summary.errors}
+    assert components == {"segmenter"}, summary.errors
+    assert "scores for" in summary.errors[0]["error"]
 
 
 def test_import_path_policy_fault_on_the_command_line_exits_3(modules, tmp_path):

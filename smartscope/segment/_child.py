@@ -19,6 +19,7 @@ import numpy as np
 from smartscope._errors import first_line
 from smartscope._threads import freeze_heap
 from smartscope.segment._process import _attach
+from smartscope.segment._protocol import as_segmentation
 
 
 def serve(conn: Connection) -> None:
@@ -60,7 +61,7 @@ def serve(conn: Connection) -> None:
                     inputs = {shm_name: _attach(shm_name)}
                     shm = inputs[shm_name]
                 images = np.ndarray(shape, np.dtype(dtype), buffer=shm.buf)
-                result = segmenter.segment(images)
+                result = as_segmentation(segmenter.segment(images))
                 labels = np.ascontiguousarray(result.labels)
                 if out is None or out.size < labels.nbytes:
                     if out is not None:

@@ -114,3 +114,24 @@ def instance_labels(labels: Any, shape: tuple[int, ...]) -> np.ndarray:
     if ids[0] != 0:  # no background pixel: every id moves up by one
         inverse = inverse + 1
     return inverse.reshape(arr.shape).astype(np.uint16)
+
+
+def as_segmentation(result: Any) -> Segmentation:
+    """What a segmenter's `segment` returned, as a `Segmentation`.
+
+    Besides a `Segmentation`, the ``(B, Y, X)`` labels array alone (a common
+    shortcut in a user's own segmenter) is taken.
+
+    Raises
+    ------
+    TypeError
+        For anything else, naming what came back.
+    """
+    if isinstance(result, Segmentation):
+        return result
+    if isinstance(result, np.ndarray):
+        return Segmentation(result)
+    raise TypeError(
+        f"segmenter returned {type(result).__name__}; expected "
+        "Segmentation(labels, scores) or a (B, Y, X) labels array"
+    )
