@@ -277,6 +277,19 @@ def _run(path: Path, out: Path) -> tuple[Runner, object]:
     return runner, summary, props
 
 
+def _objects(out: Path) -> list[tuple]:
+    """Each analysed frame's objects: frame, labels, centroids, areas."""
+    return [
+        (
+            r["frame_index"],
+            r["objects"]["label"],
+            r["objects"]["x_px"],
+            r["objects"]["area_px"],
+        )
+        for r in read_jsonl(out / "detections.jsonl")
+    ]
+
+
 def _frames_on_disk(out: Path) -> list[dict]:
     """frames.jsonl, each frame's position readable with a non-empty image."""
     frames = load_run(out).frames
@@ -615,14 +628,7 @@ def test_sparse_wide_labels_are_renumbered_not_wrapped(modules, tmp_path):
     _, summary, _ = _run(sparse, tmp_path / "b" / "run")
 
     assert summary.status == "completed" and summary.analysis["segmenter_errors"] == 0
-
-    def objects(run):
-        return [
-            (r["frame_index"], r["objects"]["label"], r["objects"]["area_px"])
-            for r in read_jsonl(run / "detections.jsonl")
-        ]
-
-    assert objects(tmp_path / "b" / "run") == objects(tmp_path / "a" / "run")
+    assert _objects(tmp_path / "b" / "run") == _objects(tmp_path / "a" / "run")
 
 
 @pytest.mark.parametrize("worker", ["thread", "process"])
@@ -639,14 +645,7 @@ def test_a_bare_labels_array_is_taken_as_the_segmentation(modules, tmp_path, wor
     _, summary, _ = _run(bare, tmp_path / "b" / "run")
 
     assert summary.status == "completed" and summary.frames_analysed == 9
-
-    def objects(run):
-        return [
-            (r["frame_index"], r["objects"]["label"], r["objects"]["x_px"])
-            for r in read_jsonl(run / "detections.jsonl")
-        ]
-
-    assert objects(tmp_path / "b" / "run") == objects(tmp_path / "a" / "run")
+    assert _objects(tmp_path / "b" / "run") == _objects(tmp_path / "a" / "run")
 
 
 def test_scores_that_do_not_fit_the_labels_are_the_segmenters_fault(modules, tmp_path):
