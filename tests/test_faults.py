@@ -229,6 +229,9 @@ def modules(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "faultmods.py").write_text(MODULE)
     monkeypatch.syspath_prepend(str(folder))
+    # and for the `smartscope` command run as a subprocess
+    paths = [str(folder), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in paths if p))
     sys.modules.pop("faultmods", None)
     yield folder
     sys.modules.pop("faultmods", None)
@@ -595,23 +598,7 @@ def test_a_segmenter_that_cannot_start_is_one_line(modules, tmp_path, segmenter,
         segmenter=segmenter,
         analysis={"worker": "process", "segment_timeout_s": 2},
     )
-    env = {**os.environ, "PYTHONPATH": str(modules), "CI": "true"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "smartscope.cli",
-            "run",
-            str(path),
-            "--out",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-        env=env,
-    )
+    result = smartscope("run", str(path), "--out", str(tmp_path / "run"))
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == error
     assert not (tmp_path / "run").exists()  # nothing acquired, nothing left
@@ -666,20 +653,7 @@ def test_scores_that_do_not_fit_the_labels_are_the_segmenters_fault(modules, tmp
 def test_import_path_policy_fault_on_the_command_line_exits_3(modules, tmp_path):
     path = _write(tmp_path, policies=[{"name": "faultmods:Flaky", "fail_at": 2}])
     out = tmp_path / "run"
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{modules}{os.pathsep}" + os.environ.get("PYTHONPATH", ""),
-        "CI": "true",
-        "COLUMNS": "200",
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "smartscope.cli", "run", str(path), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-        env=env,
-    )
+    result = smartscope("run", str(path), "--out", str(out))
     assert result.returncode == 3, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
