@@ -33,7 +33,7 @@ from smartscope.frame import Frame, event_tag
 from smartscope.limits import SafetyLimits, check_plan, check_plan_size
 from smartscope.microscope import Microscope
 from smartscope.policies import PolicyContext
-from smartscope.rundir import PlateGeometry, RunStorage
+from smartscope.rundir import PlateGeometry, RunStorage, warm_up_writer
 from smartscope.scheduler import Scheduler
 from smartscope.stream import FrameStream, InferenceWorker, warm_up
 
@@ -268,6 +268,9 @@ class Runner:
                 if experiment.analysis.enabled
                 else 0.0
             )
+            # and those of the OME-Zarr writer (its first array imports the
+            # backend holding the interpreter lock: acquisition would stall)
+            self.warmup_s += warm_up_writer(experiment.output.compression)
         except BaseException:
             self.close()  # never leave a core loaded behind a failed set-up
             for path in reversed(created):  # nor empty folders of ours

@@ -360,3 +360,39 @@ def test_heap_freezes_nest():
     assert gc.get_freeze_count() == 0
     thaw_heap()  # one too many: harmless
     assert gc.get_freeze_count() == 0
+
+
+RUN_IMPORTS = """
+import gc, sys
+from smartscope.experiment import Experiment
+from smartscope.runner import Runner
+
+with Runner(Experiment.from_file(sys.argv[1]), out_dir=sys.argv[2]) as runner:
+    before = set(sys.modules)
+    summary = runner.run()
+print(summary.status, *sorted(set(sys.modules) - before))
+del runner
+gc.collect()
+"""
+
+
+def test_a_run_imports_nothing_once_acquisition_has_started(tmp_path):
+    """Importing a module holds the interpreter lock: the writer's backend
+    (tensorstore, imported by the first array a process creates) stalled
+    acquisition and analysis for over a second at the first frame. Every
+    import is paid while the runner sets up."""
+    import subprocess
+    import sys
+
+    from conftest import DEMO
+
+    out = subprocess.run(
+        [sys.executable, "-c", RUN_IMPORTS, str(DEMO), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    status, *imported = out.stdout.split()
+    assert status == "completed"
+    assert imported == []

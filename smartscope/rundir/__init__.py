@@ -40,6 +40,7 @@ from smartscope.rundir._writer import (
     open_position,
     position_attrs,
     read_position,
+    warm_up_writer,
 )
 
 __all__ = [
@@ -71,4 +72,5 @@ __all__ = [
     "read_jsonl",
     "read_position",
     "replay_frames",
+    "warm_up_writer",
 ]

@@ -467,6 +467,37 @@ class _ImageMeta:
         return changed
 
 
+#: compressions whose writing path this process has loaded (`warm_up_writer`)
+_WARM: set[str] = set()
+
+
+def warm_up_writer(compression: Compression = "blosc-zstd") -> float:
+    """Write a throwaway image and labels so the OME-Zarr backend is loaded.
+
+    The first array a process creates imports the writing backend
+    (tensorstore and its extension modules: about 1.3 s on this project's
+    host) while holding the interpreter lock: on the run's first frame
+    acquisition and analysis would both stall that long. A `Runner` calls
+    this while it sets up, before the run clock starts; once per process and
+    compression. Returns the seconds it took (0 when already done).
+    """
+    import tempfile
+    import time
+
+    if compression in _WARM:
+        return 0.0
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="smartscope-warm-up-") as tmp:
+        hierarchy = Hierarchy.create(Path(tmp), None)
+        image = np.zeros((16, 16), np.uint16)
+        for labels in (None, LABELS_NAME):
+            arrays = PositionArrays(hierarchy, labels=labels, compression=compression)
+            arrays.write(image, {"position": "warm-up"})
+            arrays.close()
+    _WARM.add(compression)
+    return time.perf_counter() - t0
+
+
 class RunStorage:
     """Everything a run writes, in one directory (see the module docstring).
 
