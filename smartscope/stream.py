@@ -94,13 +94,24 @@ def segment_zoomed(
 def warm_up(segmenter: PSegmenter, shape: tuple[int, int]) -> float:
     """Segment one synthetic frame so imports, caches and JIT are ready.
 
-    Called before acquisition starts; returns the seconds it took.
+    Called before acquisition starts; returns the seconds it took. Importing
+    a module holds the interpreter lock, so whatever the first real frame
+    would import stalls acquisition as well as analysis: the test frame
+    holds four bright squares from 100 to 50 000 counts above the
+    background, so a segmenter with a fixed threshold reaches its object
+    path too (a watershed), and the resampling of frames from another
+    objective (`segment_zoomed`) is imported.
     """
     import time
 
+    from skimage.transform import resize  # noqa: F401  (segment_zoomed's)
+
     t0 = time.perf_counter()
     image = np.random.default_rng(0).poisson(10.0, size=shape).astype(np.uint16)
-    image[shape[0] // 4 : shape[0] // 2, shape[1] // 4 : shape[1] // 2] += 100
+    h, w = shape[0] // 2, shape[1] // 2
+    for k, level in enumerate((100, 1_000, 10_000, 50_000)):
+        y, x = (k // 2) * h + h // 4, (k % 2) * w + w // 4
+        image[y : y + h // 2, x : x + w // 2] += level
     segmenter.segment(image[None])
     return time.perf_counter() - t0
 

@@ -376,18 +376,22 @@ gc.collect()
 """
 
 
-def test_a_run_imports_nothing_once_acquisition_has_started(tmp_path):
+@pytest.mark.parametrize("demo", ["find_and_center", "plate_screen"])
+def test_a_run_imports_nothing_once_acquisition_has_started(tmp_path, demo):
     """Importing a module holds the interpreter lock: the writer's backend
     (tensorstore, imported by the first array a process creates) stalled
-    acquisition and analysis for over a second at the first frame. Every
+    acquisition and analysis for over a second at the first frame; a fixed
+    threshold above the test frame's objects left the watershed, and frames
+    of another objective the resampling, to the first real frames. Every
     import is paid while the runner sets up."""
     import subprocess
     import sys
 
-    from conftest import DEMO
+    from conftest import ROOT
 
+    path = ROOT / "demos" / f"{demo}.yaml"
     out = subprocess.run(
-        [sys.executable, "-c", RUN_IMPORTS, str(DEMO), str(tmp_path / "run")],
+        [sys.executable, "-c", RUN_IMPORTS, str(path), str(tmp_path / "run")],
         capture_output=True,
         text=True,
         timeout=300,
