@@ -13,7 +13,9 @@ default, an existing cluster when a scheduler address is given) and writes
 * ``reanalysis-<name>.json``: per frame and overall, object counts of the live
   labels and the new ones, and how far they agree: F1 at IoU 0.5, mean IoU of
   the matched objects, whether the two label images are identical; model ids,
-  wall time and the workers that did the work.
+  wall time and the workers that did the work; the frames the segmenter
+  failed on (empty labels) with their error, and ``status``
+  (``completed`` or ``completed_with_errors``).
 
 The client reads the images and sends each task its planes (a small stack of
 one position's planes), so workers need not see the run directory; each worker
@@ -32,7 +34,7 @@ import shutil
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +52,7 @@ from smartscope.rundir import (
     position_path,
     read_position,
 )
+from smartscope.segment._registry import available_segmenters, model_spec
 from smartscope.stream import zoom_factor
 
 if TYPE_CHECKING:
@@ -63,10 +66,14 @@ __all__ = [
     "reanalyze",
 ]
 
+#: what a --model value ending so is: a model file (else: a segmenter name)
+MODEL_SUFFIXES = (".pt", ".ts", ".pth", ".onnx", ".zip", ".yaml")
 DASK_HINT = 'reanalyze needs dask.distributed: pip install "smartscope[dask]"'
 #: how long to try to reach a scheduler given by address, then for a first worker
 CONNECT_TIMEOUT_S = 5.0
 WORKER_TIMEOUT_S = 30.0
+#: default longest wait for a segmenter's answer (as ``analysis.segment_timeout_s``)
+SEGMENT_TIMEOUT_S = 120.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -78,10 +85,15 @@ class ReanalysisError(SmartscopeError):
 def parse_model(model: str | dict[str, Any]) -> dict[str, Any]:
     """A ``--model`` value as a segmenter spec ``{"name": ..., <params>}``.
 
-    Accepted: ``builtin`` (the built-in U-Net), a path to a model file (``.pt``,
-    for the U-Net), a registered segmenter name (``unet``, ``threshold``, a
-    plugin's) optionally with parameters, ``threshold:sigma_px=2,min_area_px=6``
-    (values parsed as YAML), or a mapping as in an experiment file.
+    Accepted: ``builtin`` (the built-in U-Net), a path to a model file (as
+    ``smartscope segment --model`` takes it: ``.pt`` for the U-Net, ``.onnx``,
+    a bioimage.io package, a Cellpose model; `model_spec`), a registered
+    segmenter name (``unet``, ``threshold``, a plugin's) optionally with
+    parameters, ``threshold:sigma_px=2,min_area_px=6``
+    (values parsed as YAML), a user's segmenter class by import path
+    (``package.module:ClassName``, parameters after a second ``:``), or a
+    mapping as in an experiment file. Values may be YAML lists or mappings
+    (``channels=[0,1]``).
     """
     if isinstance(model, dict):
         if not isinstance(model.get("name"), str):
@@ -92,11 +104,24 @@ def parse_model(model: str | dict[str, Any]) -> dict[str, Any]:
         raise ReanalysisError("empty model spec")
     if text == "builtin":
         return {"name": "unet", "model": "builtin"}
-    if text.endswith(".pt") or "/" in text or "\\" in text or Path(text).is_file():
-        return {"name": "unet", "model": text}
+    if "=" not in text and (
+        "/" in text
+        or "\\" in text
+        or Path(text).suffix.lower() in MODEL_SUFFIXES
+        or Path(text).exists()
+    ):
+        if Path(text).suffix.lower() in (".pt", ".ts"):
+            return {"name": "unet", "model": text}
+        return model_spec(text)  # .onnx, a bioimage.io package, a Cellpose file
     name, _, rest = text.partition(":")
+    cls, colon, params = rest.partition(":")
+    if cls.strip().isidentifier() and name.strip() not in available_segmenters():
+        # an import path, 'package.module:ClassName'
+        name, rest = f"{name.strip()}:{cls.strip()}", params if colon else ""
     spec: dict[str, Any] = {"name": name.strip()}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
+    # commas inside [...] or {...} belong to a value (fail_calls=[3,5])
+    items = re.split(r",(?![^\[\]{}]*[\]}])", rest)
+    for item in filter(None, (p.strip() for p in items)):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ReanalysisError(
@@ -139,7 +164,7 @@ def _resolve_model_path(spec: dict[str, Any]) -> dict[str, Any]:
     model = spec.get("model")
     if isinstance(model, str) and model != "builtin":
         path = Path(model).expanduser()
-        if path.is_file():
+        if path.exists():
             return {**spec, "model": str(path.resolve())}
     return spec
 
@@ -189,6 +214,38 @@ def _build(spec: dict[str, Any]) -> PSegmenter:
     return segmenter
 
 
+def _build_in_time(spec: dict[str, Any], timeout_s: float | None) -> PSegmenter:
+    """`_build` on a thread of its own, given up after `timeout_s` (a hung model).
+
+    The thread is left behind (a daemon: it does not keep the process alive).
+    """
+    box: dict[str, Any] = {}
+
+    def build() -> None:
+        try:
+            box["segmenter"] = _build(spec)
+        except BaseException as e:
+            box["error"] = e
+
+    thread = threading.Thread(target=build, name="smartscope-build", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise ReanalysisError(
+            f"segmenter {spec['name']!r} did not segment a test frame within "
+            f"{timeout_s:g} s"
+        )
+    error = box.get("error")
+    if isinstance(error, SmartscopeError):
+        raise error
+    if error is not None:
+        raise ReanalysisError(
+            f"segmenter {spec['name']!r} failed on a test frame: "
+            f"{type(error).__name__}: {first_line(error)}"
+        ) from None
+    return box["segmenter"]
+
+
 # ------------------------------------------------------------ worker side
 _SEGMENTERS: dict[str, Any] = {}
 _SEGMENTERS_LOCK = threading.Lock()
@@ -208,11 +265,14 @@ def _worker_segmenter(key: str) -> Any:
 
 def _segment_task(
     key: str, planes: np.ndarray, zoom: float | None = None
-) -> tuple[np.ndarray, str, str]:
+) -> tuple[np.ndarray | str, str, str]:
     """Segment a ``(B, Y, X)`` stack on a worker → labels, model id, worker.
 
     `zoom`: planes of another objective are segmented resampled to the run's
     pixel size, as the live analysis did (`smartscope.stream.zoom_factor`).
+    A segmenter that fails (raises, or gives labels that do not fit) gives
+    its error line instead of the labels: the task itself succeeds, so the
+    worker does not log a traceback for a fault the JSON reports.
     """
     from distributed import get_worker
 
@@ -220,17 +280,21 @@ def _segment_task(
     from smartscope.stream import segment_zoomed
 
     seg = _worker_segmenter(key)
-    if zoom:
-        labels = np.stack([segment_zoomed(seg, plane, zoom)[0] for plane in planes])
-    else:
-        labels = np.asarray(as_segmentation(seg.segment(planes)).labels)
-    if labels.shape != planes.shape:
-        raise ValueError(
-            f"segmenter returned labels of shape {labels.shape} for images of "
-            f"shape {planes.shape}"
-        )
-    labels = np.stack([instance_labels(lab, lab.shape) for lab in labels])
-    return labels, seg.model_id, get_worker().address
+    worker = get_worker().address
+    try:
+        if zoom:
+            labels = np.stack([segment_zoomed(seg, plane, zoom)[0] for plane in planes])
+        else:
+            labels = np.asarray(as_segmentation(seg.segment(planes)).labels)
+        if labels.shape != planes.shape:
+            raise ValueError(
+                f"segmenter returned labels of shape {labels.shape} for images of "
+                f"shape {planes.shape}"
+            )
+        labels = np.stack([instance_labels(lab, lab.shape) for lab in labels])
+    except Exception as e:
+        return f"{type(e).__name__}: {first_line(e)}", seg.model_id, worker
+    return labels, seg.model_id, worker
 
 
 # ------------------------------------------------------------ comparison
@@ -411,9 +475,16 @@ def reanalyze(
     workers: int = 1,
     processes: bool = True,
     batch_size: int = 4,
+    timeout_s: float | None = SEGMENT_TIMEOUT_S,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Re-segment every frame of a run on dask.distributed; write labels and JSON.
+
+    Frames the segmenter fails on (it raises, or its labels do not fit) get
+    empty labels and their error in the JSON (``"error"``; ``status``
+    ``completed_with_errors``); the others are done. A segmenter that gives
+    no answer within `timeout_s` (hung) fails the frames left, and its
+    local workers are stopped.
 
     Parameters
     ----------
@@ -434,6 +505,9 @@ def reanalyze(
         Local workers as processes (True) or threads of this process.
     batch_size : int
         Planes of one position segmented per task.
+    timeout_s : float, optional
+        Longest wait for any task to finish (and for the segmenter to be
+        built and segment a test frame here); None: no limit.
     progress : callable, optional
         Called with a line of text as positions finish.
 
@@ -466,7 +540,8 @@ def reanalyze(
         raise ReanalysisError(DASK_HINT) from None
 
     key = _spec_key(spec)
-    segmenter = _build(spec)  # bad model → one clear error before any cluster
+    # bad model → one clear error before any cluster
+    segmenter = _build_in_time(spec, timeout_s)
     model_id = segmenter.model_id
     name = name or reanalysis_name(spec, model_id)
     positions = _positions(directory, frames)
@@ -493,6 +568,7 @@ def reanalyze(
                 analysed,
                 writer,
                 batch_size=batch_size,
+                timeout_s=timeout_s,
                 progress=progress,
             )
         finally:
@@ -509,8 +585,11 @@ def reanalyze(
         if torch is not None and torch_threads is not None:
             torch.set_num_threads(torch_threads)
 
+    failures = Counter(r["error"] for r in records if "error" in r)
     result = {
         "run_dir": str(directory),
+        "status": "completed_with_errors" if failures else "completed",
+        "errors": [{"error": e, "frames": n} for e, n in failures.most_common()],
         "name": name,
         "labels": _labels_place(directory, name),
         "model": {
@@ -600,20 +679,29 @@ def _run_tasks(
     writer: PositionArrays,
     *,
     batch_size: int,
+    timeout_s: float | None,
     progress: Callable[[str], None] | None,
 ) -> tuple[list[dict[str, Any]], set[str], set[str]]:
-    from distributed import as_completed
+    """Segment every chunk on the cluster; write each position when it is done.
+
+    A task that fails (the segmenter raised, or gave labels that do not fit)
+    fails its frames only: they are listed with the error and get empty
+    labels. When no task finishes within `timeout_s` (a hung segmenter), the
+    tasks are cancelled and every frame not yet segmented fails so.
+    """
+    from distributed import wait
 
     window = max(2, 2 * sum(client.nthreads().values()))
     results: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+    errors: dict[str, dict[int, str]] = defaultdict(dict)
     left: dict[str, int] = defaultdict(int)
     submitted_all: set[str] = set()
+    finished: set[str] = set()
     by_key = {p.key: p for p in positions}
     records: list[dict[str, Any]] = []
     used: set[str] = set()
     model_ids: set[str] = set()
     futures: dict[Any, tuple[_Position, list[dict[str, Any]]]] = {}
-    pending = as_completed()
     chunks = _chunks(positions, batch_size, directory)
 
     def submit_next() -> bool:
@@ -628,28 +716,62 @@ def _run_tasks(
         left[pos.key] += 1
         if last:
             submitted_all.add(pos.key)
-        pending.add(fut)
         return True
+
+    def finish(pos: _Position) -> None:
+        records.extend(
+            _finish_position(
+                directory,
+                pos,
+                results.pop(pos.key, {}),
+                errors.pop(pos.key, {}),
+                analysed,
+                writer,
+            )
+        )
+        finished.add(pos.key)
+        if progress is not None:
+            progress(f"{pos.key}: {len(pos.frames)} frame(s)")
 
     while len(futures) < window and submit_next():
         pass
-    for fut in pending:
-        pos, chunk = futures.pop(fut)
-        labels, mid, worker = fut.result()
-        model_ids.add(mid)
-        used.add(worker)
-        for rec, plane in zip(chunk, labels, strict=True):
-            results[pos.key][pos.linear(rec)] = plane
-        left[pos.key] -= 1
-        del fut
-        if left[pos.key] == 0 and pos.key in submitted_all:
-            records.extend(
-                _finish_position(
-                    directory, by_key[pos.key], results.pop(pos.key), analysed, writer
-                )
+    while futures:
+        try:
+            done, _ = wait(
+                list(futures), timeout=timeout_s, return_when="FIRST_COMPLETED"
             )
-            if progress is not None:
-                progress(f"{pos.key}: {len(pos.frames)} frame(s)")
+        except TimeoutError:  # a hung segmenter: what is left fails
+            done = set()
+        if not done:
+            client.cancel(list(futures))
+            futures.clear()
+            why = f"segmenter did not answer within {timeout_s:g} s"
+            for pos in positions:
+                if pos.key not in finished:
+                    for rec in pos.frames:
+                        linear = pos.linear(rec)
+                        if linear not in results[pos.key]:
+                            errors[pos.key].setdefault(linear, why)
+                    finish(pos)
+            break
+        for fut in done:
+            pos, chunk = futures.pop(fut)
+            try:
+                labels, mid, worker = fut.result()
+            except Exception as e:  # the worker died, the segmenter did not build
+                labels = f"{type(e).__name__}: {first_line(e)}"
+            else:
+                model_ids.add(mid)
+                used.add(worker)
+            if isinstance(labels, str):
+                for rec in chunk:
+                    errors[pos.key][pos.linear(rec)] = labels
+            else:
+                for rec, plane in zip(chunk, labels, strict=True):
+                    results[pos.key][pos.linear(rec)] = plane
+            left[pos.key] -= 1
+            if left[pos.key] == 0 and pos.key in submitted_all:
+                finish(by_key[pos.key])
         while len(futures) < window and submit_next():
             pass
     records.sort(key=lambda r: r["frame_index"])
@@ -660,17 +782,30 @@ def _finish_position(
     directory: Path,
     pos: _Position,
     planes: dict[int, np.ndarray],
+    errors: dict[int, str],
     analysed: set[int],
     writer: PositionArrays,
 ) -> list[dict[str, Any]]:
+    """Write a position's new labels in order; one comparison row per frame.
+
+    A frame the segmenter failed on gets empty labels and its error.
+    """
     try:
         old = read_position(directory, pos.key, labels=True)
     except FileNotFoundError:
         old = None
     shape = {"c": pos.nc, "z": pos.nz, "order": pos.order}
+    empty: np.ndarray | None = None
     out = []
     for rec in pos.frames:  # linear order: what PositionArrays needs
-        new = planes[pos.linear(rec)]
+        error = errors.get(pos.linear(rec))
+        if error is None:
+            new = planes[pos.linear(rec)]
+        else:
+            if empty is None:
+                size = read_position(directory, pos.key).shape[-2:]
+                empty = np.zeros(size, np.uint16)
+            new = empty
         writer.write(
             new,
             {
@@ -691,7 +826,18 @@ def _finish_position(
             "analysed_live": rec["frame_index"] in analysed,
         }
         idx = pos.plane_index(rec["t"], rec["c"], rec["z"])
-        if row["analysed_live"] and old is not None and _fits(old.shape, idx):
+        if error is not None:
+            row.update(
+                {
+                    "n_old": None,
+                    "n_new": None,
+                    "f1@0.5": None,
+                    "mean_iou": None,
+                    "identical": None,
+                    "error": error,
+                }
+            )
+        elif row["analysed_live"] and old is not None and _fits(old.shape, idx):
             row.update(compare_labels(old[idx], new))
         else:
             row.update(
@@ -717,13 +863,15 @@ def _overall(records: list[dict[str, Any]]) -> dict[str, Any]:
     fp = sum(r["fp"] for r in compared)
     fn = sum(r["fn"] for r in compared)
     denom = 2 * tp + fp + fn
+    failed = [r for r in records if "error" in r]
     return {
         "n_frames": len(records),
         "n_compared": len(compared),
-        "n_new_only": len(records) - len(compared),
+        "n_new_only": len(records) - len(compared) - len(failed),
+        "n_failed": len(failed),
         "objects_old": sum(r["n_old"] for r in compared),
         "objects_new_compared": sum(r["n_new"] for r in compared),
-        "objects_new": sum(r["n_new"] for r in records),
+        "objects_new": sum(r["n_new"] for r in records if "error" not in r),
         "f1@0.5": round(2 * tp / denom, 4) if denom else (1.0 if compared else None),
         "mean_iou": round(sum(r["iou_sum"] for r in compared) / tp, 4) if tp else None,
         "identical_fraction": (

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from smartscope import RegistryError
 from smartscope.reanalyze import (
     DASK_HINT,
     ReanalysisError,
@@ -362,6 +363,17 @@ def test_model_specs_and_names():
     )
     with pytest.raises(ReanalysisError, match="key=value"):
         parse_model("threshold:sigma_px")
+    # a user's class by import path, with parameters after a second ':'
+    assert parse_model("labmods.seg:MySegmenter") == {"name": "labmods.seg:MySegmenter"}
+    assert parse_model("labmods:Seg:sigma=2,sizes=[3,5],mode=fast") == {
+        "name": "labmods:Seg",
+        "sigma": 2,
+        "sizes": [3, 5],
+        "mode": "fast",
+    }
+    # a model file of a plugin, as `smartscope segment --model` takes it
+    with pytest.raises(RegistryError, match=r"model file not found: nope\.onnx"):
+        parse_model("nope.onnx")
 
 
 def test_missing_dask_is_one_clear_error(demo_run, monkeypatch):
@@ -424,3 +436,123 @@ def test_cli_bad_input_exits_2_with_one_line(demo_run, tmp_path, where, args, me
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert message in lines[0]
     assert not list(Path(demo_run[0]).glob("reanalysis-*.json"))
+
+
+SEGMENTERS = """
+import time
+
+from pydantic import PrivateAttr
+
+from smartscope.segment import ThresholdSegmenter
+
+
+class Flaky(ThresholdSegmenter):
+    \"\"\"Raises at its `fail_calls`-th calls (1: the test frame).\"\"\"
+
+    fail_calls: tuple = ()
+    _n: int = PrivateAttr(0)
+
+    def segment(self, images):
+        self._n += 1
+        if self._n in self.fail_calls:
+            raise RuntimeError("model crashed")
+        return super().segment(images)
+
+
+class Stuck(ThresholdSegmenter):
+    \"\"\"Hangs from its `stuck_from`-th call on (a deadlocked model).\"\"\"
+
+    stuck_from: int = 2
+    _n: int = PrivateAttr(0)
+
+    def segment(self, images):
+        self._n += 1
+        if self._n >= self.stuck_from:
+            time.sleep(3600)
+        return super().segment(images)
+"""
+
+
+@pytest.fixture
+def lab_segmenters(tmp_path, monkeypatch):
+    """A user's module of segmenters, importable as ``labsegs`` (subprocesses)."""
+    folder = tmp_path / "mods"
+    folder.mkdir()
+    (folder / "labsegs.py").write_text(SEGMENTERS)
+    paths = [str(folder), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in paths if p))
+    return folder
+
+
+def _positions_of(result: dict) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for row in result["frames"]:
+        out.setdefault(row["position"], []).append(row)
+    return out
+
+
+def test_frames_the_segmenter_fails_on_are_listed_and_the_rest_done(
+    demo_run, tmp_path, lab_segmenters
+):
+    """Was a traceback and exit 1, with nothing written: one bad batch lost
+    the whole reanalysis."""
+    run = _copy(demo_run[0], tmp_path)
+    # call 1 is each build's test frame; the worker's calls 3 and 5 fail
+    proc = _cli(str(run), "--model", "labsegs:Flaky:fail_calls=[3,5]", "--workers", "1")
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: the segmenter failed")
+    assert lines[0].endswith("RuntimeError: model crashed")
+    result = json.loads(next(run.glob("reanalysis-*.json")).read_text())
+    assert result["status"] == "completed_with_errors"
+    failed = [r for r in result["frames"] if "error" in r]
+    assert failed and all(r["error"] == "RuntimeError: model crashed" for r in failed)
+    assert result["errors"] == [
+        {"error": "RuntimeError: model crashed", "frames": len(failed)}
+    ]
+    assert result["overall"]["n_failed"] == len(failed)
+    assert (
+        len(failed)
+        < result["overall"]["n_frames"]
+        == len(read_jsonl(run / "frames.jsonl"))
+    )
+    # failed frames: empty labels; the others: objects where the image has them
+    for position, rows in _positions_of(result).items():
+        labels = _read(_new_labels(run, position, result["name"]))
+        for row in rows:
+            a = row["array"]
+            plane = labels[a["t"], a["c"], a["z"]]
+            if "error" in row:
+                assert not plane.any() and row["n_new"] is None
+            else:
+                assert _n_objects(plane) == row["n_new"]
+    assert result["overall"]["objects_new"] > 0
+
+
+def test_a_hung_segmenter_fails_the_frames_left_after_the_timeout(
+    demo_run, tmp_path, lab_segmenters
+):
+    """Was a reanalysis that never ended. The local worker is stopped."""
+    run = _copy(demo_run[0], tmp_path)
+    # the worker's test frame and first two batches pass, then it hangs
+    proc = _cli(
+        str(run), "--model", "labsegs:Stuck:stuck_from=4", "--workers", "1",
+        "--timeout", "3",
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    why = "segmenter did not answer within 3 s"
+    assert proc.stderr.strip().endswith(why)
+    result = json.loads(next(run.glob("reanalysis-*.json")).read_text())
+    done = [r for r in result["frames"] if "error" not in r]
+    assert len(done) == 2  # the first two batches: one frame each (a tile)
+    assert {r["error"] for r in result["frames"] if "error" in r} == {why}
+    assert len(result["frames"]) == len(read_jsonl(run / "frames.jsonl"))
+    for position in _positions_of(result):  # every position written
+        assert _read(_new_labels(run, position, result["name"])).ndim == 5
+
+    # hung on the test frame, here before any cluster: one line, exit 2
+    proc = _cli(str(run), "--model", "labsegs:Stuck:stuck_from=1", "--timeout", "2")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        "error: segmenter 'labsegs:Stuck' did not segment a test frame within 2 s"
+    )

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from smartscope.cli._app import (
+    EXIT_COMPLETED_WITH_ERRORS,
     ConfigOpt,
     DeviceOpt,
     ModelOpt,
@@ -107,20 +108,34 @@ def reanalyze(
     workers: Annotated[
         int, typer.Option(min=1, help="Workers of the local cluster.")
     ] = 2,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Longest wait (s) for the segmenter's next answer; then the "
+            "frames left fail (a hung model). 0: no limit.",
+        ),
+    ] = 120.0,
 ) -> None:
     r"""Re-segment a finished run with another model on dask.distributed.
 
     Every frame (also those never analysed live) is segmented on a local
     cluster (or the cluster at --scheduler); writes labels-NAME/ beside labels/
     and reanalysis-NAME.json comparing the new labels with the live ones
-    (object counts, F1 at IoU 0.5, mean IoU, identical frames). Needs the dask
-    extra: pip install "smartscope\[dask]".
+    (object counts, F1 at IoU 0.5, mean IoU, identical frames). Frames the
+    segmenter fails on get empty labels and their error in the JSON (exit
+    code 3). Needs the dask extra: pip install "smartscope\[dask]".
     """
     from smartscope.reanalyze import reanalyze as run_reanalysis
 
     with user_errors():
         result = run_reanalysis(
-            run_dir, model, name=name, scheduler=scheduler, workers=workers
+            run_dir,
+            model,
+            name=name,
+            scheduler=scheduler,
+            workers=workers,
+            timeout_s=timeout or None,
         )
     o, c = result["overall"], result["cluster"]
 
@@ -138,6 +153,7 @@ def reanalyze(
         ("mean IoU", num(o["mean_iou"])),
         ("identical frames", num(o["identical_fraction"])),
         ("objects, all frames", str(o["objects_new"])),
+        ("failed frames", str(o["n_failed"])),
         ("workers", f"{len(c['workers_used'])} used of {c['n_workers']}"),
         ("wall time", f"{result['wall_time_s']:.1f} s"),
         ("labels", str(Path(result["run_dir"]) / result["labels"])),
@@ -146,6 +162,15 @@ def reanalyze(
     for row in rows:
         table.add_row(*row)
     console.print(table, markup=False, highlight=False)
+    if result["errors"]:
+        first = result["errors"][0]
+        err_console.print(
+            f"warning: the segmenter failed on {o['n_failed']} of {o['n_frames']} "
+            f"frame(s) (empty labels; see {result['path']}): {first['error']}",
+            markup=False,
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_COMPLETED_WITH_ERRORS)
 
 
 @app.command()

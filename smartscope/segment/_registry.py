@@ -83,10 +83,31 @@ def segmenter_for_model(
 ) -> PSegmenter:
     """The segmenter that runs a model file, chosen from what the file is.
 
+    See `model_spec`.
+
+    Raises
+    ------
+    RegistryError
+        If the file does not exist, or its plugin is not installed.
+    """
+    spec = model_spec(model, device=device, threads=threads, scale=scale)
+    return create_segmenter(spec.pop("name"), spec)
+
+
+def model_spec(
+    model: str | Path,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    scale: float = 1.0,
+) -> dict[str, Any]:
+    """The segmenter spec (``{"name": ..., <params>}``) that runs a model file.
+
     ``builtin`` or a ``.pt`` / ``.ts`` file from ``smartscope train``: the
     built-in U-Net; ``.onnx``: the ``onnx`` plugin; a bioimage.io package (a
     ``.zip``, its ``rdf.yaml`` / ``bioimageio.yaml``, or a folder holding one):
     the ``bioimageio`` plugin; any other file: the ``cellpose`` plugin.
+    `device` and `threads` are passed on where the segmenter takes them.
 
     Raises
     ------
@@ -102,7 +123,7 @@ def segmenter_for_model(
         params: dict[str, Any] = {"model": name, "device": device, "scale": scale}
         if threads:
             params["threads"] = threads
-        return create_segmenter("unet", params)
+        return {"name": "unet", **params}
     if scale != 1.0:
         raise RegistryError("--scale applies to the built-in model only")
     if suffix == ".onnx":
@@ -127,4 +148,4 @@ def segmenter_for_model(
             f"{name} needs the {plugin} plugin: pip install smartscope-{plugin} "
             f"(in a checkout: pip install -e plugins/smartscope-{plugin})"
         )
-    return create_segmenter(plugin, params)
+    return {"name": plugin, **params}
