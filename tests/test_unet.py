@@ -114,6 +114,26 @@ def test_empty_and_flat_frames_give_no_objects(builtin):
     assert builtin.segment(noise).labels.max() <= 1
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_float_image_with_a_non_finite_border_is_segmented(builtin, bad):
+    """A registered or stitched float image with NaN borders: a few NaN
+    pixels turned every percentile, and so the whole image, into NaN (the
+    model found nothing); the threshold baseline raised."""
+    img, truth = synth_sample(6, (384, 384), kind="nuclei", depth="16")  # 74 nuclei
+    img = img.astype(np.float32)
+    border = img.copy()
+    border[:6, :] = bad
+    border[:, :6] = bad
+    inner = (slice(16, None), slice(16, None))
+    for seg in (builtin, ThresholdSegmenter()):
+        clean = seg.segment(img).labels[0]
+        got = seg.segment(border).labels[0]
+        assert scores([(truth, clean)])["f1@0.5"] > 0.5  # not an empty comparison
+        result = scores([(clean[inner], got[inner])])
+        assert result["n_true"] > 50 and result["f1@0.5"] >= 0.97, result
+        assert not got[:6].any() and not got[:, :6].any()
+
+
 def test_wrong_shapes_are_clear_errors(builtin):
     with pytest.raises(ValueError, match="expected a"):
         builtin.segment(np.zeros((2, 2, 32, 32)))

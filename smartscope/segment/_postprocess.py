@@ -21,16 +21,28 @@ def normalize(image: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     cost does not grow with the frame. Values above 1 are compressed
     logarithmically (``1 + log1p(x - 1)``) and values below -1 clipped: a few
     bright beads in a dark field would otherwise reach hundreds. A flat image
-    maps to zeros.
+    maps to zeros. Pixels that are not finite (NaN borders of a registered
+    or stitched float image, infinities) are left out of the percentiles and
+    mapped to 0 (background); a few of them used to turn every percentile,
+    and so the whole image, into NaN.
     """
+    floating = np.asarray(image).dtype.kind in "fc"  # camera frames: integers
     img = np.asarray(image, dtype=np.float32)
     step = max(1, int(np.sqrt(img.size / _SAMPLE_PIXELS)))
     sample = img[::step, ::step].ravel()
+    if floating:
+        sample = sample[np.isfinite(sample)]
+        if sample.size == 0:
+            return np.zeros(img.shape, np.float32)
     lo, hi = np.percentile(sample, NORM_PERCENTILES)
     scale = hi - lo
     if not np.isfinite(scale) or scale < eps * max(1.0, abs(float(hi))):
         return np.zeros(img.shape, np.float32)
     out = (img - np.float32(lo)) * np.float32(1.0 / scale)
+    if floating:
+        bad = ~np.isfinite(out)
+        if bad.any():
+            out[bad] = 0.0
     high = out > 1
     if high.any():
         out[high] = 1 + np.log1p(out[high] - 1)

@@ -56,6 +56,11 @@ class ThresholdSegmenter(BaseModel):
         from skimage import filters, morphology, segmentation
 
         img = image.astype(np.float32, copy=False)
+        finite = np.isfinite(img)
+        if not finite.all():  # NaN borders of a float image: background
+            if not finite.any():
+                return np.zeros(img.shape, np.uint16)
+            img = np.where(finite, img, img[finite].min())
         if self.sigma_px > 0:
             img = ndi.gaussian_filter(img, self.sigma_px)
         if img.max() <= img.min():

@@ -117,6 +117,22 @@ def test_builtin_export_matches_torch(builtin_onnx, torch_unet):
         np.testing.assert_array_equal(batch[i], pairs[i][1])
 
 
+def test_a_nan_border_leaves_the_rest_of_the_image_as_it_was(builtin_onnx):
+    """NaN pixels (a registered float image's border) made every percentile
+    NaN, so the whole image normalised to NaN and nothing was found."""
+    seg = OnnxSegmenter(model=str(builtin_onnx), device="cpu", threads=2)
+    img, _ = synth_sample(6, (384, 384), kind="nuclei", depth="16")
+    img = img.astype(np.float32)
+    border = img.copy()
+    border[:6, :] = np.nan
+    border[:, :6] = np.nan
+    inner = (slice(16, None), slice(16, None))
+    clean = seg.segment(img).labels[0]
+    got = seg.segment(border).labels[0]
+    result = scores([(clean[inner], got[inner])])
+    assert result["n_true"] > 50 and result["f1@0.5"] >= 0.97, result
+
+
 def test_metadata_drives_settings(builtin_onnx, tmp_path):
     seg = OnnxSegmenter(model=str(builtin_onnx), device="cpu")
     assert seg.metadata["smartscope.output"] == "boundary3"

@@ -35,14 +35,22 @@ def percentile_scale(image: np.ndarray, percentiles: tuple[float, float]) -> np.
 
     Percentiles come from a strided sample of at most 65 536 pixels, as in
     smartscope's own normalisation, so the cost does not grow with the frame.
+    Pixels that are not finite (NaN borders of a float image) are left out
+    of the percentiles and mapped to 0.
     """
     img = np.asarray(image, dtype=np.float32)
     step = max(1, int(np.sqrt(img.size / _SAMPLE_PIXELS)))
-    lo, hi = np.percentile(img[::step, ::step], percentiles)
+    sample = img[::step, ::step].ravel()
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        return np.zeros(img.shape, np.float32)
+    lo, hi = np.percentile(sample, percentiles)
     scale = hi - lo
     if not np.isfinite(scale) or scale < 1e-6 * max(1.0, abs(float(hi))):
         return np.zeros(img.shape, np.float32)
-    return (img - np.float32(lo)) * np.float32(1.0 / scale)
+    out = (img - np.float32(lo)) * np.float32(1.0 / scale)
+    out[~np.isfinite(out)] = 0.0
+    return out
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
