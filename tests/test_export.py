@@ -37,10 +37,10 @@ def no_network(monkeypatch):
     gc.collect()  # unclosed files are reported here, under this module's filters
 
 
-def _scaled(image: np.ndarray) -> np.ndarray:
-    """The exported models' input: 1st → 0, 99.8th percentile → 1."""
+def _scaled(image: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+    """The exported models' input: the two percentiles → 0 and 1."""
     img = image.astype(np.float32)
-    lo, hi = np.percentile(img, (1, 99.8))
+    lo, hi = np.percentile(img, percentiles)
     return ((img - lo) / (hi - lo))[None, None].astype(np.float32)
 
 
@@ -61,6 +61,8 @@ def test_onnx_export_is_the_torch_network(builtin_onnx):
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["smartscope.output"] == "boundary3"
     assert meta["smartscope.model_id"].startswith("builtin-")
+    # what a consumer scales the input with: the 5th and 99.8th percentiles
+    assert meta["smartscope.normalize"] == "percentile 5 99.8"
     (inp,) = model.graph.input
     dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
     assert dims == ["batch", 1, "y", "x"]  # any batch and image size
@@ -68,7 +70,7 @@ def test_onnx_export_is_the_torch_network(builtin_onnx):
     ref = UNetSegmenter(device="cpu", precision="fp32", threads=2)
     for seed, shape in [(1, (256, 256)), (2, (192, 320))]:
         image, _ = synth_sample(seed, shape, "nuclei")
-        (probs,) = sess.run(None, {"raw": _scaled(image)})
+        (probs,) = sess.run(None, {"raw": _scaled(image, (5, 99.8))})
         assert probs.shape == (1, 3, *shape)
         np.testing.assert_allclose(probs[0].sum(0), 1, atol=1e-5)
         np.testing.assert_allclose(probs[0], ref.probabilities(image), atol=1e-4)

@@ -20,7 +20,7 @@ Engine
 * Frames larger than ``tile`` are processed in overlapping tiles (``halo``
   pixels of context each side, only tile centres kept), so memory stays flat
   and the network sees the scale it was trained at.
-* Normalisation: per image, 1st–99.8th percentile (bit depth, offset and
+* Normalisation: per image, 5th–99.8th percentile (bit depth, offset and
   drift do not matter).
 * Post-processing: interior seeds grown over the foreground, whole-array
   scipy operations only (see `probabilities_to_labels`).

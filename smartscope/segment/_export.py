@@ -14,7 +14,7 @@ from typing import Any
 from smartscope.segment._export_bioimageio import export_bioimageio
 from smartscope.segment._export_onnx import ExportError, export_onnx
 from smartscope.segment._model import load_model_file, sha256_of
-from smartscope.segment._postprocess import FRAGMENT_FRACTION
+from smartscope.segment._postprocess import FRAGMENT_FRACTION, percentiles_text
 
 #: formats `export_model` writes, and the suffix of their default file name
 EXPORT_FORMATS = {"onnx": ".onnx", "bioimageio": ".bioimageio.zip"}
@@ -120,7 +120,7 @@ def write_card(
             **mf.meta["arch"],
             "output": "3-class logits: background, interior, boundary",
             "input": "(B, 1, Y, X) float32, normalised per image "
-            "(1st→0, 99.8th percentile→1); Y, X multiples of 16",
+            f"(percentiles {percentiles_text()}); Y, X multiples of 16",
             "parameters": int(
                 sum(
                     v.numel()
@@ -282,7 +282,7 @@ DemoCamera-like Gaussian beads; empty fields. A pool of
 {tr.get("pool_size")} scenes is refreshed by one scene per step, and every
 crop gets a fresh camera: Poisson (8-3000 photons at peak) and Gaussian read
 noise, offsets, 8/12/16-bit or float, dim 8-bit files, saturation; flips and
-90° rotations. Normalisation: 1st and 99.8th percentiles → 0 and 1.
+90° rotations. Normalisation: percentiles {percentiles_text()}.
 
 ## Metrics
 Fixed synthetic validation set ({val.get("images")} images of 256², 4 nuclei : 1

@@ -2,7 +2,7 @@
 
 The package holds the network of `_export_onnx.packaged_network` twice, as
 TorchScript and as ONNX, with the standard ``scale_range`` pre-processing
-(1st and 99.8th percentile per image), a test input and its expected output
+(`NORM_PERCENTILES` per image: 5th and 99.8th), a test input and its expected output
 (``.npy``), a cover image, documentation, citation, license and authors.
 ``config.smartscope`` records how instances are made from the probabilities
 (the ``smartscope-bioimageio`` plugin reads it).

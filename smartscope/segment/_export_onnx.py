@@ -3,7 +3,8 @@
 The exported graph is the network as a consumer outside smartscope needs it:
 
 * input ``raw``: ``(B, 1, Y, X)`` float32, percentile-scaled per image
-  (1st percentile → 0, 99.8th → 1; the standard bioimage.io ``scale_range``),
+  (`NORM_PERCENTILES`: 5th percentile → 0, 99.8th → 1; the standard
+  bioimage.io ``scale_range``),
   Y and X multiples of 16 (of ``2 ** (levels - 1)`` for other architectures);
 * inside: the rest of smartscope's normalisation (values above 1 compressed
   as ``1 + log1p(x - 1)``, values below -1 clipped), the U-Net and a softmax;
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from smartscope._errors import SmartscopeError
 from smartscope.segment._model import ModelFile, load_model_file
-from smartscope.segment._postprocess import NORM_PERCENTILES
+from smartscope.segment._postprocess import NORM_PERCENTILES, percentiles_text
 
 if TYPE_CHECKING:
     from torch import nn
@@ -158,7 +159,7 @@ def export_onnx(model: str | Path, out: str | Path, opset: int = OPSET) -> Path:
     proto = onnx.load(str(out))
     proto.doc_string = (
         f"smartscope model {mf.model_id}: (B,1,Y,X) percentile-scaled image "
-        f"(1st->0, 99.8th->1), Y and X multiples of {input_multiple(mf)} -> "
+        f"({percentiles_text()}), Y and X multiples of {input_multiple(mf)} -> "
         "(B,3,Y,X) "
         "background/interior/boundary probabilities"
     )

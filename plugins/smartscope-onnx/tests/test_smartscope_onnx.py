@@ -139,11 +139,14 @@ def test_metadata_drives_settings(builtin_onnx, tmp_path):
     assert seg.model_id.startswith("onnx:b-")
     assert seg.providers == ["CPUExecutionProvider"]  # device="cpu"
     assert seg.device_name == "cpu"
+    assert seg._percentiles() == (5.0, 99.8)  # smartscope.normalize
     # without metadata, output kind and activation are recognised from the data
+    # (the percentiles are then the common 1st and 99.8th: given here)
     model = onnx.load(str(builtin_onnx))
     del model.metadata_props[:]
     bare = _save(model, tmp_path / "bare.onnx")
-    plain = OnnxSegmenter(model=str(bare), device="cpu")
+    assert OnnxSegmenter(model=str(bare), device="cpu")._percentiles() == (1.0, 99.8)
+    plain = OnnxSegmenter(model=str(bare), device="cpu", percentiles=(5, 99.8))
     assert plain.metadata == {}
     img = _images()[0]
     np.testing.assert_array_equal(plain.segment(img).labels, seg.segment(img).labels)
