@@ -115,9 +115,12 @@ def test_ctrl_c_or_sigterm_leaves_a_readable_interrupted_run(tmp_path, sig):
     assert sig.name in info["summary"]["reason"]
     frames = read_jsonl(frames_log)
     assert 4 <= len(frames) < 400
+    arrays = {}  # each position read once
     for f in frames:
         a = f["array"]
-        assert read_position(out, a["position"])[a["t"], a["c"], a["z"]].any()
+        if a["position"] not in arrays:
+            arrays[a["position"]] = read_position(out, a["position"])
+        assert arrays[a["position"]][a["t"], a["c"], a["z"]].any()
 
 
 def test_a_killed_benchmark_leaves_no_core_busy(tmp_path):

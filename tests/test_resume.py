@@ -106,9 +106,12 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
     for p in {p for p, _, _ in fields}:
         assert read_position(out, p).shape[:3] == (1, 1, N_Z)
     frames = read_jsonl(frames_log)
+    arrays = {}  # each position read once
     for f in frames:
         a = f["array"]
-        data = read_position(out, a["position"])  # moved-aside arrays open too
+        if a["position"] not in arrays:  # moved-aside arrays open too
+            arrays[a["position"]] = read_position(out, a["position"])
+        data = arrays[a["position"]]
         if not f.get("partial"):
             assert data[a["t"], a["c"], a["z"]].any()
     assert len({f["frame_index"] for f in frames}) == len(frames)  # unique
