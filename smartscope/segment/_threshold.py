@@ -56,8 +56,8 @@ class ThresholdSegmenter(BaseModel):
         from skimage import filters, morphology, segmentation
 
         img = image.astype(np.float32, copy=False)
-        finite = np.isfinite(img)
-        if not finite.all():  # NaN borders of a float image: background
+        finite = np.isfinite(img) if image.dtype.kind in "fc" else None
+        if finite is not None and not finite.all():  # NaN borders: background
             if not finite.any():
                 return np.zeros(img.shape, np.uint16)
             img = np.where(finite, img, img[finite].min())
