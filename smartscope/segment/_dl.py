@@ -52,6 +52,10 @@ MAX_OBJECT_RADIUS_PX = 28.0
 class UNetSegmenter(BaseModel):
     """The built-in (or a user-trained) U-Net as a `PSegmenter`.
 
+    Building it reads the model file and checks its architecture and the
+    device (what a bad experiment gets wrong, in milliseconds); the inference
+    graph is compiled and warmed up on the first call.
+
     Parameters
     ----------
     model : "builtin" | path
@@ -176,7 +180,7 @@ class _Engine:
         import torch
 
         from smartscope.segment._model import ModelFileError, load_model_file
-        from smartscope.segment._net import SmartUNet, for_inference
+        from smartscope.segment._net import SmartUNet
 
         self.cfg = cfg
         self.model_file = load_model_file(cfg.model)
@@ -213,23 +217,43 @@ class _Engine:
             "bf16": torch.bfloat16,
             "fp16": torch.float16,
         }[precision]
-        if cfg.threads and not cuda:
+        self.input_dtype = torch.float32
+        self._pinned: Any = None
+        self.torch = torch
+        # everything above is what can be wrong with the model or the settings
+        # (checked when an experiment is validated); the inference graph is
+        # built on first use: validating a spec in the main process costs
+        # ~60 ms instead of ~1 s, and a model run in a child process is not
+        # also compiled in the parent
+        self._unbuilt: Any = net
+        self._net: Any = None
+
+    @property
+    def net(self) -> Any:
+        """The inference network: built (and warmed up) on first use."""
+        if self._net is None:
+            self._build()
+        return self._net
+
+    def _build(self) -> None:
+        from smartscope.segment._net import for_inference
+
+        torch, cfg, net = self.torch, self.cfg, self._unbuilt
+        if cfg.threads and self.device.type != "cuda":
             torch.set_num_threads(cfg.threads)
         net = for_inference(net).to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.input_dtype = torch.float32
-        if cuda:
-            self.net = torch.compile(net) if cfg.compile else net
+        if self.device.type == "cuda":
+            self._net = torch.compile(net) if cfg.compile else net
         else:
-            if precision == "bf16":
+            if self.precision == "bf16":
                 # bf16 weights in the frozen graph: about 1.5x faster than
                 # autocast, which re-casts every weight on every call
                 net = net.to(torch.bfloat16)
                 self.input_dtype = torch.bfloat16
                 self.autocast_dtype = None
             with torch.inference_mode(), quiet_torchscript():
-                self.net = torch.jit.freeze(torch.jit.script(net))
-        self._pinned: Any = None
-        self.torch = torch
+                self._net = torch.jit.freeze(torch.jit.script(net))
+        self._unbuilt = None
         # warm-up: TorchScript's profiling executor optimises on the first
         # calls, CUDA initialises kernels (and torch.compile compiles)
         for _ in range(2):
@@ -238,7 +262,7 @@ class _Engine:
     # -- forward -------------------------------------------------------------
     def _forward(self, x: np.ndarray) -> np.ndarray:
         """``(B, 1, Y, X)`` normalised float32 (multiples of 16) → ``(B, 3, Y, X)``."""
-        torch = self.torch
+        torch, net = self.torch, self.net  # (building it sets the input dtype)
         if self.device.type == "cuda":
             if self._pinned is None or self._pinned.shape != x.shape:
                 self._pinned = torch.empty(x.shape, dtype=torch.float32).pin_memory()
@@ -255,7 +279,7 @@ class _Engine:
                 enabled=self.autocast_dtype is not None,
             ),
         ):
-            probs = torch.softmax(self.net(xt).float(), dim=1)
+            probs = torch.softmax(net(xt).float(), dim=1)
         return probs.cpu().numpy()
 
     def _padded_forward(self, images: np.ndarray) -> np.ndarray:
