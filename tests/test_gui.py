@@ -326,7 +326,11 @@ def test_bench_loop_with_the_window_attached(qapp):
     from smartscope.bench._loop import GOAL_RATIO
     from smartscope.gui import attach_window
 
-    result = bench_loop(frames=4, repeats=1, positions=1, attach=attach_window)
+    # the window is what is tested: the rule-based segmenter (in a thread)
+    # spares four model loads in child processes
+    result = bench_loop(
+        frames=4, repeats=1, positions=1, segmenter="threshold", attach=attach_window
+    )
     case = result["cases"]["1"]
     gui, smart = case["arms"]["gui"], case["arms"]["smartscope"]
     assert result["gui_frames_acquired"] == gui["frames_acquired"] == 4

@@ -11,7 +11,7 @@ from smartscope.rundir import Hierarchy, PositionArrays, read_position
 
 
 def test_scheduler_peak_memory_is_flat_as_the_plate_grows():
-    small, big = _big_plan("96-well", 3, 3), _big_plan("384-well", 6, 6)
+    small, big = _big_plan("96-well", 2, 2), _big_plan("384-well", 4, 4)
     peaks = []
     for plan in (small, big):
         _drive(plan)  # warm useq's caches, as the bench does
