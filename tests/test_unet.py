@@ -242,6 +242,36 @@ def test_wrong_architecture_is_a_clear_error(tmp_path):
     del torch
 
 
+def test_validating_a_spec_checks_the_model_but_compiles_nothing(tmp_path, monkeypatch):
+    """Every experiment read builds its segmenter: that must stay cheap (the
+    run's child process compiles its own), and still catch a bad model."""
+    import torch
+
+    from smartscope.experiment import SegmenterSpec
+
+    compiled = []
+    script = torch.jit.script
+    monkeypatch.setattr(
+        torch.jit, "script", lambda *a, **k: compiled.append(1) or script(*a, **k)
+    )
+    seg = SegmenterSpec(name="unet", device="cpu").build()
+    assert compiled == []
+    with pytest.raises(ValueError, match="model file not found"):
+        SegmenterSpec(name="unet", model=str(tmp_path / "missing.pt"))
+    bad = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, bad)
+    with pytest.raises(ValueError, match="not a smartscope model"):
+        SegmenterSpec(name="unet", model=str(bad))
+    assert compiled == []
+    image, truth = synth_sample(3, (128, 128))
+    seg.prepare()  # what the child process does before it says it is ready
+    n_scripted = len(compiled)  # the network and its submodules
+    assert n_scripted > 0
+    labels = seg.segment(image[None]).labels[0]
+    assert len(compiled) == n_scripted  # once
+    assert scores([(truth, labels)])["f1@0.5"] > 0.8
+
+
 def test_widefield_scenes_and_contact_weights():
     """The widefield style crowds nuclei together; the loss sees the contacts."""
     from smartscope.segment._synth import render_scene

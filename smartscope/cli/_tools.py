@@ -277,6 +277,9 @@ def segment(
     with user_errors():
         arr = read_image(image)
         seg = segmenter_for_model(model, device=device, threads=threads, scale=scale)
+        prepare = getattr(seg, "prepare", None)
+        if callable(prepare):  # the built-in model's one-time compile: not per plane
+            prepare()
         t0 = time.perf_counter()
         labels = segment_array(seg, arr)
         dt = time.perf_counter() - t0

@@ -36,6 +36,9 @@ def serve(conn: Connection) -> None:
         torch = sys.modules.get("torch")
         if num_threads and torch is not None:
             torch.set_num_threads(num_threads)
+        prepare = getattr(segmenter, "prepare", None)
+        if callable(prepare):  # compile now: start-up, not the first call
+            prepare()
     except Exception as e:
         conn.send(("error", f"segmenter {name!r}: {first_line(e)}"))
         return

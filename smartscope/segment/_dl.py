@@ -54,7 +54,7 @@ class UNetSegmenter(BaseModel):
 
     Building it reads the model file and checks its architecture and the
     device (what a bad experiment gets wrong, in milliseconds); the inference
-    graph is compiled and warmed up on the first call.
+    graph is compiled and warmed up on the first call (or `prepare`).
 
     Parameters
     ----------
@@ -111,6 +111,11 @@ class UNetSegmenter(BaseModel):
 
     def model_post_init(self, __context: Any) -> None:
         self._engine = _Engine(self)
+
+    def prepare(self) -> None:
+        """Compile and warm up the inference graph now, not on the first call."""
+        with self._lock:
+            self._engine.net  # noqa: B018 (builds it)
 
     @property
     def model_id(self) -> str:

@@ -29,6 +29,11 @@ class PSegmenter(Protocol):
     Implementations must accept ``(B, Y, X)`` arrays of any integer or float
     dtype, must not keep references to the input and must be safe to call from
     the inference worker thread.
+
+    Optional: a ``prepare()`` method does one-time heavy work (compiling a
+    network) that building should not, since an experiment's segmenter is also
+    built to validate it; the child process of ``analysis.worker: process``
+    and ``smartscope segment`` call it before the first frame.
     """
 
     @property
