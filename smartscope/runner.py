@@ -291,9 +291,6 @@ class Runner:
         self._t0 = 0.0
         self._first_frame = resume_point.first_frame_index if resume_point else 0
         self._frame_count = self._first_frame
-        #: the smallest delivery lag seen in the current hardware sequence
-        #: (its index, seconds): see `_on_frame_ready`
-        self._sequence_lag: tuple[Any, float] | None = None
         #: analysed frames of earlier sessions given to the policies (resume)
         self.n_replayed = 0
         self._cancel_reason: str | None = None
@@ -538,21 +535,10 @@ class Runner:
         t_clock = self.run_clock()
         sequence = meta.get("sequence") or {}  # SafeEngine's: which frame of which
         if meta.get("hardware_triggered"):  # the camera's own time of the frame
-            # The camera stamps a sequence's frames from its own start (its
-            # thread started ~190 ms after the call on the demo camera): that
-            # offset is the same for every frame of the sequence, so the
-            # smallest lag seen in it is the clocks' difference and only the
-            # lag beyond it is a frame's wait in the sequence buffer
             lag = t_clock - (float(meta.get("runner_time_ms", 0.0)) / 1000.0)
             lag += self._paused_total()
-            index = sequence.get("index")
-            if self._sequence_lag is None or self._sequence_lag[0] != index:
-                self._sequence_lag = (index, lag)
-            elif lag < self._sequence_lag[1]:
-                self._sequence_lag = (index, lag)
-            wait = lag - self._sequence_lag[1]
-            if 0.0 < wait < 5.0:  # popped from the sequence buffer after a delay
-                t, t_clock = t - wait, t_clock - wait
+            if 0.0 < lag < 5.0:  # popped from the sequence buffer after a delay
+                t, t_clock = t - lag, t_clock - lag
         tag = event_tag(event)
         pos = meta.get("position") or {}
         frame = Frame(
