@@ -270,6 +270,7 @@ def segment(
         segment_array,
         write_labels,
     )
+    from smartscope.segment._protocol import prepare
 
     check_device(device)
     if not 0.05 < scale <= 4:
@@ -277,9 +278,7 @@ def segment(
     with user_errors():
         arr = read_image(image)
         seg = segmenter_for_model(model, device=device, threads=threads, scale=scale)
-        prepare = getattr(seg, "prepare", None)
-        if callable(prepare):  # the built-in model's one-time compile: not per plane
-            prepare()
+        prepare(seg)  # the built-in model's one-time compile: not per plane
         t0 = time.perf_counter()
         labels = segment_array(seg, arr)
         dt = time.perf_counter() - t0

@@ -19,7 +19,7 @@ import numpy as np
 from smartscope._errors import first_line
 from smartscope._threads import freeze_heap
 from smartscope.segment._process import _attach
-from smartscope.segment._protocol import as_segmentation
+from smartscope.segment._protocol import as_segmentation, prepare
 
 
 def serve(conn: Connection) -> None:
@@ -36,9 +36,7 @@ def serve(conn: Connection) -> None:
         torch = sys.modules.get("torch")
         if num_threads and torch is not None:
             torch.set_num_threads(num_threads)
-        prepare = getattr(segmenter, "prepare", None)
-        if callable(prepare):  # compile now: start-up, not the first call
-            prepare()
+        prepare(segmenter)  # compile now: start-up, not the first call
     except Exception as e:
         conn.send(("error", f"segmenter {name!r}: {first_line(e)}"))
         return

@@ -46,6 +46,13 @@ class PSegmenter(Protocol):
         ...
 
 
+def prepare(segmenter: Any) -> None:
+    """Call the segmenter's optional ``prepare()`` (one-time heavy work)."""
+    hook = getattr(segmenter, "prepare", None)
+    if callable(hook):
+        hook()
+
+
 def as_batch(images: np.ndarray) -> np.ndarray:
     """Check and return `images` as a ``(B, Y, X)`` batch.
 
