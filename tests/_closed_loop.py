@@ -28,6 +28,7 @@ from smartscope.detections import Detections
 from smartscope.frame import Frame, event_tag
 from smartscope.microscope import Objective
 from smartscope.policies import PolicyContext
+from smartscope.rundir import read_position
 from smartscope.scheduler import Scheduler
 from smartscope.stream import FrameStream, InferenceWorker
 
@@ -416,3 +417,18 @@ def kill_9_when(
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+def all_stored(out: Path, records: list[dict]) -> bool:
+    """Whether every frame record's plane in run `out` holds data.
+
+    Each position's array is read once (one read per frame was quadratic).
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for record in records:
+        a = record["array"]
+        if a["position"] not in arrays:
+            arrays[a["position"]] = read_position(out, a["position"])
+        if not arrays[a["position"]][a["t"], a["c"], a["z"]].any():
+            return False
+    return True

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pytest
-from _closed_loop import smartscope
+from _closed_loop import all_stored, smartscope
 from pydantic import PrivateAttr
 from pymmcore_plus.core import SequencedEvent
 from useq import MDAEvent
@@ -33,7 +33,7 @@ from useq import MDAEvent
 from smartscope.experiment import Experiment
 from smartscope.frame import event_tag
 from smartscope.policies import PolicyBase
-from smartscope.rundir import inspect_run, read_jsonl, read_position
+from smartscope.rundir import inspect_run, read_jsonl
 from smartscope.runner import Runner
 from smartscope.scheduler import ExtendStream, StopStream, Stream
 from smartscope.sim.camera import live_cell_camera
@@ -155,18 +155,6 @@ def _sizes(started: list[MDAEvent]) -> list[int]:
     return [len(e.events) if isinstance(e, SequencedEvent) else 0 for e in started]
 
 
-def _all_stored(out: Path, records: list[dict]) -> bool:
-    """Whether every record's plane holds data (each position read once)."""
-    arrays: dict[str, np.ndarray] = {}
-    for record in records:
-        a = record["array"]
-        if a["position"] not in arrays:
-            arrays[a["position"]] = read_position(out, a["position"])
-        if not arrays[a["position"]][a["t"], a["c"], a["z"]].any():
-            return False
-    return True
-
-
 # ------------------------------------------------------------ sequencing
 def test_a_run_of_sequenceable_events_becomes_sequenced_events(tmp_path):
     summary, started, _ = _run(
@@ -247,7 +235,7 @@ def test_every_sequenced_frame_is_stored_and_logged_with_its_own_index_and_time(
     gaps = np.diff(times)
     assert (gaps >= 0.9 * EXPOSURE_MS / 1000).all(), gaps
     # every frame is on disk, with data
-    assert _all_stored(out, frames)
+    assert all_stored(out, frames)
     # every frame analysed or counted as skipped
     skipped = summary.analysis["skipped"]
     assert summary.frames_analysed + sum(skipped.values()) == 40
@@ -420,7 +408,7 @@ def test_a_camera_that_cannot_sequence_falls_back_and_says_so_once(tmp_path, cap
     assert sequences == [] and n_snaps == 12
     frames = read_jsonl(out / "frames.jsonl")
     assert [f["array"]["t"] for f in frames] == list(range(12))
-    assert _all_stored(out, frames)
+    assert all_stored(out, frames)
     lines = [r for r in caplog.records if "hardware sequencing off" in r.message]
     assert len(lines) == 1
     assert "SequenceAcquisition: No" in lines[0].message
@@ -518,7 +506,7 @@ def test_cancel_keeps_every_frame_the_camera_took(tmp_path):
     assert 30 <= len(frames) < 100
     assert counts["snaps"] == len(frames) == summary.frames_acquired
     assert [f["array"]["t"] for f in frames] == list(range(len(frames)))
-    assert _all_stored(out, frames)
+    assert all_stored(out, frames)
 
 
 # ------------------------------------------------------------ resume
@@ -578,7 +566,7 @@ def test_a_killed_streamed_run_resumes_with_each_frame_once(tmp_path):
     assert len({f["frame_index"] for f in read_jsonl(frames_log)}) == len(
         read_jsonl(frames_log)
     )
-    assert _all_stored(out, stream)
+    assert all_stored(out, stream)
 
 
 # ------------------------------------------------------------ live cells
