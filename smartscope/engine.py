@@ -237,6 +237,11 @@ class SafeEngine(MDAEngine):
         # the camera run's start (ms on the runner's clock: frame times)
         self._runs_into: Any = None
         self._run_t0_ms = 0.0
+        #: the runner's zero on the wall and performance clocks, and where the
+        #: camera's own clock (a frame's ElapsedTime-ms) has its zero on the
+        #: runner's (None until the camera run's first frame): `_frame_time_ms`
+        self._runner_zero = (0.0, 0.0)
+        self._camera_zero_ms: float | None = None
         self._camera_left = 0  # frames the running camera takes after this sequence
         #: most frames one camera run may be asked for (the runner sets the
         #: sequence buffer's capacity: a run then never overflows the buffer,
@@ -550,8 +555,8 @@ class SafeEngine(MDAEngine):
         if self.sequence_refused is not None:
             yield from self._exec_each(event)
             return
-        t0 = event.metadata.get("runner_t0")
-        t0_ms = (time.perf_counter() - t0) * 1000 if t0 else 0.0
+        t0 = event.metadata.get("runner_t0") or time.perf_counter()
+        t0_ms = (time.perf_counter() - t0) * 1000
         if event.slm_image is not None:
             self._exec_event_slm_image(event.slm_image)
         camera = core.getCameraDevice()
@@ -584,6 +589,8 @@ class SafeEngine(MDAEngine):
         self.n_sequences += 1
         self.n_camera_starts += 1
         self._run_t0_ms, self._camera_left = t0_ms, frames - n
+        self._runner_zero = (time.time() - (time.perf_counter() - t0), t0)
+        self._camera_zero_ms = None
         self.post_sequence_started(event)
         yield from self._pop_sequence(event, camera, t0_ms)
 
@@ -608,16 +615,20 @@ class SafeEngine(MDAEngine):
                 now = time.monotonic()
                 deadline = now + timeout
                 next_frame = now + exposure_s
+                remaining = core.getRemainingImageCount()
                 payload = self._create_seqimg_payload_from_popped(
                     img,
                     meta,
                     event=event.events[count],
                     channel=0,
                     event_t0=t0_ms,
-                    remaining=core.getRemainingImageCount(),
+                    remaining=remaining,
+                )
+                frame_meta: dict[str, Any] = payload[2]  # type: ignore[assignment]
+                frame_meta["runner_time_ms"] = self._frame_time_ms(
+                    meta, remaining, exposure_s * 1000
                 )
                 # which frame of which sequence (the runner's Frame.sequence)
-                frame_meta: dict[str, Any] = payload[2]  # type: ignore[assignment]
                 frame_meta["sequence"] = {
                     "index": self.n_sequences - 1,
                     "frame": count,
@@ -658,6 +669,34 @@ class SafeEngine(MDAEngine):
                 f"{n - count} of {n} frames never came",
                 event=event,
             )
+
+    def _frame_time_ms(self, meta: Any, remaining: int, exposure_ms: float) -> float:
+        """When a popped frame was taken, in ms on the runner's clock.
+
+        The camera stamps a run's frames (``ElapsedTime-ms``) from its own
+        start, not from when `startSequenceAcquisition` was called (the demo
+        camera's first call in a process returns ~200 ms later, its clock
+        starting then): its zero on the runner's clock is fixed
+        once per camera run, from the run's first frame, as the earliest of
+        when that frame was popped (less one exposure per frame still waiting
+        behind it) and when MMCore received it (``TimeReceivedByCore``). Each
+        frame then keeps the camera's own spacing. Without the camera's time,
+        the pop time less the frames waiting behind it.
+        """
+        wall0, perf0 = self._runner_zero
+        popped_ms = (time.perf_counter() - perf0) * 1000
+        newest_ms = popped_ms - remaining * exposure_ms  # the frame was taken by then
+        try:
+            camera_ms = float(meta.get(Keyword.Elapsed_Time_ms))
+        except Exception:
+            return newest_ms
+        if self._camera_zero_ms is None:
+            zero = newest_ms - camera_ms
+            received = _received_ms(meta, wall0)
+            if received is not None and self._run_t0_ms <= received <= popped_ms:
+                zero = min(zero, received - camera_ms)
+            self._camera_zero_ms = zero
+        return self._camera_zero_ms + camera_ms
 
     def _choose_ahead(self) -> Any:
         """The event `choose_ahead` chose (None: none, or no such hook)."""
@@ -728,3 +767,15 @@ class SafeEngine(MDAEngine):
         self.sequence_refused = reason
         if self.on_cannot_sequence is not None:
             self.on_cannot_sequence(reason)
+
+
+def _received_ms(meta: Any, wall0: float) -> float | None:
+    """MMCore's ``TimeReceivedByCore`` of a frame, in ms after `wall0`."""
+    from datetime import datetime
+
+    try:
+        text = meta.get("TimeReceivedByCore")
+        when = datetime.strptime(str(text), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+    except Exception:
+        return None
+    return (when - wall0) * 1000

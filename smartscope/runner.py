@@ -535,9 +535,13 @@ class Runner:
         t_clock = self.run_clock()
         sequence = meta.get("sequence") or {}  # SafeEngine's: which frame of which
         if meta.get("hardware_triggered"):  # the camera's own time of the frame
+            # (SafeEngine's, on the runner's clock): before now by the frame's
+            # wait in the sequence buffer; a few ms after now where the run's
+            # first frame was popped late and set the camera clock's zero late
+            # (the frames keep the camera's spacing: see SafeEngine._frame_time_ms)
             lag = t_clock - (float(meta.get("runner_time_ms", 0.0)) / 1000.0)
             lag += self._paused_total()
-            if 0.0 < lag < 5.0:  # popped from the sequence buffer after a delay
+            if -0.02 < lag < 5.0:
                 t, t_clock = t - lag, t_clock - lag
         tag = event_tag(event)
         pos = meta.get("position") or {}

@@ -249,6 +249,34 @@ def test_every_sequenced_frame_is_stored_and_logged_with_its_own_index_and_time(
     assert skipped["sequence"] == 38
 
 
+def test_a_sequenced_frame_is_not_stamped_older_than_it_is(tmp_path):
+    """The demo camera stamps a run's frames from when its thread started, up
+    to ~200 ms after the sequence was started: taken as the frames' wait in
+    the buffer, every frame of that run was logged ~200 ms old at delivery
+    (its frame→decision latency and its age for ``max_frame_age_ms`` with
+    it)."""
+    out = tmp_path / "run"
+    delivered: list[float] = []  # the run's clock when each frame arrived
+    with Runner(_experiment(loops=40, max_sequence_frames=20), out_dir=out) as runner:
+        runner.microscope.core.mda.events.frameReady.connect(
+            lambda *_: delivered.append(runner.run_clock())
+        )
+        summary = runner.run()
+    gc.collect()
+    assert summary.status == "completed"
+    frames = read_jsonl(out / "frames.jsonl")
+    assert [f["sequence"] for f in frames] == [0] * 20 + [1] * 20
+    stamped = np.array([f["t_clock"] for f in frames])
+    arrived = np.array(delivered)
+    assert len(arrived) == 40
+    # a sequence's first frame is popped as soon as the camera has it
+    for first in (0, 20):
+        assert abs(stamped[first] - arrived[first]) < 0.05, (stamped, arrived)
+    # no frame stamped after it arrived; later ones keep their own exposure
+    assert (stamped <= arrived + 0.05).all()
+    assert (np.diff(stamped) >= 0.9 * EXPOSURE_MS / 1000).all(), np.diff(stamped)
+
+
 def test_each_sequence_runs_at_its_exposure_and_a_boundary_resends_nothing(tmp_path):
     # channels outer, time inner: six DAPI frames at 10 ms, then six FITC
     # frames at 20 ms, two sequences; a sequence's set-up sends only what
