@@ -14,12 +14,7 @@ weights it does not hold cannot change the output.
 
 from __future__ import annotations
 
-import importlib
-import importlib.abc
-import importlib.machinery
 import socket
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -28,62 +23,12 @@ from smartscope.segment import PSegmenter, create_segmenter
 from smartscope.segment._metrics import scores
 
 from smartscope_cellpose import CellposeModelError, CellposeSegmenter
+from smartscope_cellpose._compat import import_cellpose_models
 
 PS = 8  # Cellpose-SAM's patch size
 
 
-def _import_cellpose():
-    """Import cellpose; bridge a torchvision that cannot load, if need be.
-
-    A CUDA torchvision wheel next to a CPU-only torch fails on import
-    ("operator torchvision::nms does not exist"). Cellpose imports torchvision
-    only for training augmentations and segment-anything's prompt utilities,
-    which inference never calls; for the import, stand-in modules that raise
-    when used are put in its place, and taken out again afterwards.
-    """
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        for name in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
-            del sys.modules[name]
-    else:
-        return importlib.import_module("cellpose.models")
-
-    class _Unavailable(types.ModuleType):
-        def __getattr__(self, attr):
-            if attr.startswith("__"):
-                raise AttributeError(attr)
-
-            def unavailable(*args, **kwargs):
-                raise RuntimeError(f"torchvision is unavailable ({self.__name__})")
-
-            return unavailable
-
-    class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, name, path, target=None):
-            if name.split(".")[0] == "torchvision":
-                return importlib.machinery.ModuleSpec(name, self, is_package=True)
-            return None
-
-        def create_module(self, spec):
-            module = _Unavailable(spec.name)
-            module.__path__ = []
-            return module
-
-        def exec_module(self, module):
-            pass
-
-    finder = _Finder()
-    sys.meta_path.insert(0, finder)
-    try:
-        return importlib.import_module("cellpose.models")
-    finally:
-        sys.meta_path.remove(finder)
-        for name in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
-            del sys.modules[name]
-
-
-cp_models = _import_cellpose()
+cp_models = import_cellpose_models()  # what the plugin itself imports
 
 
 @pytest.fixture(autouse=True)
@@ -200,6 +145,39 @@ def test_segments_with_a_local_model(segmenter, model_file):
         assert (score > 0.9).all()  # cell probability inside the squares
 
 
+def test_validating_a_spec_checks_the_file_but_builds_no_network(
+    model_file, tmp_path, monkeypatch
+):
+    """Every experiment read builds its segmenter: for Cellpose 4 that was a
+    whole Cellpose-SAM network (~1.2 GB, seconds) in the acquisition process,
+    besides the one the run's analysis process builds."""
+    from smartscope.experiment import SegmenterSpec
+
+    models = import_cellpose_models()
+    built = []
+    real = models.CellposeModel
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "CellposeModel", counting)
+    seg = SegmenterSpec(name="cellpose", model=str(model_file), device="cpu").build()
+    assert built == []
+    assert seg.device_name == "cpu"
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"no torch file")
+    with pytest.raises(ValueError, match="not a PyTorch file"):
+        SegmenterSpec(name="cellpose", model=str(junk))
+    assert built == []
+    seg.prepare()  # what the run's analysis process does before it is ready
+    assert built == [1]
+    img, truth = _squares(3, 1)
+    labels = seg.segment(img).labels[0]
+    assert built == [1]  # once
+    assert scores([(truth, labels)])["f1@0.5"] == 1.0
+
+
 def test_registered_as_entry_point(model_file, tmp_path):
     from smartscope.segment import available_segmenters
 
@@ -237,9 +215,55 @@ def test_refuses_files_that_are_no_cellpose4_model(tmp_path):
     with pytest.raises(CellposeModelError) as exc:
         CellposeSegmenter(model=str(junk))
     assert "cannot read Cellpose model junk: not a PyTorch file" in _one_line(exc)
+    flat = tmp_path / "flat"
+    torch.save({"W2": torch.zeros(3)}, flat)
+    with pytest.raises(CellposeModelError) as exc:
+        CellposeSegmenter(model=str(flat))
+    assert "not the 4-D readout" in _one_line(exc)
+
+
+def test_weights_that_do_not_fit_the_network_fail_in_one_line(model_file, tmp_path):
+    """What only loading finds (a weight of the wrong shape): at `prepare`, in
+    one line that says which weight."""
+    state = torch.load(model_file, weights_only=True)
+    state["encoder.patch_embed.proj.bias"] = torch.zeros(7)
+    odd = tmp_path / "odd"
+    torch.save(state, odd)
+    seg = CellposeSegmenter(model=str(odd), device="cpu")  # the file looks right
+    with pytest.raises(CellposeModelError) as exc:
+        seg.prepare()
+    text = _one_line(exc)
+    assert text.startswith("cannot load Cellpose model odd:")
+    assert "encoder.patch_embed.proj.bias" in text
 
 
 def test_wrong_image_rank(segmenter):
     with pytest.raises(ValueError) as exc:
         segmenter.segment(np.zeros((1, 1, 64, 64), np.float32))
     assert "(B, Y, X)" in _one_line(exc)
+
+
+def test_smartscope_segment_runs_a_cellpose_file(model_file, tmp_path):
+    """The command line, in a fresh process, as a user runs it (where
+    torchvision cannot load next to this torch, without it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import tifffile
+
+    img, truth = _squares(4, 2)
+    tifffile.imwrite(tmp_path / "squares.tif", img)
+    cli = Path(sys.executable).with_name("smartscope")
+    done = subprocess.run(
+        [str(cli), "segment", str(tmp_path / "squares.tif"), "--model", str(model_file)]
+        + ["--device", "cpu", "-o", str(tmp_path / "labels.tif")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    labels = tifffile.imread(tmp_path / "labels.tif")
+    assert scores([(truth, labels)])["f1@0.5"] == 1.0

@@ -17,14 +17,21 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from smartscope._errors import SmartscopeError
 from smartscope.segment import Segmentation, as_batch
 
+from smartscope_cellpose._compat import import_cellpose_models
+
 
 class CellposeModelError(SmartscopeError):
     """The model file is missing, not local, or not a Cellpose 4 model."""
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The message's first line, with the next if it only announces a list."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].endswith(":") and len(lines) > 1:  # "Error(s) in loading ...:"
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
 
 
 @contextlib.contextmanager
@@ -57,6 +64,8 @@ class CellposeSegmenter(BaseModel):
     one you trained or ``~/.cellpose/models/cpsam`` downloaded beforehand).
     Nothing is downloaded: a name or a path that does not exist is refused
     before Cellpose is called (Cellpose would fetch its default model).
+    Building it checks the file (validating an experiment costs milliseconds);
+    the network is built by `prepare` or the first `segment`.
 
     Parameters
     ----------
@@ -110,10 +119,44 @@ class CellposeSegmenter(BaseModel):
             raise CellposeModelError(
                 "device 'cuda' requested but CUDA is not available"
             )
-        cuda = self.device != "cpu" and torch.cuda.is_available()
-        with _quiet_cellpose():
-            from cellpose import models
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        self._sha256 = digest.hexdigest()
 
+    def _cuda(self) -> bool:
+        import torch
+
+        return self.device != "cpu" and torch.cuda.is_available()
+
+    def prepare(self) -> None:
+        """Build the Cellpose network and load the weights (once).
+
+        Building the segmenter only checks the file (what validating an
+        experiment does, in milliseconds); Cellpose 4 always builds a
+        Cellpose-SAM network (a ViT-L encoder, ~1.2 GB in memory, seconds),
+        so that happens here, in the run's analysis process before it says
+        it is ready, or at the first `segment`.
+        """
+        with self._lock:
+            self._network()
+
+    def _network(self) -> Any:
+        """The ``CellposeModel``, built on first use (call with the lock held)."""
+        if self._model is not None:
+            return self._model
+        import torch
+
+        path = Path(self.model).expanduser()
+        cuda = self._cuda()
+        with _quiet_cellpose():
+            try:
+                models = import_cellpose_models()
+            except Exception as exc:
+                raise CellposeModelError(
+                    f"cannot import Cellpose: {_first_line(exc)}"
+                ) from None
             try:
                 self._model = models.CellposeModel(
                     gpu=cuda,
@@ -125,11 +168,7 @@ class CellposeSegmenter(BaseModel):
                 raise CellposeModelError(
                     f"cannot load Cellpose model {path.name}: {_first_line(exc)}"
                 ) from None
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        self._sha256 = digest.hexdigest()
+        return self._model
 
     @staticmethod
     def _check_file(path: Path, torch: Any) -> None:
@@ -150,6 +189,11 @@ class CellposeSegmenter(BaseModel):
                 f"{path.name} is not a Cellpose 4 model (no 'W2' weights; Cellpose 3 "
                 "and older models do not run in Cellpose 4)"
             )
+        if getattr(state["W2"], "ndim", None) != 4:  # Cellpose-SAM's readout
+            raise CellposeModelError(
+                f"{path.name} is not a Cellpose 4 model (its 'W2' weights are not "
+                "the 4-D readout of Cellpose-SAM)"
+            )
 
     @property
     def model_id(self) -> str:
@@ -159,7 +203,9 @@ class CellposeSegmenter(BaseModel):
     @property
     def device_name(self) -> str:
         """The torch device Cellpose runs on."""
-        return str(self._model.device)
+        if self._model is not None:
+            return str(self._model.device)
+        return "cuda" if self._cuda() else "cpu"
 
     def segment(self, images: np.ndarray) -> Segmentation:
         """Segment a ``(B, Y, X)`` batch (or one ``(Y, X)`` image).
@@ -169,7 +215,7 @@ class CellposeSegmenter(BaseModel):
         """
         batch = as_batch(images)
         with self._lock, _quiet_cellpose():
-            masks, flows, _ = self._model.eval(
+            masks, flows, _ = self._network().eval(
                 [np.asarray(img, np.float32) for img in batch],
                 batch_size=self.batch_size,
                 channel_axis=None,
