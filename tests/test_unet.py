@@ -482,6 +482,10 @@ def test_bench_segment_reports_latency_and_accuracy(builtin, tmp_path):
     real, real_truth = synth_sample(31, (192, 160), kind="nuclei", depth="16")
     tifffile.imwrite(tmp_path / "real.tif", real)
     tifffile.imwrite(tmp_path / "real_mask.tif", real_truth)
+    # a model file of the user's, run by the plugin its type picks
+    from smartscope.segment._export import export_model
+
+    mine = export_model("builtin", "onnx", tmp_path / "mine.onnx")
     result = bench_segment(
         sizes=(128,),
         repeats=3,
@@ -489,13 +493,25 @@ def test_bench_segment_reports_latency_and_accuracy(builtin, tmp_path):
         bead_fields=1,
         real_image=tmp_path / "real.tif",
         real_mask=tmp_path / "real_mask.tif",
+        add_models=[mine],
     )
     assert result["device"] == "cpu"
     # one row per installed segmenter, or the reason it was not measured
     rows = {row["segmenter"]: row for row in result["table"]}
     others = set(available_segmenters()) - {"unet", "threshold"}
     assert {"builtin", "threshold"} <= set(rows)
-    assert others == (set(rows) - {"builtin", "threshold"}) | set(result["skipped"])
+    plugins = {name.split(":")[0] for name in rows} - {"builtin", "threshold"}
+    assert others == plugins | set(result["skipped"])
+    # the onnx plugin ran the given file (not an export); the bioimage.io
+    # plugin the built-in model exported as a package: the same network, so
+    # nearly the same scores (fp32 there, bf16 or fp32 in torch)
+    assert "onnx" in others and "bioimageio" in others  # the test extra's plugins
+    assert "onnx" not in rows and result["models"]["onnx:mine.onnx"] == str(mine)
+    assert result["models"]["bioimageio"] == "builtin exported to bioimageio"
+    for name in ("onnx:mine.onnx", "bioimageio"):
+        assert rows[name]["synthetic_val.f1@0.5"] == pytest.approx(
+            rows["builtin"]["synthetic_val.f1@0.5"], abs=0.03
+        )
     for name, row in rows.items():
         assert row["p50_ms_128"] == result["latency_ms"][name]["128"]["p50"]
         assert row["p99_ms_128"] >= row["p50_ms_128"] > 0

@@ -9,8 +9,12 @@ DemoCamera and, when one is given locally, on a real annotated image
 
 from __future__ import annotations
 
+import gc
 import os
+import tempfile
 import time
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,38 +96,106 @@ def real_image_set(
     return out
 
 
-def _build_segmenters(dl: Any, main: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """Every installed segmenter that builds without a model file of its own.
+def _build_segmenters(
+    dl: Any,
+    main: str,
+    *,
+    model: str,
+    device: str,
+    threads: int | None,
+    add_models: Sequence[str | Path],
+    exports: Path | None,
+) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+    """Every installed segmenter, and what each runs.
 
-    The built-in U-Net is `dl` under the name `main`; plugins that need
-    parameters (a model file) or fail to build are listed with the reason.
+    The built-in U-Net is `dl` under the name `main`. A plugin that needs a
+    model file runs the files of `add_models` its file type picks (rows
+    ``<plugin>:<file name>``; a file that cannot be run is the user's error);
+    otherwise the ``onnx`` and ``bioimageio`` plugins run `model` exported to
+    their format in the folder `exports` (rows ``onnx`` and ``bioimageio``,
+    where the ``export`` extra is installed). The rest is listed with the
+    reason it was not measured. Returns the segmenters, the skipped plugins
+    and the model each row ran.
     """
     from smartscope.segment import (
         ThresholdSegmenter,
         available_segmenters,
         create_segmenter,
     )
+    from smartscope.segment._registry import model_spec
 
     built: dict[str, Any] = {main: dl, "threshold": ThresholdSegmenter()}
+    runs: dict[str, str] = {main: model, "threshold": "(rule-based)"}
     skipped: dict[str, str] = {}
+    given: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for path in add_models:
+        spec = model_spec(path, device=device, threads=threads)
+        given.setdefault(spec.pop("name"), []).append((str(path), spec))
     for name in available_segmenters():
         if name in ("unet", "threshold"):
             continue
+        if name in given:
+            for path, params in given[name]:
+                row = f"{name}:{Path(path).name}"
+                built[row], runs[row] = create_segmenter(name, params), path
+            continue
         try:
-            built[name] = create_segmenter(name, {})
+            built[name], runs[name] = create_segmenter(name, {}), "(none needed)"
+            continue
         except Exception as exc:  # a plugin's own error: report, go on
             text = str(exc).strip().splitlines()
-            if "model" in str(exc) and "required" in str(exc).lower():
-                skipped[name] = "needs a model file (parameter 'model'); not measured"
-            else:
+            needs_model = "model" in str(exc) and "required" in str(exc).lower()
+            if not needs_model:
                 skipped[name] = f"cannot build it: {type(exc).__name__}: " + (
                     text[0] if text else ""
                 )
-    return built, skipped
+                continue
+        fmt = {"onnx": "onnx", "bioimageio": "bioimageio"}.get(name)
+        if fmt is None or exports is None:
+            skipped[name] = (
+                "needs a model file (give one with --add-model); not measured"
+            )
+            continue
+        try:
+            path = _export(model, fmt, exports)
+            params = model_spec(path, device=device, threads=threads)
+            params.pop("name")
+            built[name], runs[name] = (
+                create_segmenter(name, params),
+                (f"{model} exported to {fmt}"),
+            )
+        except Exception as exc:
+            text = str(exc).strip().splitlines()
+            skipped[name] = (
+                f"needs a model file; {model} exported to {fmt} did not run: "
+                + (text[0] if text else type(exc).__name__)
+            )
+    return built, skipped, runs
 
 
-def _latency_ms(segmenter: Any, image: np.ndarray, repeats: int) -> dict[str, float]:
+def _export(model: str, fmt: str, folder: Path) -> Path:
+    """`model` exported to `fmt` in `folder` (quietly)."""
+    from smartscope.segment._export import export_model
+
+    out = folder / ("model.onnx" if fmt == "onnx" else "bioimageio")
+    return export_model(model, fmt, out)
+
+
+def _latency_ms(
+    segmenter: Any, image: np.ndarray, repeats: int, budget_s: float = 30.0
+) -> dict[str, float]:
+    """p50/p99 ms of `repeats` calls after a warm-up call.
+
+    Fewer calls (at least 3) for a segmenter whose calls would take longer
+    than `budget_s` in all (a Cellpose ViT on a CPU); ``n`` says how many.
+    """
+    from smartscope.segment._protocol import prepare
+
+    prepare(segmenter)  # one-time compile / load: not a call's cost
+    t0 = time.perf_counter()
     segmenter.segment(image[None])  # warm-up (caches, JIT, allocator)
+    first = time.perf_counter() - t0
+    repeats = max(3, min(repeats, int(budget_s / max(first, 1e-6))))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -149,6 +221,8 @@ def bench_segment(
     real_image: str | Path | None = None,
     real_mask: str | Path | None = None,
     all_segmenters: bool = True,
+    add_models: Sequence[str | Path] = (),
+    exports: bool = True,
 ) -> dict[str, Any]:
     """Speed and accuracy of every installed segmenter on the same images.
 
@@ -164,20 +238,17 @@ def bench_segment(
 
     The built-in model (``builtin``, or ``model`` for another model file) and
     the threshold baseline are always measured; with `all_segmenters` so is
-    every other installed segmenter (`available_segmenters`) that builds
-    without parameters (those needing a model file are listed in
-    ``skipped``). ``table`` has one row per segmenter: F1@0.5 and mean AP on
-    each data set, p50/p99 ms at each size.
+    every other installed segmenter (`available_segmenters`): those that
+    build without parameters as they are; the plugins that run model files
+    on each file of `add_models` their type picks (``.onnx``, a bioimage.io
+    package, a Cellpose file; rows ``<plugin>:<file name>``), else, with
+    `exports`, ``onnx`` and ``bioimageio`` on the measured model
+    exported to their format (in a temporary folder; needs the ``export``
+    extra). The others are listed in ``skipped`` with the reason; ``models``
+    says what each row ran. ``table`` has one row per segmenter: F1@0.5 and
+    mean AP on each data set, p50/p99 ms at each size.
     """
-    import torch
-
     from smartscope.segment._dl import UNetSegmenter
-    from smartscope.segment._evaluate import evaluate
-    from smartscope.segment._synth import (
-        large_nuclei_set,
-        synth_sample,
-        validation_set,
-    )
 
     real_image = real_image or os.environ.get(REAL_IMAGE_ENV) or None
     real_mask = real_mask or os.environ.get(REAL_MASK_ENV) or None
@@ -189,10 +260,70 @@ def bench_segment(
 
     dl = UNetSegmenter(model=model, device=device, threads=threads, scale=scale)
     main = "builtin" if model == "builtin" else "model"
-    segmenters, skipped = _build_segmenters(dl, main)
-    if not all_segmenters:
-        segmenters = {k: segmenters[k] for k in (main, "threshold")}
-        skipped = {}
+    # bioimageio.spec leaves the package's files open for the garbage
+    # collector: they are closed (quietly) before the exports' folder goes
+    with (
+        warnings.catch_warnings(),
+        tempfile.TemporaryDirectory(prefix="smartscope-bench-") as tmp,
+    ):
+        warnings.simplefilter("ignore", ResourceWarning)
+        segmenters, skipped, runs = _build_segmenters(
+            dl,
+            main,
+            model=model,
+            device=device,
+            threads=threads,
+            add_models=add_models if all_segmenters else (),
+            exports=Path(tmp) if exports and all_segmenters else None,
+        )
+        if not all_segmenters:
+            segmenters = {k: segmenters[k] for k in (main, "threshold")}
+            skipped = {}
+        result = _measure(
+            segmenters,
+            skipped,
+            runs,
+            dl,
+            main,
+            sizes,
+            repeats,
+            n_val,
+            bead_fields,
+            scale,
+            config,
+            real,
+            real_image,
+        )
+        del segmenters
+        gc.collect()
+    return result
+
+
+def _measure(
+    segmenters: dict[str, Any],
+    skipped: dict[str, str],
+    runs: dict[str, str],
+    dl: Any,
+    main: str,
+    sizes: tuple[int, ...],
+    repeats: int,
+    n_val: int,
+    bead_fields: int,
+    scale: float,
+    config: str | Path | None,
+    real: list[tuple[np.ndarray, np.ndarray]],
+    real_image: str | Path | None,
+) -> dict[str, Any]:
+    """`bench_segment`'s measurements, while the exported models exist."""
+    import torch
+
+    from smartscope.segment._evaluate import evaluate
+    from smartscope.segment._synth import (
+        large_nuclei_set,
+        synth_sample,
+        validation_set,
+    )
+
     latency: dict[str, dict[str, Any]] = {name: {} for name in segmenters}
     for size in sizes:
         image, _ = synth_sample(1000 + size, (size, size), kind="nuclei", depth="16")
@@ -258,6 +389,7 @@ def bench_segment(
             "torch": torch.__version__,
         },
         "table": table,
+        "models": {name: runs[name] for name in segmenters},
         "skipped": skipped,
         "latency_ms": latency,
         "accuracy": accuracy,
