@@ -202,7 +202,8 @@ class SchedulerSettings(BaseModel):
     max_delay_s: float = Field(
         1.0,
         ge=0,
-        description="Longest wait of a due base visit behind added events (s).",
+        description="Longest wait of a due base visit behind added events (s); "
+        "events of priority 100 or more (a focus search) still go first.",
     )
     travel_slack_s: float = Field(
         0.2,

@@ -326,3 +326,33 @@ def test_pacing_keeps_the_planes_of_one_visit_together():
         (1.6, 1.0),
         (1.7, 2.0),
     ]
+
+
+def test_an_urgent_search_goes_before_a_base_visit_that_waited_past_max_delay():
+    """A plate's fields have no due time, so a field waits from when it is read:
+    on a busy machine a focus search outlasted `max_delay_s` and the well's next
+    field went between its rounds, at the unfocused Z. Events of
+    URGENT_PRIORITY keep going first; other added events still yield."""
+    from smartscope.scheduler import URGENT_PRIORITY
+
+    clock = FakeClock()
+    fields = MDASequence(
+        stage_positions=[(0, 0, 0), (100, 0, 0), (200, 0, 0)],
+        channels=[{"config": "DAPI", "exposure": 10.0}],
+    )
+    sched = Scheduler(fields, max_delay_s=0.1, clock=clock)
+    assert _tag(next(sched))["position"] == "p000"
+    search = tuple(
+        MDAEvent(x_pos=0, y_pos=0, z_pos=z, pos_name="af") for z in (1, 2, 3)
+    )
+    targets = tuple(MDAEvent(x_pos=5, y_pos=5, pos_name="hit") for _ in range(3))
+    sched.apply(AddEvents(search, priority=URGENT_PRIORITY))
+    sched.apply(AddEvents(targets, priority=20))
+    served = _serve_all(sched, clock, frame_s=0.5)  # each frame outlasts max_delay_s
+    assert [_tag(e)["position"] for _, e in served] == [
+        "af", "af", "af",  # all of the search first, however long p001 waited
+        "p001",  # then the waiting field before the lower-priority targets
+        "hit",
+        "p002",
+        "hit", "hit",
+    ]  # fmt: skip

@@ -29,7 +29,7 @@ from smartscope.policies._features import (
     object_sharpness,
 )
 from smartscope.policies._protocol import ObjectFilter, PolicyBase, PolicyContext
-from smartscope.scheduler import Action, AddEvents, SetFocus, SkipWell
+from smartscope.scheduler import URGENT_PRIORITY, Action, AddEvents, SetFocus, SkipWell
 
 if TYPE_CHECKING:
     from smartscope.detections import Detections
@@ -476,7 +476,12 @@ class ObjectAutofocus(PolicyBase):
         "search) at the focus last found: a plate's focus drifts little from one "
         "well to its neighbour.",
     )
-    priority: int = 50
+    priority: int = Field(
+        URGENT_PRIORITY,
+        description="Of the search planes; at 100 or more they go ahead of the "
+        "well's next fields however long those waited (max_delay_s), so the "
+        "fields are imaged at the focus found, even on a busy machine.",
+    )
 
     _searches: dict[str, list[_Search]] = PrivateAttr(default_factory=dict)
     _clock: Callable[[], float] | None = PrivateAttr(None)

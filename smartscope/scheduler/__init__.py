@@ -10,6 +10,7 @@ wait between them) goes to the engine as one ``SequencedEvent``. Policies live i
 
 from smartscope.frame import base_position_key
 from smartscope.scheduler._actions import (
+    URGENT_PRIORITY,
     Action,
     ActionOutcome,
     AddEvents,
@@ -27,6 +28,7 @@ from smartscope.scheduler._actions import (
 from smartscope.scheduler._scheduler import Scheduler, SchedulerEvents
 
 __all__ = [
+    "URGENT_PRIORITY",
     "Action",
     "ActionOutcome",
     "AddEvents",

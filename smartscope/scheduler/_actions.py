@@ -26,12 +26,21 @@ def event_summary(event: MDAEvent) -> dict[str, Any]:
     }
 
 
+#: added events of at least this priority go ahead of the base plan however
+#: long a base visit has waited (the Scheduler's `max_delay_s` does not apply):
+#: for short, finite work that later base visits depend on, such as a focus
+#: search whose result the well's next fields are imaged at
+URGENT_PRIORITY = 100
+
+
 @dataclass(frozen=True)
 class AddEvents:
     """Acquire these events, ahead of the base plan when `priority` > 0.
 
     Events are served in the order given (policies give a short travel order);
-    higher priority first across actions.
+    higher priority first across actions. A base visit that has waited the
+    Scheduler's `max_delay_s` goes before them, unless `priority` is at least
+    `URGENT_PRIORITY` (100).
 
     With `min_gap_s`, the events of one position (``pos_name``) are served at
     least that far apart: when one is served late, the position's queued

@@ -19,6 +19,7 @@ from smartscope._stats import StreamingPercentiles
 from smartscope.frame import base_position_key, event_tag, safe_name, well_of
 from smartscope.limits import SafetyLimits
 from smartscope.scheduler._actions import (
+    URGENT_PRIORITY,
     Action,
     ActionOutcome,
     AddEvents,
@@ -173,7 +174,9 @@ class Scheduler(Iterator[MDAEvent]):
     So a burst of fast imaging at one position goes ahead of slow imaging
     elsewhere, and slow imaging goes on between the burst's frames. A base visit
     that has waited `max_delay_s` past its due time goes before any added
-    event, so a burst never starves the rest of the plan.
+    event, so a burst never starves the rest of the plan; only events of
+    `URGENT_PRIORITY` (100) or more still go first (a focus search the
+    visit's Z depends on).
 
     A time-lapse plan (``t`` the outer axis) is scheduled per position: each
     position keeps its own clock, so `SetInterval` changes its rate and
@@ -234,7 +237,8 @@ class Scheduler(Iterator[MDAEvent]):
     travel_order : {"plan", "nearest"}
         Order of base visits that are due at the same time.
     max_delay_s : float
-        Longest wait of a due base visit behind added events.
+        Longest wait of a due base visit behind added events (of a priority
+        below `URGENT_PRIORITY`).
     travel_slack_s : float
         With ``travel_order="nearest"``: how far past its due time an added
         event may fall while nearer ones (of the same priority) go first;
@@ -1124,7 +1128,11 @@ class Scheduler(Iterator[MDAEvent]):
         if visit is not None and visit.due <= horizon:
             since = visit.due if visit.read_s is None else visit.read_s
             base_late = now - since
-            if added is None or added[0] > 0 or base_late > self.max_delay_s:
+            if (
+                added is None
+                or added[0] > 0
+                or (base_late > self.max_delay_s and -added[0] < URGENT_PRIORITY)
+            ):
                 return "visit", visit
         if added is not None:
             return "added", added
