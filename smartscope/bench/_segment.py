@@ -150,7 +150,7 @@ def _build_segmenters(
                     text[0] if text else ""
                 )
                 continue
-        fmt = {"onnx": "onnx", "bioimageio": "bioimageio"}.get(name)
+        fmt = name if name in ("onnx", "bioimageio") else None  # export formats
         if fmt is None or exports is None:
             skipped[name] = (
                 "needs a model file (give one with --add-model); not measured"
@@ -160,10 +160,8 @@ def _build_segmenters(
             path = _export(model, fmt, exports)
             params = model_spec(path, device=device, threads=threads)
             params.pop("name")
-            built[name], runs[name] = (
-                create_segmenter(name, params),
-                (f"{model} exported to {fmt}"),
-            )
+            built[name] = create_segmenter(name, params)
+            runs[name] = f"{model} exported to {fmt}"
         except Exception as exc:
             text = str(exc).strip().splitlines()
             skipped[name] = (
@@ -174,7 +172,7 @@ def _build_segmenters(
 
 
 def _export(model: str, fmt: str, folder: Path) -> Path:
-    """`model` exported to `fmt` in `folder` (quietly)."""
+    """`model` exported to `fmt` (``onnx`` or ``bioimageio``) in `folder`."""
     from smartscope.segment._export import export_model
 
     out = folder / ("model.onnx" if fmt == "onnx" else "bioimageio")
