@@ -20,6 +20,8 @@ import sys
 import types
 from typing import Any
 
+from smartscope._errors import first_line
+
 _log = logging.getLogger("smartscope_cellpose")
 
 
@@ -66,11 +68,10 @@ def import_cellpose_models() -> Any:
         import torchvision  # noqa: F401
     except Exception as exc:
         _drop_torchvision()
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
         _log.warning(
             "torchvision cannot be imported (%s); Cellpose is loaded without it "
             "(inference does not use it)",
-            reason,
+            first_line(exc),
         )
     else:
         return importlib.import_module("cellpose.models")
