@@ -173,24 +173,43 @@ def _held_in_set_up(runner: Runner) -> int:
     """Pause `runner` in pymmcore-plus's last sleep before an event's start.
 
     pymmcore-plus looks at its pause flag, emits ``awaitingEvent`` with the
-    time left, sleeps that long and starts the event: a pause that lands in
-    that sleep is not seen by it. Waits until the engine holds that event in
-    its set-up; returns the frames acquired then.
+    time left, sleeps that long (at most 0.5 s a sleep) and starts the event: a
+    pause that lands in the last such sleep is not seen by it. A timer pauses
+    halfway through that sleep; where it ran so late (a busy machine) that
+    the sleep may have ended, the pause may have reached pymmcore-plus between
+    events instead, so it is taken back and tried at a later sleep. Waits
+    until the engine holds the event in its set-up; returns the frames
+    acquired then.
     """
-    armed: list[threading.Timer] = []
+    timers: list[threading.Timer] = []
+    armed, kept = threading.Event(), threading.Event()
+
+    def pause(sleep_ends: float) -> None:
+        runner.pause()
+        if time.perf_counter() < sleep_ends:
+            kept.set()
+        else:  # perhaps after the event started
+            runner.resume()
+            armed.clear()
 
     def pause_in_the_sleep(event: MDAEvent, remaining_s: float) -> None:
-        if runner._frame_count >= 2 and not armed and remaining_s > 0.002:
-            armed.append(threading.Timer(remaining_s / 2, runner.pause))
-            armed[0].start()
+        last_sleep = 0.002 < remaining_s < 0.5
+        if runner._frame_count >= 2 and last_sleep and not armed.is_set():
+            armed.set()
+            sleep_ends = time.perf_counter() + remaining_s  # the sleep starts later
+            timers.append(threading.Timer(remaining_s / 2, pause, (sleep_ends,)))
+            timers[-1].start()
 
     events = runner.microscope.core.mda.events
     events.awaitingEvent.connect(pause_in_the_sleep)
     try:
         runner.start()
-        _wait_until(lambda: runner.is_paused() and runner.engine.holding)
+        _wait_until(lambda: kept.is_set() and runner.engine.holding)
+        assert runner.is_paused()
     finally:
         events.awaitingEvent.disconnect(pause_in_the_sleep)
+        for timer in timers:
+            timer.cancel()
     return runner._frame_count
 
 
