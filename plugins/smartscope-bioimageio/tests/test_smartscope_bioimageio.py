@@ -338,17 +338,79 @@ def test_wrong_image_rank(package):
     assert "(B, Y, X)" in _one_line(exc)
 
 
+def _rewritten(package, out, change):
+    """A copy of the `package` zip with ``change(name, data)`` applied to each file."""
+    with zipfile.ZipFile(package) as src, zipfile.ZipFile(out, "w") as dst:
+        for item in src.infolist():
+            dst.writestr(item.filename, change(item.filename, src.read(item.filename)))
+    return out
+
+
 def test_missing_or_damaged_weights(tmp_path, package):
     with pytest.raises(BioimageioModelError) as exc:
         BioimageioSegmenter(model=str(package), weights_format="pytorch_state_dict")
     assert "no pytorch_state_dict weights (it has: onnx, torchscript)" in _one_line(exc)
-    damaged = tmp_path / "damaged.zip"
-    with zipfile.ZipFile(package) as src, zipfile.ZipFile(damaged, "w") as dst:
-        for item in src.infolist():
-            data = src.read(item.filename)
-            if item.filename == "weights_torchscript.pt":
-                data = data[:1000]
-            dst.writestr(item.filename, data)
+
+    def truncate(name, data):
+        return data[:1000] if name == "weights_torchscript.pt" else data
+
+    # the package's description gives the weights' sha256: refused when built
+    damaged = _rewritten(package, tmp_path / "damaged.zip", truncate)
     with pytest.raises(BioimageioModelError) as exc:
         BioimageioSegmenter(model=str(damaged), weights_format="torchscript")
-    assert "cannot load the torchscript weights of damaged.zip" in _one_line(exc)
+    assert "torchscript weights of damaged.zip are damaged" in _one_line(exc)
+    # the onnx weights are intact: that choice builds and runs
+    seg = BioimageioSegmenter(model=str(damaged), weights_format="onnx")
+    assert seg.segment(np.zeros((64, 64), np.float32)).labels.shape == (1, 64, 64)
+
+    # without a sha256 the damage shows when the weights are loaded
+    def truncate_unhashed(name, data):
+        if name == "rdf.yaml":
+            lines = data.decode().splitlines(keepends=True)
+            return "".join(ln for ln in lines if "sha256:" not in ln).encode()
+        return truncate(name, data)
+
+    unhashed = _rewritten(package, tmp_path / "unhashed.zip", truncate_unhashed)
+    seg = BioimageioSegmenter(model=str(unhashed), weights_format="torchscript")
+    with pytest.raises(BioimageioModelError) as exc:
+        seg.prepare()
+    assert "cannot load the torchscript weights of unhashed.zip" in _one_line(exc)
+
+    # a weights file missing from the package
+    missing = tmp_path / "missing.zip"
+    with zipfile.ZipFile(package) as src, zipfile.ZipFile(missing, "w") as dst:
+        for item in src.infolist():
+            if item.filename != "weights_torchscript.pt":
+                dst.writestr(item.filename, src.read(item.filename))
+    with pytest.raises(BioimageioModelError) as exc:
+        BioimageioSegmenter(model=str(missing), weights_format="torchscript")
+    assert "torchscript weights of missing.zip" in _one_line(exc)
+
+
+def test_building_checks_the_package_but_loads_no_weights(package, monkeypatch):
+    """Every experiment read builds its segmenter (validation, the run's own
+    process): the prediction pipeline and its warm-up belong to the run's
+    analysis process (`prepare`) or the first call."""
+    import bioimageio.core
+
+    built = []
+    real = bioimageio.core.create_prediction_pipeline
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bioimageio.core, "create_prediction_pipeline", counting)
+    seg = BioimageioSegmenter(model=str(package), device="cpu")
+    assert built == []
+    seg.prepare()
+    seg.prepare()
+    assert built == [1]
+    image = synth_sample(31, (128, 128), "nuclei")[0]
+    assert seg.segment(image).labels.max() > 0
+    assert built == [1]
+    # the first call builds it where nothing called prepare
+    fresh = BioimageioSegmenter(model=str(package), device="cpu")
+    assert built == [1]
+    assert fresh.segment(image).labels.max() > 0
+    assert built == [1, 1]

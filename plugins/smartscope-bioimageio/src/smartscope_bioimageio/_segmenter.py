@@ -88,7 +88,9 @@ class BioimageioSegmenter(BaseModel):
     The package (a ``.zip``, a folder holding ``rdf.yaml`` /
     ``bioimageio.yaml``, or that file) is read offline and run with
     ``bioimageio.core`` and its own pre- and post-processing. Its output
-    becomes instance labels according to `output`.
+    becomes instance labels according to `output`. Building checks the
+    package and the chosen weights file (its sha256); `prepare` (or the first
+    call) loads the weights into their runtime.
 
     Parameters
     ----------
@@ -147,6 +149,8 @@ class BioimageioSegmenter(BaseModel):
     _descr: Any = PrivateAttr(None)
     _pipeline: Any = PrivateAttr(None)
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
+    _build_lock: Any = PrivateAttr(default_factory=threading.Lock)
+    _formats: list[str] = PrivateAttr(default_factory=list)
     _sha256: str = PrivateAttr("")
     _axes: list[tuple[str, str, Any]] = PrivateAttr(default_factory=list)
     _out: Any = PrivateAttr(None)
@@ -176,11 +180,37 @@ class BioimageioSegmenter(BaseModel):
         self._config = dict(
             (self._descr.config.model_extra or {}).get("smartscope") or {}
         )
-        self._pipeline = self._create_pipeline()
-        # warm-up: TorchScript's profiling executor optimises the graph on its
-        # first calls (the first frames would otherwise take seconds)
-        for _ in range(2):
-            self.predict(np.zeros((1, 128, 128), np.float32))
+        # what can be wrong with the package is checked here (what validating
+        # an experiment does); the prediction pipeline (the weights loaded
+        # into their runtime, warmed up) is built by `prepare`, in the run's
+        # analysis process, or at the first call
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise BioimageioModelError(
+                    "device 'cuda' requested but CUDA is not available"
+                )
+        self._formats = self._weights()
+        self._check_weights_file(self._formats[0])
+
+    def prepare(self) -> None:
+        """Build the prediction pipeline and warm it up (once).
+
+        Loads the weights into their runtime (ONNX Runtime, TorchScript, ...)
+        and runs two small predictions: TorchScript's profiling executor
+        optimises the graph on its first calls, which would otherwise slow the
+        first frames by seconds.
+        """
+        if self._pipeline is not None:
+            return
+        with self._build_lock:
+            if self._pipeline is not None:
+                return
+            pipeline = self._create_pipeline()
+            self._pipeline = pipeline
+            for _ in range(2):
+                self.predict(np.zeros((1, 128, 128), np.float32))
 
     # -- loading -----------------------------------------------------------------
     def _load(self, source: Path) -> Any:
@@ -246,26 +276,46 @@ class BioimageioSegmenter(BaseModel):
         from bioimageio.core import create_prediction_pipeline
 
         devices = None if self.device == "auto" else [self.device]
-        if self.device == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise BioimageioModelError(
-                    "device 'cuda' requested but CUDA is not available"
-                )
-        formats = self._weights()
+        fmt = self._formats[0]
         try:
             with _quiet_torchscript():
                 return create_prediction_pipeline(
                     self._descr,
-                    weights_format=formats[0],  # type: ignore[arg-type]
+                    weights_format=fmt,  # type: ignore[arg-type]
                     devices=devices,
                 )
         except Exception as exc:
             raise BioimageioModelError(
-                f"cannot load the {formats[0]} weights of {Path(self.model).name}: "
+                f"cannot load the {fmt} weights of {Path(self.model).name}: "
                 f"{_first_line(exc)}"
             ) from None
+
+    def _check_weights_file(self, fmt: str) -> None:
+        """The weights file is in the package and matches the rdf's sha256.
+
+        Reads the file once (milliseconds for a few MB), loads nothing.
+        """
+        from bioimageio.spec._internal.io import RelativeFilePath
+
+        entry = getattr(self._descr.weights, fmt)
+        name = Path(self.model).name
+        source = entry.source  # a path in the zip or folder (remote: refused)
+        if isinstance(source, RelativeFilePath):
+            source = source.absolute()
+        digest = hashlib.sha256()
+        try:
+            with source.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+        except Exception as exc:
+            raise BioimageioModelError(
+                f"cannot read the {fmt} weights of {name}: {_first_line(exc)}"
+            ) from None
+        if entry.sha256 is not None and digest.hexdigest() != entry.sha256:
+            raise BioimageioModelError(
+                f"the {fmt} weights of {name} are damaged: their sha256 differs "
+                "from the one in the package's description"
+            )
 
     def _check_tensors(self) -> None:
         """One image input (batch, one channel, y, x) and a per-pixel output."""
@@ -397,6 +447,7 @@ class BioimageioSegmenter(BaseModel):
         from bioimageio.core.common import MemberId
 
         batch = as_batch(images).astype(np.float32)
+        self.prepare()
         b, h, w = batch.shape
         sizes = {name: size for name, _, size in self._axes}
         ph = self._valid_size(sizes["y"], h) - h
