@@ -27,9 +27,15 @@ class RegistryError(SmartscopeError):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its repr if it has none).
+    """The first line of an exception's message (its type's name if it has none).
 
-    Micro-Manager errors carry multi-line traces; users get one line.
+    Micro-Manager errors carry multi-line traces; users get one line. A first
+    line that only announces a list ("Error(s) in loading state_dict for
+    X:") gets the list's first line after it.
     """
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else repr(exc)
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]

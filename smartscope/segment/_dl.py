@@ -36,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from smartscope._errors import first_line
 from smartscope.segment._postprocess import (
     FRAGMENT_FRACTION,
     median_object_radius,
@@ -194,10 +195,9 @@ class _Engine:
             net = SmartUNet(tuple(arch["widths"]), int(arch["depth"]))
             net.load_state_dict(self.model_file.state_dict)
         except (KeyError, RuntimeError, TypeError) as exc:
-            msg = str(exc).strip().splitlines()[0]
             raise ModelFileError(
                 f"{self.model_file.path} does not match the SmartUNet architecture: "
-                f"{msg}"
+                f"{first_line(exc)}"
             ) from None
         self.multiple = net.multiple
         if cfg.device == "auto":

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from smartscope._errors import SmartscopeError
+from smartscope._errors import SmartscopeError, first_line
 from smartscope.segment._model import ModelFile, load_model_file
 from smartscope.segment._postprocess import NORM_PERCENTILES, percentiles_text
 
@@ -73,9 +73,8 @@ def packaged_network(model: str | Path = "builtin") -> tuple[nn.Module, ModelFil
         net = SmartUNet(tuple(arch["widths"]), int(arch["depth"]))
         net.load_state_dict(mf.state_dict)
     except (KeyError, RuntimeError, TypeError) as exc:
-        msg = str(exc).strip().splitlines()[0]
         raise ModelFileError(
-            f"{mf.path} does not match the SmartUNet architecture: {msg}"
+            f"{mf.path} does not match the SmartUNet architecture: {first_line(exc)}"
         ) from None
 
     class PackagedUNet(nn.Module):

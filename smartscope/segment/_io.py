@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smartscope._errors import SmartscopeError
+from smartscope._errors import SmartscopeError, first_line
 from smartscope.segment._protocol import PSegmenter
 
 _TIFF = (".tif", ".tiff")
@@ -40,10 +40,7 @@ def read_image(path: str | Path) -> np.ndarray:
 
             arr = np.asarray(io.imread(path))
     except Exception as exc:  # any reader failure is a bad-input error
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise SmartscopeError(
-            f"cannot read {path.name}: {first or type(exc).__name__}"
-        ) from None
+        raise SmartscopeError(f"cannot read {path.name}: {first_line(exc)}") from None
     if arr.size == 0:
         raise SmartscopeError(f"cannot read {path.name}: no image data")
     if arr.dtype == bool:

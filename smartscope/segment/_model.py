@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smartscope._errors import SmartscopeError
+from smartscope._errors import SmartscopeError, first_line
 
 FORMAT = "smartscope-model"
 FORMAT_VERSION = 1
@@ -129,9 +129,8 @@ def load_model_file(model: str | Path) -> ModelFile:
     except Exception as exc:
         # any bytes can reach the unpickler: a text file raises IndexError
         # inside torch.load, other files other errors; all mean one thing here
-        text = str(exc).strip()
-        msg = text.splitlines()[0] if text else type(exc).__name__
-        if "weights_only" in text:
+        msg = first_line(exc)
+        if "weights_only" in str(exc):
             msg = "not a weights-only PyTorch file"
         elif not isinstance(exc, (RuntimeError, OSError, EOFError, ValueError)):
             msg = f"not a PyTorch file ({type(exc).__name__}: {msg})"

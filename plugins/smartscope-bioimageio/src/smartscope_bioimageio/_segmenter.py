@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
-from smartscope._errors import SmartscopeError
+from smartscope._errors import SmartscopeError, first_line
 from smartscope.segment import Segmentation, as_batch
 from smartscope.segment._postprocess import FRAGMENT_FRACTION
 
@@ -30,17 +30,12 @@ class BioimageioModelError(SmartscopeError):
     """The package is missing, invalid, remote, or its tensors do not fit."""
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _first_error(descr: Any) -> str:
     summary = getattr(descr, "validation_summary", None)
     for detail in getattr(summary, "details", []):
         for err in detail.errors:
             loc = ".".join(str(p) for p in err.loc)
-            return f"{loc}: {_first_line(ValueError(err.msg))}" if loc else err.msg
+            return f"{loc}: {first_line(ValueError(err.msg))}" if loc else err.msg
     return "not a valid bioimage.io model description"
 
 
@@ -224,7 +219,7 @@ class BioimageioSegmenter(BaseModel):
             )
         except Exception as exc:  # a bad zip, unreadable YAML, ...
             raise BioimageioModelError(
-                f"cannot read bioimage.io package {source.name}: {_first_line(exc)}"
+                f"cannot read bioimage.io package {source.name}: {first_line(exc)}"
             ) from None
         if not isinstance(descr, v0_5.ModelDescr):
             if getattr(descr, "type", "model") not in ("model", None):
@@ -287,7 +282,7 @@ class BioimageioSegmenter(BaseModel):
         except Exception as exc:
             raise BioimageioModelError(
                 f"cannot load the {fmt} weights of {Path(self.model).name}: "
-                f"{_first_line(exc)}"
+                f"{first_line(exc)}"
             ) from None
 
     def _check_weights_file(self, fmt: str) -> None:
@@ -309,7 +304,7 @@ class BioimageioSegmenter(BaseModel):
                     digest.update(chunk)
         except Exception as exc:
             raise BioimageioModelError(
-                f"cannot read the {fmt} weights of {name}: {_first_line(exc)}"
+                f"cannot read the {fmt} weights of {name}: {first_line(exc)}"
             ) from None
         if entry.sha256 is not None and digest.hexdigest() != entry.sha256:
             raise BioimageioModelError(
@@ -491,7 +486,7 @@ class BioimageioSegmenter(BaseModel):
                         out = self._pipeline.predict_sample_without_blocking(sample)
                 except Exception as exc:
                     raise BioimageioModelError(
-                        f"the model failed on a {arr.shape} input: {_first_line(exc)}"
+                        f"the model failed on a {arr.shape} input: {first_line(exc)}"
                     ) from None
             data = out.members[out_id].data
             data = data.rename({d: out_role.get(str(d), str(d)) for d in data.dims})

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
-from smartscope._errors import SmartscopeError
+from smartscope._errors import SmartscopeError, first_line
 from smartscope.segment import Segmentation, as_batch
 
 from smartscope_cellpose._compat import import_cellpose_models
@@ -22,16 +22,6 @@ from smartscope_cellpose._compat import import_cellpose_models
 
 class CellposeModelError(SmartscopeError):
     """The model file is missing, not local, or not a Cellpose 4 model."""
-
-
-def _first_line(exc: BaseException) -> str:
-    """The message's first line, with the next if it only announces a list."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    if lines[0].endswith(":") and len(lines) > 1:  # "Error(s) in loading ...:"
-        return f"{lines[0]} {lines[1]}"
-    return lines[0]
 
 
 @contextlib.contextmanager
@@ -155,7 +145,7 @@ class CellposeSegmenter(BaseModel):
                 models = import_cellpose_models()
             except Exception as exc:
                 raise CellposeModelError(
-                    f"cannot import Cellpose: {_first_line(exc)}"
+                    f"cannot import Cellpose: {first_line(exc)}"
                 ) from None
             try:
                 self._model = models.CellposeModel(
@@ -166,7 +156,7 @@ class CellposeSegmenter(BaseModel):
                 )
             except Exception as exc:
                 raise CellposeModelError(
-                    f"cannot load Cellpose model {path.name}: {_first_line(exc)}"
+                    f"cannot load Cellpose model {path.name}: {first_line(exc)}"
                 ) from None
         return self._model
 
@@ -182,7 +172,7 @@ class CellposeSegmenter(BaseModel):
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:
             raise CellposeModelError(
-                f"cannot read Cellpose model {path.name}: {_first_line(exc)}"
+                f"cannot read Cellpose model {path.name}: {first_line(exc)}"
             ) from None
         if not isinstance(state, dict) or "W2" not in state:
             raise CellposeModelError(

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
-from smartscope._errors import SmartscopeError
+from smartscope._errors import SmartscopeError, first_line
 from smartscope.segment import Segmentation, as_batch
 from smartscope.segment._postprocess import FRAGMENT_FRACTION
 
@@ -23,11 +23,6 @@ _FLOAT_TYPES = {
 
 class OnnxModelError(SmartscopeError):
     """The ONNX model is missing, corrupt, or its inputs/outputs do not fit."""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def percentile_scale(image: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
@@ -173,7 +168,7 @@ class OnnxSegmenter(BaseModel):
             session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # ORT raises its own classes for every failure
             raise OnnxModelError(
-                f"cannot load ONNX model {path.name}: {_first_line(exc)}"
+                f"cannot load ONNX model {path.name}: {first_line(exc)}"
             ) from None
         inputs = session.get_inputs()
         if len(inputs) != 1:
@@ -300,7 +295,7 @@ class OnnxSegmenter(BaseModel):
                 out = self._session.run(None, {inp.name: feed})[0]
             except Exception as exc:
                 raise OnnxModelError(
-                    f"ONNX model failed on a {feed.shape[1:]} batch: {_first_line(exc)}"
+                    f"ONNX model failed on a {feed.shape[1:]} batch: {first_line(exc)}"
                 ) from None
             outs.append(
                 _as_bcyx(np.asarray(out, np.float32), part.shape, feed.shape)[:n]
