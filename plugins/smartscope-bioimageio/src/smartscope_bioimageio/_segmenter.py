@@ -202,8 +202,7 @@ class BioimageioSegmenter(BaseModel):
         with self._build_lock:
             if self._pipeline is not None:
                 return
-            pipeline = self._create_pipeline()
-            self._pipeline = pipeline
+            self._pipeline = self._create_pipeline()
             for _ in range(2):
                 self.predict(np.zeros((1, 128, 128), np.float32))
 
@@ -370,7 +369,7 @@ class BioimageioSegmenter(BaseModel):
     @property
     def weights_used(self) -> str:
         """The weights format that runs (``onnx``, ``torchscript``, ...)."""
-        return self._weights()[0]
+        return self._formats[0]
 
     @property
     def device_name(self) -> str:
