@@ -120,6 +120,18 @@ def warm_up(segmenter: PSegmenter, shape: tuple[int, int]) -> float:
 SKIP_REASONS = ("superseded", "stale", "sequence", "overflow")
 
 
+def _view(frame: Frame) -> tuple:
+    """What a later frame must share to supersede `frame`: the same view.
+
+    The same position and kind, and the same plane: every index of its
+    event but time (and position, named already): another Z plane or
+    channel of a stack is other content, not a newer look at the same.
+    """
+    index = getattr(frame.event, "index", None) or {}
+    plane = tuple(sorted((k, v) for k, v in index.items() if k not in ("t", "p")))
+    return frame.position, frame.kind, plane
+
+
 class FrameStream:
     """Hand-off of frames from acquisition to analysis that keeps decisions fresh.
 
@@ -128,9 +140,10 @@ class FrameStream:
 
     - a frame no policy *needs* (``required=False`` at `put`: a burst or follow
       frame, or any frame when no policy asks for it) is skipped as
-      ``"superseded"`` when a newer frame of the same position and kind is
-      waiting, and as ``"stale"`` when it is older than `max_frame_age_s` and a
-      newer frame is waiting (the newest frame is always analysed);
+      ``"superseded"`` when a newer frame of the same view (position, kind,
+      Z plane and channel) is waiting, and as ``"stale"`` when it is older
+      than `max_frame_age_s` and a newer frame is waiting (the newest frame is
+      always analysed);
     - a required frame (a survey tile, a base field under a quota, the frame a
       burst is triggered from) is never skipped for freshness;
     - with `sequence_last_only`, of the frames no policy needs from a
@@ -239,15 +252,15 @@ class FrameStream:
         if len(items) < 2:
             return
         now = self._clock() if self._clock is not None else None
-        newest: dict[tuple[str, str], int] = {}
+        newest: dict[tuple, int] = {}
         for k, (frame, _, _) in enumerate(items):
-            newest[(frame.position, frame.kind)] = k
+            newest[_view(frame)] = k
         last = len(items) - 1
         for k in range(last - 1, -1, -1):  # backwards: pops keep indices valid
             frame, _, required = items[k]
             if required:
                 continue
-            if newest[(frame.position, frame.kind)] != k:
+            if newest[_view(frame)] != k:
                 self._skip(k, "superseded")
             elif (
                 now is not None

@@ -60,6 +60,23 @@ def test_frames_no_policy_needs_are_superseded_by_the_newest():
     assert [f.dropped for f in frames] == [True] * 4 + [False]
 
 
+def test_planes_of_a_stack_do_not_supersede_each_other():
+    """A Z plane or channel is other content, not a newer look at the same
+    view: a hit cell's 3-plane stack waiting behind a busy model was analysed
+    as its last plane only (under load, the centered plane lost its labels)."""
+    stream, skipped = _stream(maxsize=16)
+    planes = [(t, z, c) for t in range(2) for z in range(3) for c in "ab"]
+    for i, (t, z, c) in enumerate(planes):
+        event = MDAEvent(index={"t": t, "p": 0, "z": z, "c": "ab".index(c)})
+        frame = Frame(i, event, "hit_E5_000", "hit", 0.0, 0.0, 0.0, None, 10.0, 0.0)
+        stream.put(frame, IMAGE, required=False)
+    got = [f.frame_index for f, _ in stream.get_batch(16)]
+    # each plane and channel of the newest time point; the first time point's
+    # are superseded by their own plane and channel only
+    assert got == list(range(6, 12))
+    assert sorted(skipped) == [(i, "superseded") for i in range(6)]
+
+
 def test_required_frames_are_never_skipped_and_keep_their_order():
     stream, skipped = _stream(maxsize=16)
     for i in range(6):  # even frames needed by a policy, odd ones not
