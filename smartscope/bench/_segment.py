@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from smartscope._errors import first_line
 from smartscope.microscope import Microscope
 from smartscope.segment._evaluate import bead_truth
 
@@ -143,11 +144,10 @@ def _build_segmenters(
             built[name], runs[name] = create_segmenter(name, {}), "(none needed)"
             continue
         except Exception as exc:  # a plugin's own error: report, go on
-            text = str(exc).strip().splitlines()
             needs_model = "model" in str(exc) and "required" in str(exc).lower()
             if not needs_model:
-                skipped[name] = f"cannot build it: {type(exc).__name__}: " + (
-                    text[0] if text else ""
+                skipped[name] = (
+                    f"cannot build it: {type(exc).__name__}: {first_line(exc)}"
                 )
                 continue
         fmt = name if name in ("onnx", "bioimageio") else None  # export formats
@@ -163,10 +163,9 @@ def _build_segmenters(
             built[name] = create_segmenter(name, params)
             runs[name] = f"{model} exported to {fmt}"
         except Exception as exc:
-            text = str(exc).strip().splitlines()
             skipped[name] = (
                 f"needs a model file; {model} exported to {fmt} did not run: "
-                + (text[0] if text else type(exc).__name__)
+                + first_line(exc)
             )
     return built, skipped, runs
 
