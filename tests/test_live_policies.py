@@ -349,6 +349,73 @@ def test_event_burst_watches_the_cells_brightness():
     assert again.on_detections(_survey(20), _cells(190), ctx)
 
 
+def test_a_cell_that_brightens_between_survey_frames_triggers():
+    """`intensity_change`: relative intensity against the field's last survey."""
+    ctx = PolicyContext(fov_um=(64, 64))
+    rising = {"relative_intensity": {"min": 1.2}, "intensity_change": {"min": 1.25}}
+
+    def policy():
+        return _plain_burst(trigger=[{"relative_intensity": {"min": 1.5}}, rising])
+
+    # as bright as its neighbours, then 1.3 times as bright: the signature arriving
+    arriving = policy()
+    assert arriving.on_detections(_survey(0), _cells(100), ctx) == []
+    assert arriving.on_detections(_survey(10), _cells(130), ctx)
+    assert arriving.active[0].strength == pytest.approx(1.3)
+    # a cell that was already 1.3 times as bright has not changed: no burst
+    steady = policy()
+    assert steady.on_detections(_survey(0), _cells(130), ctx) == []
+    assert steady.on_detections(_survey(10), _cells(130), ctx) == []
+    # the whole field dims by half (bleaching, drift) while the cell rises
+    # against its neighbours: a change relative to the field, not in counts
+    dimming = policy()
+    dimming.on_detections(_survey(0), _cells(100), ctx)
+    assert dimming.on_detections(_survey(10), _cells(65, dim=50), ctx)
+    # the field dims and the cell with it: nothing changed
+    bleached = policy()
+    bleached.on_detections(_survey(0), _cells(130), ctx)
+    assert bleached.on_detections(_survey(10), _cells(65, dim=50), ctx) == []
+
+    # in burst frames the change is against the survey before the trigger: a
+    # cell that stays risen (1.3x) confirms its burst and keeps it going
+    # (`sustain` below needs the rise), one back at its old level does not
+    def burst(levels, confirm_frames=2):
+        p = _plain_burst(
+            trigger=[{"relative_intensity": {"min": 1.5}}, rising],
+            sustain=[{"intensity_change": {"min": 1.2}}],
+            confirm_frames=confirm_frames,
+        )
+        p.on_detections(_survey(0), _cells(100), ctx)
+        p.on_detections(_survey(10), _cells(130), ctx)
+        _follow(p, 1, levels, ctx, t0=11)
+        return p
+
+    assert burst([130] * 4).active
+    assert burst([100] * 4).finished[0].ended == "not confirmed (false alarm)"
+    assert burst([130, 130, 100, 100], 0).finished[0].ended == "signature gone"
+
+
+def test_only_a_false_alarm_or_the_longest_burst_makes_a_place_rest():
+    ctx = PolicyContext(fov_um=(64, 64))
+    # a false alarm (the cell back to normal in its first frames): the place
+    # does not trigger again for `cooldown_s`
+    policy = _plain_burst(cooldown_s=60, confirm_frames=2)
+    policy.on_detections(_survey(0), _cells(200), ctx)
+    _follow(policy, 1, [100, 100], ctx)
+    assert policy.finished[0].ended == "not confirmed (false alarm)"
+    assert policy.on_detections(_survey(10), _cells(200), ctx) == []
+    assert policy.on_detections(_survey(70), _cells(200), ctx)
+    # cut short by a brighter cell elsewhere: the cell showed nothing against
+    # itself, so once a burst is free it triggers again at its next survey
+    policy = _plain_burst(cooldown_s=60, max_active=1)
+    policy.on_detections(_survey(0), _cells(160), ctx)
+    policy.on_detections(_survey(1), _cells(400, dx=200), ctx)
+    assert policy.finished[0].ended == "preempted by a brighter cell"
+    _follow(policy, 2, [100, 100], ctx, t0=2)  # that cell is gone: it ends
+    assert not policy.active
+    assert policy.on_detections(_survey(5), _cells(160), ctx)
+
+
 def test_a_brighter_cell_takes_the_place_of_the_weakest_burst():
     ctx = PolicyContext(fov_um=(64, 64))
     policy = _plain_burst(max_active=1)

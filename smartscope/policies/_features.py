@@ -70,8 +70,11 @@ def object_features(
     ``score``): ``relative_intensity`` and ``relative_area`` (to the median of
     the frame's objects, so bleaching and drift cancel — or to the medians in
     `reference`, e.g. those of a whole field when the frame is a small ROI),
-    and ``intensity_change`` and ``area_change`` (ratio to the nearest object of
-    `previous` within `match_um` stage µm; NaN without one).
+    and ``intensity_change`` and ``area_change``: the object's relative
+    intensity (area) over that of the nearest object of `previous` (an earlier
+    frame of the same field) within `match_um` stage µm, each relative to its
+    own frame's medians, so bleaching and drift between the frames cancel; NaN
+    without such an object.
     """
     o = detections.objects
     n = len(detections)
@@ -88,13 +91,14 @@ def object_features(
     if previous is not None and n and len(previous):
         j, d = nearest(detections.centroids_um, previous.centroids_um)
         ok = d <= match_um
-        po = previous.objects
-        feats["intensity_change"][ok] = feats["mean_intensity"][ok] / np.maximum(
-            po["mean_intensity"][j[ok]], 1e-9
-        )
-        feats["area_change"][ok] = feats["area_px"][ok] / np.maximum(
-            po["area_px"][j[ok]], 1e-9
-        )
+        po, pmed = previous.objects, field_medians(previous)
+        for change, now, col in (
+            ("intensity_change", "relative_intensity", "mean_intensity"),
+            ("area_change", "relative_area", "area_px"),
+        ):
+            med = pmed[col] if pmed[col] > 0 else 1.0
+            before = np.asarray(po[col], float)[j[ok]] / med
+            feats[change][ok] = feats[now][ok] / np.maximum(before, 1e-9)
     return feats
 
 

@@ -67,11 +67,16 @@ class _Burst:
     until: float = math.inf  # scheduler clock at which the burst ends at the latest
     extended: bool = False  # it got brighter: `max_duration_s` granted again
     strength: float = math.nan  # the cell's relative intensity in the trigger frame
+    # the survey before the trigger frame: `intensity_change` in burst frames
+    baseline: Detections | None = None
 
 
-#: How a burst ends when its cell did what the burst was for: it is not a false
-#: alarm, and the place may trigger again at once (daughters, neighbours).
-_REAL_ENDINGS = ("signature gone", "divided")
+#: How a burst ends when its cell was not what it looked like: a false alarm,
+#: or the longest burst without the signature going. Only these make the place
+#: rest for `cooldown_s`; after any other ending (divided, signature gone, or
+#: cut short: preempted by a brighter cell, frames not acquired) the place may
+#: trigger again at its next survey frame.
+_COOLING_ENDINGS = ("not confirmed", "longest burst")
 
 
 #: A clocked burst's frames are served at least this many intervals apart
@@ -81,10 +86,21 @@ BURST_PACE = 0.75
 
 
 #: What starts a burst by default: a bright round cell (rounding up before
-#: division), or a very bright one of any shape.
+#: division), a very bright one of any shape, or one that has become 1.4 times
+#: as bright (against the field) since the position's last survey frame: the
+#: signature arriving, seen one survey earlier than its full strength, and in
+#: dim cells whose full signature stays below the other two.
 _BURST_TRIGGER: list[Criterion] = [
     {"relative_intensity": Bounds(min=1.5), "aspect": Bounds(min=0.75)},
     {"relative_intensity": Bounds(min=2.2)},
+    {"relative_intensity": Bounds(min=1.1), "intensity_change": Bounds(min=1.4)},
+]
+
+#: What keeps a burst going by default: looser than `_BURST_TRIGGER` (a bright,
+#: fairly round cell, or one still 1.3 times as bright as before its burst).
+_BURST_SUSTAIN: list[Criterion] = [
+    {"relative_intensity": Bounds(min=1.3), "aspect": Bounds(min=0.65)},
+    {"intensity_change": Bounds(min=1.3)},
 ]
 
 
@@ -94,7 +110,12 @@ class EventBurst(PolicyBase):
     On every base-plan frame, objects are tested against `trigger`: bounds on
     `object_features`, or a list of such criteria of which any may match. By
     default that is the pre-division signature: a nucleus 1.5 times as bright
-    as the frame's median and round, or 2.2 times as bright whatever its shape.
+    as the frame's median and round, 2.2 times as bright whatever its shape,
+    or at least 1.1 times as bright and 1.4 times as bright as it was
+    (`intensity_change`: against the field, to the same cell in the
+    position's previous base-plan frame). In burst frames `intensity_change`
+    compares with the base-plan frame before the trigger, so a burst started
+    by a rise goes on while the cell stays risen.
     Each new hit starts a *burst*: frames every `interval_s` centered on that
     cell (stage moved to it; with `field_um`, a camera ROI of that size, so only
     that part of the sample is lit), optionally in another `channel` /
@@ -156,11 +177,9 @@ class EventBurst(PolicyBase):
         "one of them).",
     )
     sustain: Criterion | list[Criterion] | None = Field(  # type: ignore[assignment]
-        default_factory=lambda: {
-            "relative_intensity": Bounds(min=1.3),
-            "aspect": Bounds(min=0.65),
-        },
-        description="Bounds that keep a burst going (None: the `trigger` bounds).",
+        default_factory=lambda: [c.copy() for c in _BURST_SUSTAIN],
+        description="Bounds that keep a burst going (a list: any one of them; "
+        "None: the `trigger` bounds).",
     )
     filter: ObjectFilter = Field(
         default_factory=lambda: ObjectFilter(exclude_border=False),
@@ -233,6 +252,8 @@ class EventBurst(PolicyBase):
     _bright: list[list[float]] = PrivateAttr(default_factory=list)
     _ids: int = PrivateAttr(0)
     _clock: Callable[[], float] | None = PrivateAttr(None)
+    # each position's last survey detections (`intensity_change`, `area_change`)
+    _surveyed: dict[str, Detections] = PrivateAttr(default_factory=dict)
 
     @property
     def active(self) -> list[_Burst]:
@@ -317,7 +338,9 @@ class EventBurst(PolicyBase):
     def _trigger(
         self, frame: Frame, det: Detections, context: PolicyContext
     ) -> list[Action]:
-        feats = object_features(det)
+        previous = self._surveyed.get(frame.position)
+        self._surveyed[frame.position] = det
+        feats = object_features(det, previous, match_um=self.match_radius_um)
         self._follow_bright(det.centroids_um, feats["relative_intensity"])
         hit = matches(self.trigger, feats, len(det)) & self.filter.mask(det)
         if not hit.any():
@@ -348,6 +371,7 @@ class EventBurst(PolicyBase):
                 reference=field_medians(det),
                 until=t_now + self.max_duration_s,
                 strength=float(rel[i]),
+                baseline=previous,
             )
             self._bursts[burst.id] = burst
             actions += self._schedule(
@@ -364,7 +388,8 @@ class EventBurst(PolicyBase):
         cooling = [
             b
             for b in self._done[-50:]
-            if b.ended not in _REAL_ENDINGS and now - b.ended_at < self.cooldown_s
+            if (b.ended or "").startswith(_COOLING_ENDINGS)
+            and now - b.ended_at < self.cooldown_s
         ]
         return any(
             math.hypot(x - b.xy[0], y - b.xy[1]) < self.match_radius_um
@@ -421,7 +446,12 @@ class EventBurst(PolicyBase):
             j, d = nearest(np.array([burst.xy]), det.centroids_um)
             if d[0] <= self.match_radius_um:
                 burst.xy = tuple(float(v) for v in det.centroids_um[j[0]])  # type: ignore[assignment]
-                feats = object_features(det, reference=burst.reference)
+                feats = object_features(
+                    det,
+                    burst.baseline,
+                    match_um=self.match_radius_um,
+                    reference=burst.reference,
+                )
                 crit = self.sustain or self.trigger
                 still = bool(matches(crit, feats, len(det))[j[0]])
                 confirmed = bool(matches(self.trigger, feats, len(det))[j[0]])
@@ -685,7 +715,12 @@ class AdaptiveInterval(PolicyBase):
         prev_pts, prev_t = st.get("pts"), st.get("t")
         value: float | None
         if self.measure == "objects":
-            feats = object_features(detections) if len(detections) else {}
+            feats = (
+                object_features(detections, st.get("det"), match_um=self.match_um)
+                if len(detections)
+                else {}
+            )
+            st["det"] = detections
             value = (
                 float(matches(self.criterion, feats, len(detections))[sel].sum())
                 if len(detections)
