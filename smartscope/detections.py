@@ -19,6 +19,7 @@ OBJECT_COLUMNS = (
     "stage_y_um",
     "area_px",
     "mean_intensity",
+    "peak_intensity",
     "bbox_y0",
     "bbox_x0",
     "bbox_y1",
@@ -41,7 +42,10 @@ class Detections:
         One array per name in `OBJECT_COLUMNS`, one entry per object, in label
         order. Centroids are intensity-weighted, in pixels ``(x_px, y_px)`` and in
         stage µm; bbox is ``[y0, x0, y1, x1)``; ``aspect`` is the minor/major axis
-        ratio of the object's shape (1 = round).
+        ratio of the object's shape (1 = round); ``peak_intensity`` is its
+        second-brightest pixel (one hot pixel does not make a peak; a bright
+        nucleus the segmenter joined to a dim neighbour keeps its peak, not
+        its mean).
     frame_index : int
         Index of the frame in the run (see the ``frames.jsonl`` index).
     model_id : str
@@ -154,6 +158,7 @@ class Detections:
         order = np.argsort(obj, kind="stable")
         starts = np.searchsorted(obj[order], np.arange(n))
         ys_o, xs_o = ys[order], xs[order]
+        peak_intensity = _second_brightest(values[order], obj[order], starts)
         bbox = np.column_stack(
             [
                 np.minimum.reduceat(ys_o, starts),
@@ -189,6 +194,7 @@ class Detections:
             "stage_y_um": stage[:, 1],
             "area_px": area,
             "mean_intensity": mean_intensity,
+            "peak_intensity": peak_intensity,
             "bbox_y0": bbox[:, 0],
             "bbox_x0": bbox[:, 1],
             "bbox_y1": bbox[:, 2],
@@ -198,6 +204,22 @@ class Detections:
             "aspect": aspect,
         }
         return cls(lab, objects, frame_index, model_id)
+
+
+def _second_brightest(
+    values: np.ndarray, obj: np.ndarray, starts: np.ndarray
+) -> np.ndarray:
+    """Each object's second-highest value (its only one for one-pixel objects).
+
+    `values` and `obj` are sorted by object; `starts` is where each begins.
+    """
+    first = np.maximum.reduceat(values, starts)
+    at_max = np.flatnonzero(values == first[obj])
+    _, one = np.unique(obj[at_max], return_index=True)  # one maximum per object
+    rest = values.copy()
+    rest[at_max[one]] = -np.inf
+    second = np.maximum.reduceat(rest, starts)
+    return np.where(np.isfinite(second), second, first)
 
 
 def _aspect(

@@ -395,6 +395,26 @@ def test_a_cell_that_brightens_between_survey_frames_triggers():
     assert burst([130, 130, 100, 100], 0).finished[0].ended == "signature gone"
 
 
+def test_a_bright_peak_triggers_where_the_mean_does_not():
+    """`relative_peak`: a bright nucleus the segmenter joined to a dim one."""
+    lab = np.zeros((64, 64), np.uint16)
+    image = np.full((64, 64), 1.0)
+    spots = [(8 + 16 * (k % 3), 8 + 48 * (k // 3)) for k in range(9)]
+    for k, (x, y) in enumerate(spots, 1):
+        lab[y - 2 : y + 3, x - 2 : x + 3] = k
+        image[y - 2 : y + 3, x - 2 : x + 3] = 100
+    lab[28:33, 26:37] = 10  # one object: a bright nucleus (15 px at 300)
+    image[28:33, 26:37] = 60  # joined to a dim one (40 px at 60): mean 125
+    image[28:31, 26:31] = 300
+    det = Detections.from_labels(lab, image, to_stage=lambda p: p - 31.5)
+    ctx = PolicyContext(fov_um=(64, 64))
+    by_mean = _plain_burst(trigger={"relative_intensity": {"min": 1.5}})
+    assert by_mean.on_detections(_survey(0), det, ctx) == []  # 1.25 the median
+    by_peak = _plain_burst(trigger={"relative_peak": {"min": 2.4}})
+    assert by_peak.on_detections(_survey(0), det, ctx)
+    assert by_peak.active[0].xy[0] == pytest.approx(det.centroids_um[-1][0])
+
+
 def test_only_a_false_alarm_or_the_longest_burst_makes_a_place_rest():
     ctx = PolicyContext(fov_um=(64, 64))
     # a false alarm (the cell back to normal in its first frames): the place

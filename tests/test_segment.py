@@ -91,6 +91,23 @@ def test_detections_table():
         Detections.from_labels(labels, image[:5])
 
 
+def test_peak_intensity_is_the_second_brightest_pixel():
+    """A hot pixel does not make a peak; a joined bright nucleus keeps its own."""
+    labels = np.zeros((10, 20), np.uint16)
+    image = np.full(labels.shape, 100.0)
+    labels[1:4, 1:4] = 1
+    image[2, 2] = 5000  # one hot pixel in a dim nucleus
+    image[1, 1] = 130
+    labels[5:9, 2:14] = 2  # a bright nucleus joined to a dim one
+    image[5:9, 2:6] = 800
+    image[6, 3] = 900
+    labels[0, 19] = 3  # one pixel: its only value
+    image[0, 19] = 42
+    o = Detections.from_labels(labels, image).objects
+    np.testing.assert_allclose(o["peak_intensity"], [130, 800, 42])
+    np.testing.assert_allclose(o["mean_intensity"][1], (15 * 800 + 900 + 32 * 100) / 48)
+
+
 def test_fragments_join_the_larger_object_they_touch():
     from smartscope.segment._postprocess import merge_fragments
 

@@ -28,9 +28,11 @@ __all__ = [
 Feature = Literal[
     "area_px",
     "mean_intensity",
+    "peak_intensity",
     "aspect",
     "score",
     "relative_intensity",
+    "relative_peak",
     "relative_area",
     "intensity_change",
     "area_change",
@@ -66,9 +68,10 @@ def object_features(
 ) -> dict[str, np.ndarray]:
     """The features a criterion can test, one value per object.
 
-    Besides the detection columns (``area_px``, ``mean_intensity``, ``aspect``,
-    ``score``): ``relative_intensity`` and ``relative_area`` (to the median of
-    the frame's objects, so bleaching and drift cancel — or to the medians in
+    Besides the detection columns (``area_px``, ``mean_intensity``,
+    ``peak_intensity``, ``aspect``, ``score``): ``relative_intensity``,
+    ``relative_peak`` and ``relative_area`` (to the median of the frame's
+    objects, so bleaching and drift cancel — or to the medians in
     `reference`, e.g. those of a whole field when the frame is a small ROI),
     and ``intensity_change`` and ``area_change``: the object's relative
     intensity (area) over that of the nearest object of `previous` (an earlier
@@ -80,12 +83,17 @@ def object_features(
     n = len(detections)
     feats = {k: np.asarray(o[k], float) for k in ("area_px", "mean_intensity", "score")}
     feats["aspect"] = np.asarray(o.get("aspect", np.ones(n)), float)
+    feats["peak_intensity"] = np.asarray(
+        o.get("peak_intensity", np.full(n, np.nan)), float
+    )
+    own = field_medians(detections)
     for name, col in (
         ("relative_intensity", "mean_intensity"),
+        ("relative_peak", "peak_intensity"),
         ("relative_area", "area_px"),
     ):
-        med = (reference or field_medians(detections))[col]
-        feats[name] = np.asarray(o[col], float) / (med if med > 0 else 1.0)
+        med = (reference or own).get(col, own[col])
+        feats[name] = feats[col] / (med if med > 0 else 1.0)
     feats["intensity_change"] = np.full(n, np.nan)
     feats["area_change"] = np.full(n, np.nan)
     if previous is not None and n and len(previous):
@@ -103,11 +111,16 @@ def object_features(
 
 
 def field_medians(detections: Detections) -> dict[str, float]:
-    """Median object intensity and area of a frame (1.0 without objects)."""
+    """Median object intensity, peak and area of a frame (1.0 without objects).
+
+    NaN for a column the detections lack (``peak_intensity`` of a run logged
+    before it existed), so criteria on it never pass.
+    """
     o = detections.objects
+    cols = ("mean_intensity", "peak_intensity", "area_px")
     if not len(detections):
-        return {"mean_intensity": 1.0, "area_px": 1.0}
-    return {k: float(np.median(o[k])) for k in ("mean_intensity", "area_px")}
+        return dict.fromkeys(cols, 1.0)
+    return {k: float(np.median(o[k])) if k in o else math.nan for k in cols}
 
 
 def matches(

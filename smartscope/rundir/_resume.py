@@ -406,9 +406,12 @@ def replay_frames(
         logged = record["detections"]
         objects = logged.get("objects") or {}
         table = {}
+        n = len(objects.get("label", []))
         for name in OBJECT_COLUMNS:
             dtype = {"label": np.int64, "touches_border": bool}.get(name, np.float64)
-            table[name] = np.asarray(objects.get(name, []), dtype=dtype)
+            # a column an older version did not log: NaN (never passes a bound)
+            missing = np.full(n, np.nan) if dtype is np.float64 else np.zeros(0)
+            table[name] = np.asarray(objects.get(name, missing), dtype=dtype)
         where = record["frame"].get("array") or {}
         name = str(where.get("position", frame.position))
         tcz = _tcz(where)
