@@ -71,6 +71,20 @@ class Detections:
         """``(N, 2)`` centroids as stage ``(x, y)`` µm."""
         return np.column_stack([self.objects["stage_x_um"], self.objects["stage_y_um"]])
 
+    def table_only(self) -> Detections:
+        """The same objects without the label image and extras.
+
+        What a policy keeps of an earlier frame (`intensity_change` against a
+        position's last survey): a few kB per position instead of the frame's
+        labels and image, however many positions a run has.
+        """
+        return Detections(
+            np.zeros((0, 0), self.labels.dtype),
+            self.objects,
+            self.frame_index,
+            self.model_id,
+        )
+
     def select(self, mask: np.ndarray) -> dict[str, np.ndarray]:
         """The object table restricted to the rows where `mask` is true."""
         return {k: v[mask] for k, v in self.objects.items()}

@@ -339,7 +339,7 @@ class EventBurst(PolicyBase):
         self, frame: Frame, det: Detections, context: PolicyContext
     ) -> list[Action]:
         previous = self._surveyed.get(frame.position)
-        self._surveyed[frame.position] = det
+        self._surveyed[frame.position] = det.table_only()
         feats = object_features(det, previous, match_um=self.match_radius_um)
         self._follow_bright(det.centroids_um, feats["relative_intensity"])
         hit = matches(self.trigger, feats, len(det)) & self.filter.mask(det)
@@ -720,7 +720,7 @@ class AdaptiveInterval(PolicyBase):
                 if len(detections)
                 else {}
             )
-            st["det"] = detections
+            st["det"] = detections.table_only()
             value = (
                 float(matches(self.criterion, feats, len(detections))[sel].sum())
                 if len(detections)
