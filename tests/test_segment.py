@@ -103,9 +103,10 @@ def test_peak_intensity_is_the_second_brightest_pixel():
     image[6, 3] = 900
     labels[0, 19] = 3  # one pixel: its only value
     image[0, 19] = 42
-    o = Detections.from_labels(labels, image).objects
+    det = Detections.from_labels(labels, image)
+    o = det.objects
     np.testing.assert_allclose(o["peak_intensity"], [130, 800, 42])
-    slim = Detections.from_labels(labels, image).table_only()
+    slim = det.table_only()
     assert slim.labels.size == 0 and len(slim) == 3 and not slim.extra
     np.testing.assert_allclose(o["mean_intensity"][1], (15 * 800 + 900 + 32 * 100) / 48)
 
