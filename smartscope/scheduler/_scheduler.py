@@ -176,7 +176,11 @@ class Scheduler(Iterator[MDAEvent]):
     that has waited `max_delay_s` past its due time goes before any added
     event, so a burst never starves the rest of the plan; only events of
     `URGENT_PRIORITY` (100) or more still go first (a focus search the
-    visit's Z depends on).
+    visit's Z depends on). Visits that are late together do not go as one
+    block: after each, every place (burst) that had an added event due when
+    it went gets one frame first, so a saturated camera shares its delay
+    among the bursts' frames instead of holding them all back by every late
+    visit at once.
 
     A time-lapse plan (``t`` the outer axis) is scheduled per position: each
     position keeps its own clock, so `SetInterval` changes its rate and
@@ -238,7 +242,9 @@ class Scheduler(Iterator[MDAEvent]):
         Order of base visits that are due at the same time.
     max_delay_s : float
         Longest wait of a due base visit behind added events (of a priority
-        below `URGENT_PRIORITY`).
+        below `URGENT_PRIORITY`); a visit late at the same time as another
+        waits, besides, for one frame of each place (burst) that had added
+        events due when that one went.
     travel_slack_s : float
         With ``travel_order="nearest"``: how far past its due time an added
         event may fall while nearer ones (of the same priority) go first;
@@ -383,6 +389,9 @@ class Scheduler(Iterator[MDAEvent]):
             "added": StreamingPercentiles(),
         }
         self.n_missed_deadlines = 0
+        # places (bursts) owed a frame since a late base visit went ahead of
+        # their due added events: the next late visit waits for them
+        self._owed: set[str | None] = set()
         self.n_served = 0
         self.n_base_served = 0
         self.n_added = 0
@@ -1131,7 +1140,11 @@ class Scheduler(Iterator[MDAEvent]):
             if (
                 added is None
                 or added[0] > 0
-                or (base_late > self.max_delay_s and -added[0] < URGENT_PRIORITY)
+                or (
+                    base_late > self.max_delay_s
+                    and -added[0] < URGENT_PRIORITY
+                    and not self._due_before_late_visit()
+                )
             ):
                 return "visit", visit
         if added is not None:
@@ -1143,15 +1156,27 @@ class Scheduler(Iterator[MDAEvent]):
         )
         return "wait", wake
 
+    def _due_before_late_visit(self) -> bool:
+        """Whether a place owed a frame since the last late visit still waits."""
+        if self._owed and not any(_tag_pos(i[3]) in self._owed for i in self._added):
+            self._owed.clear()  # their events were cancelled
+        return bool(self._owed)
+
     def _take(self, kind: str, what: Any, now: float) -> MDAEvent | None:
         """Serve what `_choose` chose; None if a visit was dropped instead."""
         if kind == "rest":
             return self._serve(self._visit.pop(0), base=True)
         if kind == "visit":
+            self._owed = {  # the places whose due frames it went ahead of
+                _tag_pos(item[3])
+                for item in self._added
+                if 0 < -item[0] < URGENT_PRIORITY and item[2] <= now
+            }
             return self._start_visit(what, now)
         self._added.remove(what)
         self._release(what)
         event = what[3]
+        self._owed.discard(_tag_pos(event))
         if what[2] > -math.inf:
             self.lateness_s["added"].add(max(0.0, now - what[2]))
         key = _tag_pos(event)
