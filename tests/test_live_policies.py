@@ -342,6 +342,14 @@ def test_event_burst_watches_the_cells_brightness():
     assert policy.report()["bright_cells"] == 1
     assert policy.on_detections(_survey(30), _cells(1.5 * 180 + 1), ctx)
     assert len(policy.active) == 1 and policy.report()["bright_cells"] == 0
+    # ... or `brightening` times brighter than in the survey frame before: it
+    # dimmed to 1.5 the median, then rose to 2.3 (not 1.5 x 1.8, but 1.53 x 1.5)
+    policy = _plain_burst()
+    policy.on_detections(_survey(0), _cells(180), ctx)
+    _follow(policy, 1, [180] * 10, ctx)
+    assert policy.on_detections(_survey(20), _cells(150), ctx) == []
+    assert policy.on_detections(_survey(30), _cells(230), ctx)
+    assert policy.report()["bright_cells"] == 0
     # without the rule the same cell triggers again at once
     again = _plain_burst(brightening=None)
     again.on_detections(_survey(0), _cells(180), ctx)
@@ -447,6 +455,20 @@ def test_a_brighter_cell_takes_the_place_of_the_weakest_burst():
     assert out and policy.finished[0].ended == "preempted by a brighter cell"
     assert len(policy.active) == 1 and policy.active[0].strength == 4.0
     assert policy.active[0].xy[0] == pytest.approx(198.5)
+
+
+def test_the_burst_preempted_is_the_one_whose_cell_is_dimmest_now():
+    """A cell that triggered faintly and has brightened since keeps its slot."""
+    ctx = PolicyContext(fov_um=(64, 64))
+    policy = _plain_burst(max_active=2)
+    policy.on_detections(_survey(0), _cells(160), ctx)  # burst 1, 1.6 the median
+    policy.on_detections(_survey(0.5), _cells(200, dx=100), ctx)  # burst 2, 2.0
+    _follow(policy, 1, [300], ctx)  # burst 1's cell is 3.0 now
+    # a cell at 2.8: 1.3 times burst 2's cell (2.0), not burst 1's (3.0)
+    assert policy.on_detections(_survey(2), _cells(280, dx=200), ctx)
+    assert [b.id for b in policy.finished] == [2]
+    assert policy.finished[0].ended == "preempted by a brighter cell"
+    assert sorted(b.id for b in policy.active) == [1, 3]
 
 
 def test_a_burst_whose_frames_come_late_goes_on_at_their_pace():

@@ -70,6 +70,11 @@ class _Burst:
     # the survey before the trigger frame: `intensity_change` in burst frames
     baseline: Detections | None = None
 
+    @property
+    def brightness(self) -> float:
+        """The cell's relative intensity now: its last frame's, else the trigger's."""
+        return self.last if math.isfinite(self.last) else self.strength
+
 
 #: How a burst ends when its cell was not what it looked like: a false alarm,
 #: or the longest burst without the signature going. Only these make the place
@@ -89,11 +94,16 @@ BURST_PACE = 0.75
 #: division), a very bright one of any shape, or one that has become 1.4 times
 #: as bright (against the field) since the position's last survey frame: the
 #: signature arriving, seen one survey earlier than its full strength, and in
-#: dim cells whose full signature stays below the other two.
+#: dim cells whose full signature stays below the other two. The last two see
+#: condensing chromatin by its peak: in a bright elongated nucleus, and in a
+#: large object (a nucleus the model joined to a neighbour, whose mean the
+#: neighbour dilutes).
 _BURST_TRIGGER: list[Criterion] = [
     {"relative_intensity": Bounds(min=1.5), "aspect": Bounds(min=0.75)},
     {"relative_intensity": Bounds(min=2.2)},
     {"relative_intensity": Bounds(min=1.1), "intensity_change": Bounds(min=1.4)},
+    {"relative_intensity": Bounds(min=1.8), "relative_peak": Bounds(min=2.6)},
+    {"relative_area": Bounds(min=1.8), "relative_peak": Bounds(min=2.4)},
 ]
 
 #: What keeps a burst going by default: looser than `_BURST_TRIGGER` (a bright,
@@ -153,7 +163,8 @@ class EventBurst(PolicyBase):
     - A burst that reaches `max_duration_s` on a cell that never got brighter
       was following a cell that is bright by nature, not dividing: that cell
       (followed from survey frame to survey frame) triggers again only once it
-      is `brightening` times as bright as it was then.
+      is `brightening` times as bright as it was then, or as in the survey
+      frame before (its `intensity_change`).
 
     With ``stream: true`` the burst is a *streamed burst* instead: frames as
     fast as the camera runs (a `Stream`, hardware-sequenced in chunks of
@@ -214,8 +225,8 @@ class EventBurst(PolicyBase):
         1.3,
         gt=1,
         description="With `max_active` bursts running, a cell this many times as "
-        "bright (relative intensity in the trigger frame) as the weakest running "
-        "burst's takes its place (None: never).",
+        "bright (relative intensity) as the dimmest followed cell is now (in its "
+        "burst's last frame) takes that burst's place (None: never).",
     )
     division_drop: float | None = Field(
         0.7,
@@ -230,8 +241,8 @@ class EventBurst(PolicyBase):
         gt=1,
         description="Intensity ratio that counts as the cell getting brighter: "
         "its burst goes on past `max_duration_s` (once), and a bright cell whose "
-        "burst ran out triggers again only after brightening this much (None: "
-        "neither).",
+        "burst ran out triggers again only after brightening this much since "
+        "then or since the survey frame before (None: neither).",
     )
     priority: int = 20
     stream: bool = Field(
@@ -347,16 +358,21 @@ class EventBurst(PolicyBase):
             return []
         pts = det.centroids_um[hit]
         rel = feats["relative_intensity"][hit]
+        change = feats["intensity_change"][hit]
         order = np.argsort(-rel)
         t_now = frame.t_clock if frame.t_clock is not None else context.now()
         actions: list[Action] = []
         for i in order:
             x, y = (float(v) for v in pts[i])
-            if self._known(x, y, t_now) or self._bright_by_nature(x, y, rel[i]):
+            if self._known(x, y, t_now) or self._bright_by_nature(
+                x, y, rel[i], change[i]
+            ):
                 continue
             if len(self._bursts) >= self.max_active:
-                weakest = min(self._bursts.values(), key=lambda b: b.strength)
-                if self.preempt is None or rel[i] < self.preempt * weakest.strength:
+                # cells compared as bright as they are now: one that triggered
+                # faintly and has brightened since (about to divide) is kept
+                weakest = min(self._bursts.values(), key=lambda b: b.brightness)
+                if self.preempt is None or rel[i] < self.preempt * weakest.brightness:
                     break  # the candidates come brightest first
                 self._end(weakest, "preempted by a brighter cell", t_now)
                 actions += self._stop_stream(weakest)
@@ -414,16 +430,22 @@ class EventBurst(PolicyBase):
             ):
                 cell[0], cell[1] = (float(v) for v in points[k])
 
-    def _bright_by_nature(self, x: float, y: float, rel: float) -> bool:
+    def _bright_by_nature(
+        self, x: float, y: float, rel: float, change: float = math.nan
+    ) -> bool:
         """Whether (x, y) is a remembered bright cell that has not got brighter.
 
-        One that has is forgotten (it may now be dividing).
+        Brighter: `brightening` times its relative intensity when it was
+        remembered, or than in the survey frame before (`change`, its
+        `intensity_change`; a cell that brightened slowly since is otherwise
+        held back by the memory). One that has is forgotten (it may now be
+        dividing).
         """
         if self.brightening is None:
             return False
         for cell in self._bright:
             if math.hypot(x - cell[0], y - cell[1]) < self.match_radius_um:
-                if rel >= self.brightening * cell[2]:
+                if rel >= self.brightening * cell[2] or change >= self.brightening:
                     self._bright.remove(cell)
                     return False
                 return True
