@@ -138,9 +138,14 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
     (resumed,) = info["resumed"]
     assert resumed["finished_positions"] == len(kept)
     assert lost in resumed["partial"]
+    pointed = {f["array"]["position"] for f in frames}
     for name, moved in resumed["moved_aside"].items():
-        assert (position_path(out, moved) / "0").is_dir()
         assert name in state.partial
+        # its logged frames point at it (and opened above); a kill between an
+        # image's group and its first array leaves one with no frame at all
+        has_array = (position_path(out, moved) / "0").is_dir()
+        assert has_array or moved not in pointed
+    assert resumed["moved_aside"][lost] in pointed
     assert info["summary"]["frames_acquired"] == len(frames)
     assert info["summary"]["positions"] == N_POSITIONS
 
