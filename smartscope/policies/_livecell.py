@@ -430,9 +430,7 @@ class EventBurst(PolicyBase):
             ):
                 cell[0], cell[1] = (float(v) for v in points[k])
 
-    def _bright_by_nature(
-        self, x: float, y: float, rel: float, change: float = math.nan
-    ) -> bool:
+    def _bright_by_nature(self, x: float, y: float, rel: float, change: float) -> bool:
         """Whether (x, y) is a remembered bright cell that has not got brighter.
 
         Brighter: `brightening` times its relative intensity when it was

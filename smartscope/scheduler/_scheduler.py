@@ -1176,10 +1176,10 @@ class Scheduler(Iterator[MDAEvent]):
         self._added.remove(what)
         self._release(what)
         event = what[3]
-        self._owed.discard(_tag_pos(event))
         if what[2] > -math.inf:
             self.lateness_s["added"].add(max(0.0, now - what[2]))
         key = _tag_pos(event)
+        self._owed.discard(key)
         if key in self._min_gap:
             visit = event_tag(event).get("visit")
             last = self._paced_at.get(key)
