@@ -471,6 +471,47 @@ def test_the_burst_preempted_is_the_one_whose_cell_is_dimmest_now():
     assert sorted(b.id for b in policy.active) == [1, 3]
 
 
+def _pair(left: float, right: float):
+    """Two candidate cells 30 µm apart (left, right) among six dim ones (100)."""
+    lab = np.zeros((64, 64), np.uint16)
+    image = np.full((64, 64), 1.0)
+    spots = [(16, 30), (46, 30)] + [(8 + 16 * k, y) for y in (8, 56) for k in range(3)]
+    for k, (x, y) in enumerate(spots, 1):
+        lab[y - 2 : y + 3, x - 2 : x + 3] = k
+        image[y - 2 : y + 3, x - 2 : x + 3] = (left, right, *[100] * 6)[k - 1]
+    return Detections.from_labels(lab, image, to_stage=lambda p: p - 31.5)
+
+
+def test_a_rising_cell_gets_the_last_slot_before_a_brighter_static_one():
+    """Candidates go by brightness times their rise since the last survey."""
+    ctx = PolicyContext(fov_um=(64, 64))
+    policy = _plain_burst(max_active=1, trigger={"relative_intensity": {"min": 1.4}})
+    assert policy.on_detections(_survey(0), _pair(130, 100), ctx) == []
+    # left: 1.5 the median, up from 1.3; right: 1.45, up from 1.0 (it rises)
+    assert policy.on_detections(_survey(1), _pair(150, 145), ctx)
+    assert len(policy.active) == 1
+    assert policy.active[0].xy[0] == pytest.approx(46 - 31.5)
+    # without a survey before (no rise known), the brighter one goes first
+    steady = _plain_burst(max_active=1, trigger={"relative_intensity": {"min": 1.4}})
+    steady.on_detections(_survey(1), _pair(150, 145), ctx)
+    assert steady.active[0].xy[0] == pytest.approx(16 - 31.5)
+
+
+def test_a_cell_that_still_passes_the_trigger_keeps_its_burst():
+    """`sustain` adds to `trigger`: a cell failing it but not `trigger` goes on."""
+    ctx = PolicyContext(fov_um=(64, 64))
+    # `sustain` no cell can pass: only `trigger` (1.5) keeps the burst going
+    policy = _plain_burst(sustain={"relative_intensity": {"min": 5.0}})
+    policy.on_detections(_survey(0), _cells(200), ctx)
+    _follow(policy, 1, [200] * 10, ctx)
+    assert policy.finished[0].ended.startswith("longest burst")
+    # below `trigger` and `sustain`: gone after `tail_frames`
+    policy = _plain_burst(sustain={"relative_intensity": {"min": 5.0}})
+    policy.on_detections(_survey(0), _cells(200), ctx)
+    assert _follow(policy, 1, [200, 140, 140, 140], ctx) == 1 + 2
+    assert policy.finished[0].ended == "signature gone"
+
+
 def test_a_burst_whose_frames_come_late_goes_on_at_their_pace():
     """A saturated camera delays burst frames: the burst keeps going, rebased.
 

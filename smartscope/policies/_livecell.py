@@ -132,21 +132,25 @@ class EventBurst(PolicyBase):
     `exposure_ms` or as a Z-stack (`z_plan`). Burst frames are analysed too
     (set ``analysis.analyze: all``): the cell is tracked from frame to frame,
     and the burst goes on while it still passes `sustain` (the hysteresis:
-    looser than `trigger`); once it has failed `sustain` for `tail_frames`
-    frames in a row (e.g. it has divided) or after `max_duration_s`, the burst
-    ends and the position is back to its slow base rate. A burst is also a
-    false alarm, and ends, when the cell passes `trigger` in none of its first
-    `confirm_frames` frames (one noisy frame must not cost a long burst); after
-    a false alarm or a burst that hit `max_duration_s`, the place does not
-    trigger again for `cooldown_s`. Frames are scheduled two ahead, so one
-    dropped analysis does not break a burst. When the camera is busy (several
-    bursts at once) and a frame is taken more than `interval_s` after its due
-    time, the burst's later frames are due from that frame on: the burst goes
-    at the pace the camera can give it instead of queueing overdue frames,
-    and only a burst whose frames stop coming ends as stale. A burst's frames
-    are also served at least 0.75 `interval_s` apart (`BURST_PACE`): a late
-    frame does not pull the next one, overdue too, straight after it (two
-    frames at once, then a gap twice as long).
+    looser than `trigger`) or `trigger` itself; once it has failed both for
+    `tail_frames` frames in a row (e.g. it has divided) or after
+    `max_duration_s`, the burst ends and the position is back to its slow
+    base rate. A burst is also a false alarm, and ends, when the cell passes
+    `trigger` in none of its first `confirm_frames` frames (one noisy frame
+    must not cost a long burst); after a false alarm or a burst that hit
+    `max_duration_s`, the place does not trigger again for `cooldown_s`. At
+    most `max_active` bursts run at once: the candidates of a survey frame go
+    rising cells first (by relative intensity times their `intensity_change`
+    where above 1), and with every slot taken a cell `preempt` times as bright
+    as the dimmest followed one takes its burst's place. Frames are scheduled
+    two ahead, so one dropped analysis does not break a burst. When the camera
+    is busy (several bursts at once) and a frame is taken more than
+    `interval_s` after its due time, the burst's later frames are due from
+    that frame on: the burst goes at the pace the camera can give it instead
+    of queueing overdue frames, and only a burst whose frames stop coming ends
+    as stale. A burst's frames are also served at least 0.75 `interval_s`
+    apart (`BURST_PACE`): a late frame does not pull the next one, overdue
+    too, straight after it (two frames at once, then a gap twice as long).
 
     The followed cell's brightness (mean intensity relative to the trigger
     field's median) is watched through the burst, so that light goes to cells
@@ -189,8 +193,8 @@ class EventBurst(PolicyBase):
     )
     sustain: Criterion | list[Criterion] | None = Field(  # type: ignore[assignment]
         default_factory=lambda: [c.copy() for c in _BURST_SUSTAIN],
-        description="Bounds that keep a burst going (a list: any one of them; "
-        "None: the `trigger` bounds).",
+        description="Bounds that keep a burst going besides `trigger` itself (a "
+        "list: any one of them; None: only the `trigger` bounds).",
     )
     filter: ObjectFilter = Field(
         default_factory=lambda: ObjectFilter(exclude_border=False),
@@ -359,7 +363,10 @@ class EventBurst(PolicyBase):
         pts = det.centroids_um[hit]
         rel = feats["relative_intensity"][hit]
         change = feats["intensity_change"][hit]
-        order = np.argsort(-rel)
+        # a cell getting brighter first, then the brightest: a rising cell is
+        # nearer its division than a static bright one (it gets the last slot)
+        rising = np.nan_to_num(change, nan=1.0, posinf=1.0)
+        order = np.argsort(-(rel * np.maximum(rising, 1.0)), kind="stable")
         t_now = frame.t_clock if frame.t_clock is not None else context.now()
         actions: list[Action] = []
         for i in order:
@@ -373,7 +380,7 @@ class EventBurst(PolicyBase):
                 # faintly and has brightened since (about to divide) is kept
                 weakest = min(self._bursts.values(), key=lambda b: b.brightness)
                 if self.preempt is None or rel[i] < self.preempt * weakest.brightness:
-                    break  # the candidates come brightest first
+                    continue  # a brighter candidate may still come
                 self._end(weakest, "preempted by a brighter cell", t_now)
                 actions += self._stop_stream(weakest)
             self._ids += 1
@@ -472,9 +479,13 @@ class EventBurst(PolicyBase):
                     match_um=self.match_radius_um,
                     reference=burst.reference,
                 )
-                crit = self.sustain or self.trigger
-                still = bool(matches(crit, feats, len(det))[j[0]])
                 confirmed = bool(matches(self.trigger, feats, len(det))[j[0]])
+                # a cell that still shows the signature that started the burst
+                # keeps it going, whatever `sustain` says (a very bright
+                # elongated nucleus fails the default `sustain`'s roundness)
+                still = confirmed or bool(
+                    matches(self.sustain or self.trigger, feats, len(det))[j[0]]
+                )
                 rel = float(feats["relative_intensity"][j[0]])
                 if math.isnan(burst.first):
                     burst.first = rel
