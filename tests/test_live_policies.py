@@ -350,6 +350,16 @@ def test_event_burst_watches_the_cells_brightness():
     assert policy.on_detections(_survey(20), _cells(150), ctx) == []
     assert policy.on_detections(_survey(30), _cells(230), ctx)
     assert policy.report()["bright_cells"] == 0
+    # ... also when it rose while its place rested after the burst: the rise
+    # (1.53 x the survey before) is not lost to the cooldown
+    policy = _plain_burst(cooldown_s=30)  # it rests from 5 s to 35 s
+    policy.on_detections(_survey(0), _cells(180), ctx)
+    _follow(policy, 1, [180] * 10, ctx)
+    assert policy.finished[0].ended.startswith("longest")
+    assert policy.on_detections(_survey(20), _cells(150), ctx) == []  # resting
+    assert policy.on_detections(_survey(25), _cells(230), ctx) == []  # resting
+    assert policy.report()["bright_cells"] == 0
+    assert policy.on_detections(_survey(40), _cells(230), ctx)  # rested
     # without the rule the same cell triggers again at once
     again = _plain_burst(brightening=None)
     again.on_detections(_survey(0), _cells(180), ctx)

@@ -371,8 +371,10 @@ class EventBurst(PolicyBase):
         actions: list[Action] = []
         for i in order:
             x, y = (float(v) for v in pts[i])
-            if self._known(x, y, t_now) or self._bright_by_nature(
-                x, y, rel[i], change[i]
+            # the memory first: a remembered cell that rose is forgotten even
+            # while its place rests (cooling down), or the rise would be lost
+            if self._bright_by_nature(x, y, rel[i], change[i]) or self._known(
+                x, y, t_now
             ):
                 continue
             if len(self._bursts) >= self.max_active:
