@@ -484,10 +484,11 @@ class EventBurst(PolicyBase):
                 confirmed = bool(matches(self.trigger, feats, len(det))[j[0]])
                 # a cell that still shows the signature that started the burst
                 # keeps it going, whatever `sustain` says (a very bright
-                # elongated nucleus fails the default `sustain`'s roundness)
-                still = confirmed or bool(
-                    matches(self.sustain or self.trigger, feats, len(det))[j[0]]
-                )
+                # elongated nucleus fails the default `sustain`'s roundness);
+                # without `sustain`, `trigger` alone (matched once)
+                still = confirmed
+                if not still and self.sustain:
+                    still = bool(matches(self.sustain, feats, len(det))[j[0]])
                 rel = float(feats["relative_intensity"][j[0]])
                 if math.isnan(burst.first):
                     burst.first = rel
