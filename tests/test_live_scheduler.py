@@ -278,6 +278,39 @@ def test_nearest_order_lets_no_event_fall_more_than_the_slack_behind():
     assert next(sched).pos_name == "near1"
 
 
+def test_a_place_with_a_max_gap_lets_nearer_ones_go_first_until_its_gap_nears_it():
+    clock = FakeClock()
+    sched = Scheduler(
+        _timelapse([(0, 0, 0)], loops=1),
+        clock=clock,
+        travel_order="nearest",
+        travel_slack_s=0.2,
+    )
+    next(sched)  # the base frame
+    far = [
+        MDAEvent(x_pos=500, y_pos=0, pos_name="far", index={"t": k}, min_start_time=t)
+        for k, t in enumerate((0.0, 0.5))
+    ]
+    sched.apply(AddEvents(tuple(far), priority=20, max_gap_s=1.0))
+    assert next(sched).pos_name == "far"  # its first frame, at t=0
+    clock.t = 0.1
+    near = MDAEvent(x_pos=1, y_pos=0, pos_name="near0", min_start_time=0.1)
+    sched.apply(AddEvents((near,), priority=20))
+    assert next(sched).pos_name == "near0"  # the stage is at x=1 now
+    later = [
+        MDAEvent(x_pos=1 + k, y_pos=0, pos_name=f"near{k}", min_start_time=0.6)
+        for k in (1, 2)
+    ]
+    sched.apply(AddEvents(tuple(later), priority=20))
+    # "far" is 0.25 s past its due time (beyond the slack), but 0.75 s since
+    # its last frame leaves it more than the slack short of its 1 s gap
+    clock.t = 0.75
+    assert next(sched).pos_name == "near1"
+    clock.t = 0.85  # 0.85 s since its last frame: within the slack of 1 s
+    assert next(sched).pos_name == "far"
+    assert next(sched).pos_name == "near2"
+
+
 def test_hold_pauses_at_the_event_boundary_and_stop_still_ends():
     sched = Scheduler(_timelapse([(0, 0, 0)], loops=3))
     next(sched)

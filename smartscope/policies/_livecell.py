@@ -89,6 +89,12 @@ _COOLING_ENDINGS = ("not confirmed", "longest burst")
 #: (already queued, and overdue too) straight after it.
 BURST_PACE = 0.75
 
+#: ... and, with the Scheduler's ``travel_order: nearest``, let nearer bursts'
+#: frames go first while their own gap stays short of this many intervals
+#: (`AddEvents.max_gap_s`): at capacity the camera tours the bursts instead of
+#: crossing the stage between them in due order.
+MAX_GAP = 2.0
+
 
 #: What starts a burst by default: a bright round cell (rounding up before
 #: division), a very bright one of any shape, or one that has become 1.4 times
@@ -151,6 +157,9 @@ class EventBurst(PolicyBase):
     as stale. A burst's frames are also served at least 0.75 `interval_s`
     apart (`BURST_PACE`): a late frame does not pull the next one, overdue
     too, straight after it (two frames at once, then a gap twice as long).
+    With the Scheduler's ``travel_order: nearest``, when several bursts'
+    frames are due at once the nearest goes first while every burst's gap
+    stays short of two intervals (`MAX_GAP`): the stage tours the cells.
 
     The followed cell's brightness (mean intensity relative to the trigger
     field's median) is watched through the burst, so that light goes to cells
@@ -665,6 +674,7 @@ class EventBurst(PolicyBase):
                 priority=self.priority,
                 reason=reason,
                 min_gap_s=BURST_PACE * self.interval_s,
+                max_gap_s=MAX_GAP * self.interval_s,
             )
         ]
 

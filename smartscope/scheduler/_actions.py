@@ -47,12 +47,20 @@ class AddEvents:
     events after it are pushed back rather than served straight after it (a
     burst whose frames fell behind keeps its pace instead of taking two
     frames at once, which would leave the longest gap just as long).
+
+    With `max_gap_s` (and the Scheduler's ``travel_order="nearest"``), the
+    longest gap wanted between a position's frames: when several added events
+    are due at once (acquisition at capacity), nearer ones go first while this
+    position's next frame can still start `travel_slack_s` before its gap
+    since the last one reaches `max_gap_s`, so that the camera tours the
+    places instead of crossing the stage between them in due order.
     """
 
     events: tuple[MDAEvent, ...]
     priority: int = 10
     reason: str = ""
     min_gap_s: float | None = None
+    max_gap_s: float | None = None
     type: Literal["add_events"] = field(default="add_events", init=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -64,6 +72,8 @@ class AddEvents:
         }
         if self.min_gap_s is not None:
             out["min_gap_s"] = self.min_gap_s
+        if self.max_gap_s is not None:
+            out["max_gap_s"] = self.max_gap_s
         return out
 
 

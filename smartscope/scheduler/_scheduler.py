@@ -248,7 +248,9 @@ class Scheduler(Iterator[MDAEvent]):
     travel_slack_s : float
         With ``travel_order="nearest"``: how far past its due time an added
         event may fall while nearer ones (of the same priority) go first;
-        beyond it, the longest-overdue one goes first.
+        beyond it, the longest-overdue one goes first. Events of a position
+        with `AddEvents.max_gap_s` may fall further behind, until their gap
+        since the position's last frame is `travel_slack_s` short of it.
     deadline_fraction : float
         Lateness, as a fraction of the position's interval, that misses the
         timepoint's deadline.
@@ -344,9 +346,10 @@ class Scheduler(Iterator[MDAEvent]):
         self._cond = threading.Condition()
         self._added: list[tuple[int, int, float, MDAEvent, str]] = []
         self._counter = itertools.count()
-        # AddEvents.min_gap_s per position, and when each such position was
-        # last served (pacing: see `_pace`)
+        # AddEvents.min_gap_s / max_gap_s per position, and when each such
+        # position was last served (pacing: see `_pace`; touring: `_best_added`)
         self._min_gap: dict[str, float] = {}
+        self._max_gap: dict[str, float] = {}
         self._paced_at: dict[str, tuple[float, Any]] = {}
         self._event_ids = itertools.count()
         self._in_flight = 0
@@ -699,6 +702,8 @@ class Scheduler(Iterator[MDAEvent]):
                 (-action.priority, next(self._counter), due, stamped, bkey)
             )
             pos = _tag_pos(stamped)
+            if pos is not None and action.max_gap_s:
+                self._max_gap[pos] = float(action.max_gap_s)
             if pos is not None and action.min_gap_s:
                 self._min_gap[pos] = float(action.min_gap_s)
                 self._pace(pos)
@@ -1180,12 +1185,13 @@ class Scheduler(Iterator[MDAEvent]):
             self.lateness_s["added"].add(max(0.0, now - what[2]))
         key = _tag_pos(event)
         self._owed.discard(key)
-        if key in self._min_gap:
+        if key in self._min_gap or key in self._max_gap:
             visit = event_tag(event).get("visit")
             last = self._paced_at.get(key)
             if last is None or visit is None or visit != last[1]:
                 self._paced_at[key] = (now, visit)  # a visit's first event
-            self._pace(key)
+            if key in self._min_gap:
+                self._pace(key)
         if "stream" in event_tag(event):
             self._stream_served(event)
         return self._serve(event, base=False)
@@ -1347,10 +1353,10 @@ class Scheduler(Iterator[MDAEvent]):
 
         With ``travel_order="nearest"``, among the due events of the highest
         priority the one nearest the stage goes first (a position's own events
-        keep their order), unless one of them is more than `travel_slack_s`
-        past its due time (``min_start_time``): then the one longest overdue
-        goes first, so that nearby places cannot starve a far one when
-        acquisition is at capacity.
+        keep their order), unless one of them is past its latest start (see
+        `_latest_start`): then the one whose latest start is earliest goes
+        first, so that nearby places cannot starve a far one when acquisition
+        is at capacity.
         """
         horizon = now + self._poll
         due = [item for item in self._added if item[2] <= horizon]
@@ -1369,10 +1375,25 @@ class Scheduler(Iterator[MDAEvent]):
                     firsts[key] = item
         timed = [item for item in firsts.values() if item[2] > -math.inf]
         if timed:  # (an event without a due time has no deadline to miss)
-            overdue = min(timed, key=lambda item: (item[2], item[1]))
-            if now - overdue[2] > self.travel_slack_s:
+            overdue = min(timed, key=lambda item: (self._latest_start(item), item[1]))
+            if now > self._latest_start(overdue):
                 return overdue
         return min(firsts.values(), key=lambda item: (self._distance(item[3]), item[1]))
+
+    def _latest_start(self, item: tuple) -> float:
+        """When a due added event stops letting nearer ones go first.
+
+        `travel_slack_s` after its due time; for a position with
+        `AddEvents.max_gap_s` that has been served, later if its gap allows:
+        `travel_slack_s` before the gap since its last frame reaches
+        `max_gap_s`.
+        """
+        latest = item[2] + self.travel_slack_s
+        key = _tag_pos(item[3])
+        if key in self._max_gap and key in self._paced_at:
+            gap_until = self._paced_at[key][0] + self._max_gap[key]
+            latest = max(latest, gap_until - self.travel_slack_s)
+        return latest
 
     def _distance(self, event: MDAEvent) -> float:
         if self._here is None or event.x_pos is None or event.y_pos is None:
