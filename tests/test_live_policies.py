@@ -548,6 +548,35 @@ def test_a_burst_whose_frames_come_late_goes_on_at_their_pace():
     assert policy.finished[0].ended.startswith("its frames were not acquired")
 
 
+def test_no_new_burst_starts_while_the_camera_is_full():
+    """Running bursts' frames 1.8 intervals apart: a new cell waits.
+
+    The camera is shared by more bursts than it can serve at their interval;
+    one more would push the gaps past two intervals (a missed capture), so
+    the candidate is held back (and counted), although `max_active` leaves
+    room, until the frames come less than 1.6 intervals apart again.
+    """
+    ctx = PolicyContext(fov_um=(64, 64))
+    policy = _plain_burst(max_duration_s=60, max_active=8)
+    places = {1: 0.0, 2: 300.0}  # burst id: where its cell is
+    for dx in places.values():
+        assert policy.on_detections(_survey(0), _cells(200, dx=dx), ctx)
+
+    def frames(t):  # the next frame of every burst, at t
+        for b, dx in places.items():
+            k = policy.report()["bursts"][b - 1]["frames"]  # analysed so far
+            policy.on_detections(_burst_frame(t, b, k), _cells(200, dx=dx), ctx)
+
+    frames(1.0)
+    frames(2.8)  # 1.8 s after the frame before: the camera is full
+    assert not policy.on_detections(_survey(3.0), _cells(200, dx=600), ctx)
+    assert len(policy.active) == 2
+    assert policy.report()["held_back_camera_full"] == 1
+    frames(4.3)  # 1.5 s: late, but not full
+    assert policy.on_detections(_survey(4.5), _cells(200, dx=600), ctx)
+    assert len(policy.active) == 3
+
+
 def test_a_late_burst_frame_does_not_pull_the_next_one_straight_after_it():
     """Served by the real Scheduler: overdue burst frames keep their pace.
 

@@ -61,6 +61,7 @@ class _Burst:
     ended: str | None = None
     ended_at: float = math.inf
     progress_at: float = -math.inf  # scheduler clock of its last analysed frame
+    gap: float = math.nan  # ... since the analysed frame before it
     first: float = math.nan  # the cell's relative intensity in its first frame
     peak: float = math.nan  # ... its highest in the burst
     last: float = math.nan  # ... in the last frame it was found in
@@ -94,6 +95,13 @@ BURST_PACE = 0.75
 #: (`AddEvents.max_gap_s`): at capacity the camera tours the bursts instead of
 #: crossing the stage between them in due order.
 MAX_GAP = 2.0
+
+#: The camera is full when the running bursts' latest frames (the gap before
+#: each one's last analysed frame, two bursts at least) came this many
+#: intervals apart on average: no new burst starts then (a cell may still take
+#: a running burst's place, `preempt`), as one more would push the gaps past
+#: `MAX_GAP`.
+FULL_PACE = 1.6
 
 
 #: What starts a burst by default: a bright round cell (rounding up before
@@ -145,7 +153,10 @@ class EventBurst(PolicyBase):
     `trigger` in none of its first `confirm_frames` frames (one noisy frame
     must not cost a long burst); after a false alarm or a burst that hit
     `max_duration_s`, the place does not trigger again for `cooldown_s`. At
-    most `max_active` bursts run at once: the candidates of a survey frame go
+    most `max_active` bursts run at once, and no new one starts while the
+    running ones' latest frames came `FULL_PACE` (1.6) intervals after the
+    frame before, on average (the camera is full; the report counts such
+    candidates as ``held_back_camera_full``): the candidates of a survey frame go
     rising cells first (by relative intensity times their `intensity_change`
     where above 1), and with every slot taken a cell `preempt` times as bright
     as the dimmest followed one takes its burst's place. Frames are scheduled
@@ -278,6 +289,7 @@ class EventBurst(PolicyBase):
     _clock: Callable[[], float] | None = PrivateAttr(None)
     # each position's last survey detections (`intensity_change`, `area_change`)
     _surveyed: dict[str, Detections] = PrivateAttr(default_factory=dict)
+    _held_back: int = PrivateAttr(0)  # triggers refused as the camera was full
 
     @property
     def active(self) -> list[_Burst]:
@@ -303,6 +315,7 @@ class EventBurst(PolicyBase):
             "n_bursts": len(bursts),
             "ended": reasons,
             "bright_cells": len(self._bright),
+            "held_back_camera_full": self._held_back,
             "bursts": [
                 {
                     "id": b.id,
@@ -377,6 +390,7 @@ class EventBurst(PolicyBase):
         rising = np.nan_to_num(change, nan=1.0, posinf=1.0)
         order = np.argsort(-(rel * np.maximum(rising, 1.0)), kind="stable")
         t_now = frame.t_clock if frame.t_clock is not None else context.now()
+        camera_full = self._camera_full()
         actions: list[Action] = []
         for i in order:
             x, y = (float(v) for v in pts[i])
@@ -386,7 +400,11 @@ class EventBurst(PolicyBase):
                 x, y, t_now
             ):
                 continue
-            if len(self._bursts) >= self.max_active:
+            full = len(self._bursts) >= self.max_active
+            if not full and camera_full:
+                full = True
+                self._held_back += 1
+            if full:
                 # cells compared as bright as they are now: one that triggered
                 # faintly and has brightened since (about to divide) is kept
                 weakest = min(self._bursts.values(), key=lambda b: b.brightness)
@@ -416,6 +434,13 @@ class EventBurst(PolicyBase):
                 f"burst {burst.id} starts",
             )
         return actions
+
+    def _camera_full(self) -> bool:
+        """Whether the running bursts' frames come `FULL_PACE` intervals apart."""
+        if self.stream:  # a stream's frames come as fast as the camera runs
+            return False
+        gaps = [b.gap for b in self._bursts.values() if math.isfinite(b.gap)]
+        return len(gaps) >= 2 and sum(gaps) / len(gaps) >= FULL_PACE * self.interval_s
 
     def _known(self, x: float, y: float, now: float) -> bool:
         """Whether this cell is imaged fast already, or cooling down."""
@@ -475,8 +500,11 @@ class EventBurst(PolicyBase):
         det: Detections,
         context: PolicyContext,
     ) -> list[Action]:
+        t_frame = frame.t_clock if frame.t_clock is not None else math.inf
+        if k == burst.analysed + 1 and burst.analysed >= 0:
+            burst.gap = t_frame - burst.progress_at
         burst.analysed = max(burst.analysed, k)
-        burst.progress_at = frame.t_clock if frame.t_clock is not None else math.inf
+        burst.progress_at = t_frame
         if burst.ended is not None:
             return []
         still = confirmed = divided = False
