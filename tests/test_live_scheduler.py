@@ -255,14 +255,16 @@ def test_nearest_order_keeps_each_positions_own_order():
     assert got == [("other", None), ("burst", 0), ("burst", 1)]
 
 
-def test_nearest_order_lets_no_event_fall_more_than_the_slack_behind():
+def _nearest_first():
+    """A one-frame plan on a fake clock, travel_order nearest, 0.2 s slack."""
     clock = FakeClock()
-    sched = Scheduler(
-        _timelapse([(0, 0, 0)], loops=1),
-        clock=clock,
-        travel_order="nearest",
-        travel_slack_s=0.2,
-    )
+    plan = _timelapse([(0, 0, 0)], loops=1)
+    sched = Scheduler(plan, clock=clock, travel_order="nearest", travel_slack_s=0.2)
+    return clock, sched
+
+
+def test_nearest_order_lets_no_event_fall_more_than_the_slack_behind():
+    clock, sched = _nearest_first()
     next(sched)  # the stage is at x=0
     far = MDAEvent(x_pos=500, y_pos=0, pos_name="far", min_start_time=0.01)
     near = [
@@ -279,13 +281,7 @@ def test_nearest_order_lets_no_event_fall_more_than_the_slack_behind():
 
 
 def test_a_place_with_a_max_gap_lets_nearer_ones_go_first_until_its_gap_nears_it():
-    clock = FakeClock()
-    sched = Scheduler(
-        _timelapse([(0, 0, 0)], loops=1),
-        clock=clock,
-        travel_order="nearest",
-        travel_slack_s=0.2,
-    )
+    clock, sched = _nearest_first()
     next(sched)  # the base frame
     far = [
         MDAEvent(x_pos=500, y_pos=0, pos_name="far", index={"t": k}, min_start_time=t)

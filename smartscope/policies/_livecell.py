@@ -92,8 +92,8 @@ BURST_PACE = 0.75
 
 #: ... and, with the Scheduler's ``travel_order: nearest``, let nearer bursts'
 #: frames go first while their own gap stays short of this many intervals
-#: (`AddEvents.max_gap_s`): at capacity the camera tours the bursts instead of
-#: crossing the stage between them in due order.
+#: (`AddEvents.max_gap_s`); at capacity the burst nearest that limit goes
+#: first. A division capture allows gaps of two intervals.
 MAX_GAP = 2.0
 
 #: The camera is full when the running bursts' latest frames (the gap before
@@ -170,7 +170,7 @@ class EventBurst(PolicyBase):
     too, straight after it (two frames at once, then a gap twice as long).
     With the Scheduler's ``travel_order: nearest``, when several bursts'
     frames are due at once the nearest goes first while every burst's gap
-    stays short of two intervals (`MAX_GAP`): the stage tours the cells.
+    stays short of two intervals (`MAX_GAP`), else the one nearest that.
 
     The followed cell's brightness (mean intensity relative to the trigger
     field's median) is watched through the burst, so that light goes to cells
@@ -436,7 +436,7 @@ class EventBurst(PolicyBase):
         return actions
 
     def _camera_full(self) -> bool:
-        """Whether the running bursts' frames come `FULL_PACE` intervals apart."""
+        """Whether the running bursts' latest gaps are `FULL_PACE` intervals or more."""
         if self.stream:  # a stream's frames come as fast as the camera runs
             return False
         gaps = [b.gap for b in self._bursts.values() if math.isfinite(b.gap)]

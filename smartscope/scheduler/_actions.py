@@ -52,8 +52,9 @@ class AddEvents:
     longest gap wanted between a position's frames: when several added events
     are due at once (acquisition at capacity), nearer ones go first while this
     position's next frame can still start `travel_slack_s` before its gap
-    since the last one reaches `max_gap_s`, so that the camera tours the
-    places instead of crossing the stage between them in due order.
+    since the last one reaches `max_gap_s`, and of those past that point the
+    one nearest its limit goes first (not the one longest past its due time,
+    which a late frame before it has made stale).
     """
 
     events: tuple[MDAEvent, ...]

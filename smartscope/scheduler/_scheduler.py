@@ -347,7 +347,7 @@ class Scheduler(Iterator[MDAEvent]):
         self._added: list[tuple[int, int, float, MDAEvent, str]] = []
         self._counter = itertools.count()
         # AddEvents.min_gap_s / max_gap_s per position, and when each such
-        # position was last served (pacing: see `_pace`; touring: `_best_added`)
+        # position was last served (pacing: see `_pace`; gaps: `_latest_start`)
         self._min_gap: dict[str, float] = {}
         self._max_gap: dict[str, float] = {}
         self._paced_at: dict[str, tuple[float, Any]] = {}
