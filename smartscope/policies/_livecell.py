@@ -116,7 +116,7 @@ _BURST_TRIGGER: list[Criterion] = [
     {"relative_intensity": Bounds(min=1.5), "aspect": Bounds(min=0.75)},
     {"relative_intensity": Bounds(min=2.2)},
     {"relative_intensity": Bounds(min=1.1), "intensity_change": Bounds(min=1.4)},
-    {"relative_intensity": Bounds(min=1.8), "relative_peak": Bounds(min=2.6)},
+    {"relative_intensity": Bounds(min=1.7), "relative_peak": Bounds(min=2.3)},
     {"relative_area": Bounds(min=1.8), "relative_peak": Bounds(min=2.4)},
 ]
 
