@@ -1375,8 +1375,8 @@ class Scheduler(Iterator[MDAEvent]):
                     firsts[key] = item
         timed = [item for item in firsts.values() if item[2] > -math.inf]
         if timed:  # (an event without a due time has no deadline to miss)
-            overdue = min(timed, key=lambda item: (self._latest_start(item), item[1]))
-            if now > self._latest_start(overdue):
+            latest, _, overdue = min((self._latest_start(i), i[1], i) for i in timed)
+            if now > latest:
                 return overdue
         return min(firsts.values(), key=lambda item: (self._distance(item[3]), item[1]))
 
