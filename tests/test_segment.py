@@ -138,6 +138,24 @@ def test_fragments_join_the_larger_object_they_touch():
     np.testing.assert_array_equal(merge_fragments(two, 0.4)[two == 2], 3)
 
 
+def test_a_piece_that_touched_only_pieces_joins_once_they_have_joined():
+    from smartscope.segment._postprocess import merge_fragments
+
+    lab = np.zeros((80, 120), np.uint16)
+    for i, x in enumerate(range(0, 120, 24)):  # five nuclei of 20 x 20
+        lab[50:70, x : x + 20] = i + 1
+    lab[20:40, 30:50] = 6  # a nucleus cut into pieces: its core ...
+    lab[14:20, 30:50] = 7  # ... a piece along it (120 px) ...
+    lab[10:14, 30:50] = 8  # ... and one beyond that (80 px, touches only 7)
+    once = merge_fragments(lab, rounds=1)
+    assert (once[lab == 7] == 6).all() and (once[lab == 8] == 8).all()
+    out = merge_fragments(lab)
+    assert (out[(lab >= 6)] == 6).all()
+    for kept in range(1, 6):
+        assert (out[lab == kept] == kept).all()
+    assert merge_fragments(out) is out  # nothing more to join
+
+
 def test_probabilities_to_labels_merges_a_split_off_piece():
     from smartscope.segment._postprocess import probabilities_to_labels
 
@@ -170,6 +188,61 @@ def test_median_object_radius_measures_pieces_of_foreground():
         fg |= (yy - 225) ** 2 + (xx - x) ** 2 <= 10**2
     assert median_object_radius(fg) == pytest.approx(10, abs=1.0)
     assert median_object_radius(np.zeros((64, 64), bool)) == 0.0
+
+
+def test_reread_windows_pick_large_objects_and_keep_their_crops_in_the_frame():
+    from smartscope.segment._postprocess import reread_windows
+
+    lab = np.zeros((200, 300), np.uint16)
+    for i, x in enumerate(range(10, 250, 40)):  # six nuclei of 20 x 20
+        lab[150:170, x : x + 20] = i + 1
+    lab[2:22, 2:42] = 7  # twice their area, in the frame's corner
+    lab[60:100, 200:240] = 8  # four times their area
+    found = reread_windows(lab, ratio=1.7, side=96)
+    assert found.median_area == 400
+    assert [w[0] for w in found.windows] == [7, 8]
+    assert found.shape == (96, 96)
+    for label, y0, x0 in found.windows:
+        assert 0 <= y0 <= 200 - 96 and 0 <= x0 <= 300 - 96
+        ys, xs = np.nonzero(lab == label)  # the whole object lies in its crop
+        assert ys.min() >= y0 and ys.max() < y0 + 96
+        assert xs.min() >= x0 and xs.max() < x0 + 96
+    assert reread_windows(lab, ratio=5.0).windows == []
+    # an object larger than the crop widens every crop (1.25 x its extent);
+    # the frame caps the crop
+    lab[20:110, 100:180] = 9
+    assert reread_windows(lab, ratio=1.7, side=96).shape == (113, 113)
+    assert reread_windows(lab, ratio=1.7, side=250).shape == (200, 250)
+    one = np.zeros((64, 64), np.uint16)
+    one[10:50, 10:50] = 1
+    assert reread_windows(one).windows == []  # no median to compare with
+
+
+def test_split_by_reread_takes_only_parts_that_lie_in_the_object():
+    from smartscope.segment._postprocess import split_by_reread
+
+    lab = np.zeros((64, 64), np.int32)
+    lab[10:30, 10:50] = 5  # one object that the crop sees as two
+    lab[40:50, 10:20] = 6
+    crop = np.zeros((64, 64), np.int32)
+    crop[10:30, 10:31] = 1
+    crop[10:30, 33:50] = 2
+    out = lab.copy()
+    nxt = split_by_reread(out, 5, 0, 0, crop, 7, median_area=300.0)
+    assert nxt == 8
+    assert (out[10:30, 33:50] == 7).all()  # the smaller part is new ...
+    assert (out[10:30, 10:33] == 5).all()  # ... the rest keeps its label
+    assert (out[40:50, 10:20] == 6).all()
+    # a part under 0.3 x the median area is not a nucleus of its own
+    out = lab.copy()
+    assert split_by_reread(out, 5, 0, 0, crop, 7, median_area=2000.0) == 7
+    np.testing.assert_array_equal(out, lab)
+    # nor is a crop object that lies mostly outside the object
+    wide = crop.copy()
+    wide[30:60, 33:50] = 2
+    out = lab.copy()
+    assert split_by_reread(out, 5, 0, 0, wide, 7, median_area=300.0) == 7
+    np.testing.assert_array_equal(out, lab)
 
 
 # ------------------------------------------- labels from other people's models

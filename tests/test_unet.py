@@ -327,6 +327,20 @@ def test_widefield_scenes_and_contact_weights():
 
 
 # ------------------------------------------------------------------------ CLI
+def test_segment_cli_rereads_large_objects_when_asked(tmp_path):
+    img, _ = synth_sample(45, (256, 256), "nuclei")  # the re-read splits one
+    path = tmp_path / "img.tif"
+    tifffile.imwrite(path, img)
+    plain = smartscope("segment", str(path), "-o", str(tmp_path / "a.tif"))
+    again = smartscope(
+        "segment", str(path), "--reread", "1.7", "-o", str(tmp_path / "b.tif")
+    )
+    assert plain.returncode == 0 and again.returncode == 0, again.stderr
+    assert "@reread1.7" in again.stderr and "@reread" not in plain.stderr
+    a, b = tifffile.imread(tmp_path / "a.tif"), tifffile.imread(tmp_path / "b.tif")
+    assert b.max() > a.max()
+
+
 def test_segment_cli_round_trips_tiff(tmp_path):
     img, truth = synth_sample(21, (256, 320), kind="nuclei", depth="16")
     src = tmp_path / "nuclei.tif"
@@ -365,6 +379,8 @@ def test_segment_cli_stack_and_output_option(tmp_path):
         (["IMG", "--model", "nope.pt"], "model file not found"),
         (["IMG", "--device", "tpu"], "--device must be"),
         (["BAD"], "cannot read"),
+        (["IMG", "--reread", "0.5"], "--reread must be more than 1"),
+        (["IMG", "--reread", "1.7", "--model", "IMG"], "--reread applies to"),
     ],
 )
 def test_segment_cli_bad_input_is_one_line(tmp_path, args, message):
@@ -589,3 +605,29 @@ def test_large_nuclei_are_segmented_again_at_a_smaller_scale(builtin):
     # frames of small nuclei are left as they are
     img, _ = synth_sample(11, (256, 256), kind="nuclei")
     np.testing.assert_array_equal(builtin.segment(img).labels, off.segment(img).labels)
+
+
+def test_large_objects_are_read_again_in_crops_of_their_own(builtin):
+    # with reread_ratio, objects of >= that x the median area are read again
+    # in a crop normalised on its own and split where that read finds parts;
+    # measured on these frames F1 0.86 with it, 0.84 without (bf16 and fp32)
+    from smartscope.segment._synth import large_nuclei_set
+
+    frames = [(f[0], f[1]) for f in large_nuclei_set(6)]
+    frames += [synth_sample(seed, (256, 256), "nuclei") for seed in (39, 45)]
+    images, truths = [f[0] for f in frames], [f[1] for f in frames]
+    reread = UNetSegmenter(device="cpu", reread_ratio=1.7)
+    on = evaluate(reread, images, truths)
+    plain = evaluate(builtin, images, truths)
+    assert on["f1@0.5"] > plain["f1@0.5"] + 0.01, (on, plain)
+    assert on["n_pred"] > plain["n_pred"]
+    assert reread.model_id == builtin.model_id + "@reread1.7"
+    # a re-read only splits: each object lies in one object of the plain read
+    for img in images:
+        got = reread.segment(img).labels[0].astype(np.int64)
+        ref = builtin.segment(img).labels[0].astype(np.int64)
+        pairs, counts = np.unique(got * (ref.max() + 1) + ref, return_counts=True)
+        inside = np.zeros(got.max() + 1)
+        np.maximum.at(inside, pairs // (ref.max() + 1), counts)
+        sizes = np.bincount(got.ravel())
+        assert (inside[1:] >= 0.9 * sizes[1:]).all()

@@ -106,6 +106,7 @@ def _build_segmenters(
     threads: int | None,
     add_models: Sequence[str | Path],
     exports: Path | None,
+    reread_ratio: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
     """Every installed segmenter, and what each runs.
 
@@ -158,7 +159,9 @@ def _build_segmenters(
             continue
         try:
             path = _export(model, fmt, exports)
-            params = model_spec(path, device=device, threads=threads)
+            params = model_spec(
+                path, device=device, threads=threads, reread_ratio=reread_ratio
+            )
             params.pop("name")
             built[name] = create_segmenter(name, params)
             runs[name] = f"{model} exported to {fmt}"
@@ -214,6 +217,7 @@ def bench_segment(
     bead_fields: int = 4,
     threads: int | None = None,
     scale: float = 1.0,
+    reread_ratio: float | None = None,
     config: str | Path | None = None,
     real_image: str | Path | None = None,
     real_mask: str | Path | None = None,
@@ -243,7 +247,9 @@ def bench_segment(
     exported to their format (in a temporary folder; needs the ``export``
     extra). The others are listed in ``skipped`` with the reason; ``models``
     says what each row ran. ``table`` has one row per segmenter: F1@0.5 and
-    mean AP on each data set, p50/p99 ms at each size.
+    mean AP on each data set, p50/p99 ms at each size. `reread_ratio`
+    turns on the re-read of large objects (`reread_large`) for the model and
+    its exports.
     """
     from smartscope.segment._dl import UNetSegmenter
 
@@ -255,7 +261,13 @@ def bench_segment(
         raise SmartscopeError("a real image needs both an image and its label mask")
     real = real_image_set(real_image, real_mask) if real_image and real_mask else []
 
-    dl = UNetSegmenter(model=model, device=device, threads=threads, scale=scale)
+    dl = UNetSegmenter(
+        model=model,
+        device=device,
+        threads=threads,
+        scale=scale,
+        reread_ratio=reread_ratio,
+    )
     main = "builtin" if model == "builtin" else "model"
     # bioimageio.spec leaves the package's files open for the garbage
     # collector: they are closed (quietly) before the exports' folder goes
@@ -272,6 +284,7 @@ def bench_segment(
             threads=threads,
             add_models=add_models if all_segmenters else (),
             exports=Path(tmp) if exports and all_segmenters else None,
+            reread_ratio=reread_ratio,
         )
         if not all_segmenters:
             segmenters = {k: segmenters[k] for k in (main, "threshold")}

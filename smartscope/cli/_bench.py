@@ -151,6 +151,13 @@ def bench_segment_cmd(
     repeats: Annotated[int, typer.Option(min=3, help="Timed calls per size.")] = 30,
     threads: Annotated[Optional[int], typer.Option(min=1)] = None,  # noqa: UP045
     scale: Annotated[float, typer.Option(help="Input scale of the model.")] = 1.0,
+    reread: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            help="The model (and its exports) read objects of at least this many "
+            "times the median area again in crops of their own (off by default)."
+        ),
+    ] = None,
     real_image: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
@@ -203,6 +210,7 @@ def bench_segment_cmd(
             repeats=repeats,
             threads=threads,
             scale=scale,
+            reread_ratio=reread,
             config=config,
             real_image=real_image,
             real_mask=real_mask,

@@ -255,6 +255,14 @@ def segment(
         float, typer.Option(help="Resize before the network (0.5 for large nuclei).")
     ] = 1.0,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads.")] = None,  # noqa: UP045
+    reread: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            help="Read objects of at least this many times the median area again "
+            "in crops of their own, split where that finds parts (1.7 "
+            "recommended; off by default)."
+        ),
+    ] = None,
 ) -> None:
     """Segment an image or stack into uint16 instance labels of the same shape.
 
@@ -275,9 +283,13 @@ def segment(
     check_device(device)
     if not 0.05 < scale <= 4:
         bad_input(f"--scale must be in (0.05, 4], not {scale}")
+    if reread is not None and not reread > 1:
+        bad_input(f"--reread must be more than 1 (x the median area), not {reread}")
     with user_errors():
         arr = read_image(image)
-        seg = segmenter_for_model(model, device=device, threads=threads, scale=scale)
+        seg = segmenter_for_model(
+            model, device=device, threads=threads, scale=scale, reread_ratio=reread
+        )
         prepare(seg)  # the built-in model's one-time compile: not per plane
         t0 = time.perf_counter()
         labels = segment_array(seg, arr)

@@ -14,7 +14,12 @@ from typing import Any
 from smartscope.segment._export_bioimageio import export_bioimageio
 from smartscope.segment._export_onnx import ExportError, export_onnx
 from smartscope.segment._model import load_model_file, sha256_of
-from smartscope.segment._postprocess import FRAGMENT_FRACTION, percentiles_text
+from smartscope.segment._postprocess import (
+    FRAGMENT_FRACTION,
+    REREAD_RATIO,
+    REREAD_SIDE,
+    percentiles_text,
+)
 
 #: formats `export_model` writes, and the suffix of their default file name
 EXPORT_FORMATS = {"onnx": ".onnx", "bioimageio": ".bioimageio.zip"}
@@ -246,9 +251,13 @@ Input: {arch["input"]}. Output: {arch["output"]}.
 Instances: interior components (p > 0.6) grown over the foreground
 (interior + boundary > 0.6) by up to 4 px; seedless foreground becomes its own
 object; a piece under {FRAGMENT_FRACTION:g} x the median object area that
-touches an object at least twice its size joins it; objects under 8 px are
+touches an object at least twice its size joins it (repeated until nothing
+more joins); objects under 8 px are
 dropped (thresholds chosen on a tuning set of other seeds than the validation
-set).
+set). Objects of at least {REREAD_RATIO:g} x the median object area are read
+again, each in a crop of its own ({REREAD_SIDE} px at the network's input)
+normalised on its own, and split where that read finds two or more parts
+(`reread_ratio` of the segmenter).
 
 ### Why this design
 {_WHY}
@@ -300,7 +309,7 @@ Speed and accuracy on real DemoCamera frames: `smartscope bench segment --json`.
 Trained on synthetic images only; it has not seen a real nucleus image.
 Measure it on a labelled image of yours with `smartscope bench segment
 --real-image IMAGE --real-mask LABELS` (the built-in model reads F1@0.5
-0.82-0.85 on a public annotated widefield image of 125 nuclei; its card
+0.85-0.86 on a public annotated widefield image of 125 nuclei; its card
 gives the details). Nuclei pressed side by side
 with no intensity dip between them are still the main source of errors on
 real images (two nuclei come out as one), and the outlines of very bright,

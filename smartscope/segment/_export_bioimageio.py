@@ -33,7 +33,12 @@ from smartscope.segment._export_onnx import (
     packaged_network,
 )
 from smartscope.segment._model import ModelFile
-from smartscope.segment._postprocess import FRAGMENT_FRACTION, NORM_PERCENTILES
+from smartscope.segment._postprocess import (
+    FRAGMENT_FRACTION,
+    NORM_PERCENTILES,
+    REREAD_RATIO,
+    REREAD_SIDE,
+)
 
 #: postprocessing of the probabilities, as `UNetSegmenter` does it by default
 POSTPROCESS = {
@@ -138,10 +143,16 @@ Connected regions of interior probability > {POSTPROCESS["seed_threshold"]}
 probability > {POSTPROCESS["fg_threshold"]}) by up to 4 pixel rings; foreground
 that no seed reaches becomes its own object; a piece under
 {POSTPROCESS["fragment_fraction"]} x the median object area that touches an
-object at least twice its size joins it; objects under
+object at least twice its size joins it (repeated until nothing more joins);
+objects under
 {POSTPROCESS["min_area_px"]} px are dropped. In Python:
 `smartscope.segment._postprocess.probabilities_to_labels`, or the
 `smartscope-bioimageio` plugin (segmenter `bioimageio`) with this package.
+Optionally (smartscope's `reread_ratio`, off by default), objects of at
+least {REREAD_RATIO} x the median object area are read again, each in a
+{REREAD_SIDE} px crop around it (pre-processed as above, so normalised on its
+own), and split where the crop's instances give two or more parts of at least
+0.3 x the median area (`smartscope.segment.reread_large`).
 
 ## Training data and metrics
 Trained on synthetic images only (star-convex nuclei, beads, empty fields,

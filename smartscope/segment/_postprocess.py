@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -161,6 +164,7 @@ def merge_fragments(
     fraction: float = FRAGMENT_FRACTION,
     ratio: float = 2.0,
     min_contact: int = 2,
+    rounds: int = 8,
 ) -> np.ndarray:
     """Merge small pieces into the larger object they touch.
 
@@ -170,9 +174,27 @@ def merge_fragments(
     with (a piece split off a nucleus by a stray boundary, or a bright spot
     seeded apart from its nucleus). Small objects that touch nothing, or
     touch only objects of their own size (beads, daughter nuclei), stay.
-    Vectorised; beyond one pass over the frame the cost follows the small
-    objects' pixels. Labels keep their numbers (merged ones vanish).
+    Repeated (at most `rounds` times) until nothing more joins: a piece
+    that touched only other pieces joins once they have joined their
+    nucleus (a nucleus the network cut into several pieces; large nuclei
+    F1 0.735 -> 0.84 on `bench segment`'s set, the synthetic sets not
+    lower). Vectorised; beyond one pass over the frame a round's cost
+    follows the small objects' pixels. Labels keep their numbers (merged
+    ones vanish); `labels` itself comes back when nothing joins.
     """
+    out = labels
+    for _ in range(max(1, rounds)):
+        merged = _merge_fragments_once(out, fraction, ratio, min_contact)
+        if merged is out:
+            break
+        out = merged
+    return out
+
+
+def _merge_fragments_once(
+    labels: np.ndarray, fraction: float, ratio: float, min_contact: int
+) -> np.ndarray:
+    """One round of `merge_fragments` (`labels` itself when nothing joins)."""
     lab = np.asarray(labels)
     n = int(lab.max()) if lab.size else 0
     if n < 2 or fraction <= 0:
@@ -259,6 +281,19 @@ def probabilities_to_labels(
         if small.any():
             seeds[small[seeds]] = 0
     labels = merge_fragments(_grow(seeds, fg, grow_steps), fragment_fraction)
+    return finish_labels(labels, fg_prob, fg, min_area_px)
+
+
+def finish_labels(
+    labels: np.ndarray, fg_prob: np.ndarray, fg: np.ndarray, min_area_px: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Drop objects under `min_area_px`, number the rest 1..K, score them.
+
+    The last step of `probabilities_to_labels` (and of a re-read, see
+    `reread_windows`): `labels` (any numbering) lie inside the foreground
+    `fg`; an object's score is its mean foreground probability `fg_prob`.
+    Returns uint16 labels and float32 scores.
+    """
     n = int(labels.max())
     if n == 0:
         return np.zeros(fg.shape, np.uint16), np.zeros(0, np.float32)
@@ -277,3 +312,155 @@ def probabilities_to_labels(
     new_id = np.zeros(n + 1, np.uint16)
     new_id[keep] = np.arange(1, int(keep.sum()) + 1)
     return new_id[labels], scores
+
+
+#: objects of at least this many times the frame's median object area are
+#: read again in a crop of their own (`reread_windows`) where a segmenter's
+#: ``reread_ratio`` turns it on; 1.7 was chosen on the synthetic tuning sets
+#: (1.4-2.0 alike there; 1.7 reads fewer crops than 1.4)
+REREAD_RATIO = 1.7
+#: side (px at the network's input) of the crop around such an object
+REREAD_SIDE = 96
+
+
+class Rereads(NamedTuple):
+    """What `reread_windows` found: large objects and their crops."""
+
+    windows: list[tuple[int, int, int]]  #: (label, y0, x0) per large object
+    shape: tuple[int, int]  #: the crops' common shape
+    median_area: float  #: the frame's median object area (px)
+
+
+def reread_windows(
+    labels: np.ndarray, ratio: float = REREAD_RATIO, side: int = REREAD_SIDE
+) -> Rereads:
+    """Large objects and the crops to read them again in.
+
+    An object of at least `ratio` x the frame's median object area may be
+    two or more nuclei the network saw as one: normalised over the whole
+    frame, the faint dip between two dim nuclei pressed together is lost.
+    Read again in a crop normalised on its own, the network often separates
+    them (`split_by_reread`). The crops share one shape (one batch): `side`
+    px, or 1.25 x the largest such object's extent if that is more, never
+    more than the frame; each is centred on its object and shifted to lie
+    inside the frame. No windows when the frame has fewer than two objects
+    or none that large.
+    """
+    lab = np.asarray(labels)
+    n = int(lab.max()) if lab.size else 0
+    if n < 2:
+        return Rereads([], (0, 0), 0.0)
+    areas = np.bincount(lab.ravel(), minlength=n + 1)
+    present = areas[1:][areas[1:] > 0]
+    median = float(np.median(present))
+    big = np.flatnonzero(areas >= ratio * median)
+    big = big[big > 0]
+    if big.size == 0 or present.size < 2:
+        return Rereads([], (0, 0), median)
+    boxes = ndi.find_objects(lab, max_label=int(big[-1]))
+    h, w = lab.shape
+    extent = max(
+        max(boxes[i - 1][0].stop - boxes[i - 1][0].start for i in big),
+        max(boxes[i - 1][1].stop - boxes[i - 1][1].start for i in big),
+    )
+    want = max(side, int(np.ceil(1.25 * extent)))
+    ch, cw = min(h, want), min(w, want)
+    out = []
+    for i in big:
+        ys, xs = boxes[i - 1]
+        y0 = min(max(0, (ys.start + ys.stop - ch) // 2), h - ch)
+        x0 = min(max(0, (xs.start + xs.stop - cw) // 2), w - cw)
+        out.append((int(i), y0, x0))
+    return Rereads(out, (ch, cw), median)
+
+
+def split_by_reread(
+    labels: np.ndarray,
+    label: int,
+    y0: int,
+    x0: int,
+    crop_labels: np.ndarray,
+    next_label: int,
+    median_area: float,
+    min_fraction: float = 0.3,
+    inside: float = 0.6,
+) -> int:
+    """Split object `label` of `labels` (in place) as the crop read it.
+
+    `crop_labels` are the instances of the crop at ``(y0, x0)``. The crop's
+    objects that lie mostly (`inside`) within the object and cover at least
+    `min_fraction` x `median_area` (the frame's median object) are its
+    parts; with two or more, every part but the largest gets a new label
+    from `next_label` on (the rest of the object keeps `label`). Returns the
+    next free label.
+    """
+    ch, cw = crop_labels.shape
+    window = labels[y0 : y0 + ch, x0 : x0 + cw]
+    mine = window == label
+    parts, counts = np.unique(crop_labels[mine], return_counts=True)
+    if parts.size < 2:
+        return next_label
+    totals = np.bincount(crop_labels.ravel(), minlength=int(parts.max()) + 1)
+    good = (
+        (parts > 0)
+        & (counts >= min_fraction * median_area)
+        & (counts >= inside * totals[parts])
+    )
+    if good.sum() < 2:
+        return next_label
+    order = np.argsort(-counts[good])
+    for part in parts[good][order[1:]]:
+        window[mine & (crop_labels == part)] = next_label
+        next_label += 1
+    return next_label
+
+
+def reread_large(
+    image: np.ndarray,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    read: Callable[[np.ndarray], Sequence[np.ndarray]],
+    ratio: float = REREAD_RATIO,
+    side: int = REREAD_SIDE,
+    fg_threshold: float = 0.6,
+    seed_threshold: float = 0.6,
+    min_area_px: int = 8,
+    fragment_fraction: float = FRAGMENT_FRACTION,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`labels` with large objects split where a crop of their own says so.
+
+    `labels` and `scores` come from `probabilities_to_labels` on `probs`,
+    the ``(3, Y, X)`` class probabilities of `image`. The objects of at
+    least `ratio` x the median area (`reread_windows`) are cut out of the
+    raw `image` as ``(N, Y', X')`` crops (one batch) and handed to `read`,
+    which must normalise each crop on its own and return its class
+    probabilities (the model's own path); each crop's instances may split its
+    object
+    (`split_by_reread`). Returns the labels and scores unchanged when
+    nothing splits; else renumbered labels (pieces merged and small objects
+    dropped as `probabilities_to_labels` does) and fresh scores.
+    """
+    found = reread_windows(labels, ratio, side)
+    if not found.windows:
+        return labels, scores
+    ch, cw = found.shape
+    crops = np.stack([image[y : y + ch, x : x + cw] for _, y, x in found.windows])
+    out = labels.astype(np.int32)
+    first = next_label = int(out.max()) + 1
+    for (label, y, x), cp in zip(found.windows, read(crops), strict=True):
+        crop_labels, _ = probabilities_to_labels(
+            cp,
+            fg_threshold=fg_threshold,
+            seed_threshold=seed_threshold,
+            min_area_px=min_area_px,
+            fragment_fraction=fragment_fraction,
+        )
+        next_label = split_by_reread(
+            out, label, y, x, crop_labels, next_label, found.median_area
+        )
+    if next_label == first:
+        return labels, scores  # nothing split
+    out = merge_fragments(out, fragment_fraction)
+    fg_prob = probs[1] + probs[2]
+    return finish_labels(out, fg_prob, fg_prob > fg_threshold, min_area_px)

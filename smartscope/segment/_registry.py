@@ -80,6 +80,7 @@ def segmenter_for_model(
     device: str = "auto",
     threads: int | None = None,
     scale: float = 1.0,
+    reread_ratio: float | None = None,
 ) -> PSegmenter:
     """The segmenter that runs a model file, chosen from what the file is.
 
@@ -90,7 +91,9 @@ def segmenter_for_model(
     RegistryError
         If the file does not exist, or its plugin is not installed.
     """
-    spec = model_spec(model, device=device, threads=threads, scale=scale)
+    spec = model_spec(
+        model, device=device, threads=threads, scale=scale, reread_ratio=reread_ratio
+    )
     return create_segmenter(spec.pop("name"), spec)
 
 
@@ -100,6 +103,7 @@ def model_spec(
     device: str = "auto",
     threads: int | None = None,
     scale: float = 1.0,
+    reread_ratio: float | None = None,
 ) -> dict[str, Any]:
     """The segmenter spec (``{"name": ..., <params>}``) that runs a model file.
 
@@ -107,7 +111,9 @@ def model_spec(
     built-in U-Net; ``.onnx``: the ``onnx`` plugin; a bioimage.io package (a
     ``.zip``, its ``rdf.yaml`` / ``bioimageio.yaml``, or a folder holding one):
     the ``bioimageio`` plugin; any other file: the ``cellpose`` plugin.
-    `device` and `threads` are passed on where the segmenter takes them.
+    `device` and `threads` are passed on where the segmenter takes them;
+    `reread_ratio` (the re-read of large objects in crops of their own) to
+    the built-in U-Net, ``onnx`` and ``bioimageio``.
 
     Raises
     ------
@@ -123,6 +129,8 @@ def model_spec(
         params: dict[str, Any] = {"model": name, "device": device, "scale": scale}
         if threads:
             params["threads"] = threads
+        if reread_ratio is not None:
+            params["reread_ratio"] = reread_ratio
         return {"name": "unet", **params}
     if scale != 1.0:
         raise RegistryError("--scale applies to the built-in model only")
@@ -143,6 +151,13 @@ def model_spec(
         plugin, params = "cellpose", {"model": name, "device": device}
     else:
         raise RegistryError(f"{name}: not a model file smartscope knows")
+    if reread_ratio is not None:
+        if plugin == "cellpose":
+            raise RegistryError(
+                "--reread applies to the built-in model, ONNX and bioimage.io "
+                "models only"
+            )
+        params["reread_ratio"] = reread_ratio
     if plugin not in available_segmenters():
         raise RegistryError(
             f"{name} needs the {plugin} plugin: pip install smartscope-{plugin} "

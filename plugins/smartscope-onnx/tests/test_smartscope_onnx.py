@@ -117,6 +117,25 @@ def test_builtin_export_matches_torch(builtin_onnx, torch_unet):
         np.testing.assert_array_equal(batch[i], pairs[i][1])
 
 
+def test_the_reread_of_large_objects_matches_the_builtin_segmenters(builtin_onnx):
+    """`reread_ratio` reads large objects again in crops, as the built-in does."""
+    from smartscope.segment import UNetSegmenter
+
+    # frames where the built-in's re-read splits objects (none of them large
+    # enough for its test-time scale, which is its own)
+    images = [synth_sample(s, (256, 256), "nuclei")[0] for s in (32, 39, 45, 68)]
+    ref = UNetSegmenter(device="cpu", precision="fp32", threads=2, reread_ratio=1.7)
+    seg = OnnxSegmenter(model=str(builtin_onnx), device="cpu", reread_ratio=1.7)
+    plain = OnnxSegmenter(model=str(builtin_onnx), device="cpu")
+    pairs, split = [], 0
+    for img in images:
+        got = seg.segment(img).labels[0]
+        pairs.append((ref.segment(img).labels[0], got))
+        split += int(got.max()) - int(plain.segment(img).labels.max())
+    assert split > 0  # the re-read split objects on these frames
+    assert scores(pairs)["f1@0.5"] >= 0.99, scores(pairs)
+
+
 def test_a_nan_border_leaves_the_rest_of_the_image_as_it_was(builtin_onnx):
     """NaN pixels (a registered float image's border) made every percentile
     NaN, so the whole image normalised to NaN and nothing was found."""

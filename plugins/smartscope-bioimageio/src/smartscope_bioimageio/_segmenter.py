@@ -23,6 +23,7 @@ _DEFAULTS = {
     "seed_threshold": 0.5,
     "min_area_px": 8,
     "fragment_fraction": FRAGMENT_FRACTION,
+    "reread_ratio": 0,  # off unless the package or the user asks for it
 }
 
 
@@ -117,6 +118,13 @@ class BioimageioSegmenter(BaseModel):
         Class outputs: pieces under this fraction of the median object that
         touch a larger object join it (default: package config, else 0.4;
         0 keeps every piece).
+    reread_ratio : float, optional
+        Class outputs: objects of at least this many times the median object
+        area are read again, each in a 96 px crop pre-processed on its own,
+        and split where that read finds two or more parts
+        (`smartscope.segment.reread_large`, as the built-in segmenter's
+        `reread_ratio`; 1.7 recommended; default: package config, else off;
+        0 turns it off).
     split_touching : bool
         ``foreground`` output: split touching objects.
     min_distance_px : int
@@ -138,6 +146,7 @@ class BioimageioSegmenter(BaseModel):
     seed_threshold: float | None = Field(None, gt=0, lt=1)
     min_area_px: int | None = Field(None, ge=0)
     fragment_fraction: float | None = Field(None, ge=0, lt=1)
+    reread_ratio: float | None = Field(None, ge=0)
     split_touching: bool = True
     min_distance_px: int = Field(3, ge=1)
 
@@ -517,9 +526,13 @@ class BioimageioSegmenter(BaseModel):
     def segment(self, images: np.ndarray) -> Segmentation:
         """Segment a ``(B, Y, X)`` batch (or one ``(Y, X)`` image)."""
         from smartscope.segment import foreground_to_labels
-        from smartscope.segment._postprocess import probabilities_to_labels
+        from smartscope.segment._postprocess import (
+            probabilities_to_labels,
+            reread_large,
+        )
 
-        out = self.predict(images)
+        batch = as_batch(images)
+        out = self.predict(batch)
         kind = self.output_kind(out.shape[1])
         fg_t = float(self._setting("fg_threshold"))
         seed_t = float(self._setting("seed_threshold"))
@@ -528,16 +541,27 @@ class BioimageioSegmenter(BaseModel):
             out = _as_probabilities(out)
         labels = np.zeros((out.shape[0], *out.shape[2:]), np.uint16)
         scores = []
+        reread = float(self._setting("reread_ratio") or 0)
+        post = {
+            "fg_threshold": fg_t,
+            "seed_threshold": seed_t,
+            "min_area_px": min_area,
+            "fragment_fraction": float(self._setting("fragment_fraction")),
+        }
         for i, p in enumerate(out):
             if kind in ("boundary3", "fg_boundary"):
                 probs = self._three_classes(p, kind)
-                labels[i], s = probabilities_to_labels(
-                    probs,
-                    fg_threshold=fg_t,
-                    seed_threshold=seed_t,
-                    min_area_px=min_area,
-                    fragment_fraction=float(self._setting("fragment_fraction")),
-                )
+                labels[i], s = probabilities_to_labels(probs, **post)
+                if reread > 1:
+                    labels[i], s = reread_large(
+                        batch[i],
+                        probs,
+                        labels[i],
+                        s,
+                        lambda crops: self._class_probabilities(crops, kind),
+                        ratio=reread,
+                        **post,
+                    )
             elif kind == "distance":
                 labels[i], s = foreground_to_labels(
                     p[0],
@@ -558,6 +582,12 @@ class BioimageioSegmenter(BaseModel):
                 )
             scores.append(s)
         return Segmentation(labels, scores)
+
+    def _class_probabilities(self, crops: np.ndarray, kind: str) -> list[np.ndarray]:
+        """``(3, Y, X)`` class probabilities of each of a batch of raw crops."""
+        return [
+            self._three_classes(p, kind) for p in _as_probabilities(self.predict(crops))
+        ]
 
     def _three_classes(self, p: np.ndarray, kind: str) -> np.ndarray:
         """``(3, Y, X)`` background/interior/boundary from the model's channels."""
