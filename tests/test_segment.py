@@ -190,6 +190,36 @@ def test_median_object_radius_measures_pieces_of_foreground():
     assert median_object_radius(np.zeros((64, 64), bool)) == 0.0
 
 
+def test_large_objects_are_split_at_a_waist_not_along_a_long_axis():
+    from smartscope.segment._postprocess import split_waists
+
+    yy, xx = np.indices((200, 320))
+    lab = np.zeros((200, 320), np.int32)
+    for i, x in enumerate(range(20, 320, 40)):  # eight nuclei of radius 10
+        lab[(yy - 20) ** 2 + (xx - x) ** 2 <= 100] = i + 1
+    # two nuclei pressed together (two discs, notches where they meet) ...
+    pair = ((yy - 80) ** 2 + (xx - 60) ** 2 <= 196) | (
+        (yy - 80) ** 2 + (xx - 84) ** 2 <= 196
+    )
+    lab[pair] = 9
+    # ... and one long single nucleus of the same area (an ellipse, 3:1)
+    ellipse = ((yy - 150) / 10.5) ** 2 + ((xx - 160) / 31.5) ** 2 <= 1
+    lab[ellipse] = 10
+    out = split_waists(lab, ratio=2.0)
+    halves = np.unique(out[pair])
+    assert len(halves) == 2 and 9 in halves
+    left = out[80, 50]
+    assert (out[pair & (xx < 70)] == left).all() and (
+        out[pair & (xx > 74)] != left
+    ).all()
+    assert (out[ellipse] == 10).all()  # one peak, however long
+    for kept in range(1, 9):
+        assert (out[lab == kept] == kept).all()
+    # not when the pair is under the ratio, nor when a part would be tiny
+    assert split_waists(lab, ratio=8.0) is lab
+    assert split_waists(lab, ratio=2.0, min_fraction=2.0) is lab
+
+
 def test_reread_windows_pick_large_objects_and_keep_their_crops_in_the_frame():
     from smartscope.segment._postprocess import reread_windows
 

@@ -40,6 +40,7 @@ from smartscope._errors import first_line
 from smartscope.segment._postprocess import (
     FRAGMENT_FRACTION,
     REREAD_SIDE,
+    WAIST_RATIO,
     median_object_radius,
     normalize,
     probabilities_to_labels,
@@ -91,6 +92,11 @@ class UNetSegmenter(BaseModel):
     fragment_fraction : float
         Pieces smaller than this fraction of the median object that touch a
         larger object join it (`merge_fragments`); 0 keeps every piece.
+    waist_ratio : float | None
+        Objects of at least this many times the frame's median object area
+        (2.0) are split where their shape has a waist: two nuclei pressed
+        together that the network saw as one (`split_waists`; a few ms on a
+        512² frame with several such objects). None turns it off.
     reread_ratio : float | None
         Off (None) by default. Objects of at least this many times the
         frame's median object area (1.7 recommended, `REREAD_RATIO`) are
@@ -118,6 +124,7 @@ class UNetSegmenter(BaseModel):
     seed_threshold: float = Field(0.6, gt=0, lt=1)
     min_area_px: int = Field(8, ge=0)
     fragment_fraction: float = Field(FRAGMENT_FRACTION, ge=0, lt=1)
+    waist_ratio: float | None = Field(WAIST_RATIO, gt=1)
     reread_ratio: float | None = Field(None, gt=1)
 
     _engine: Any = PrivateAttr(None)
@@ -140,6 +147,9 @@ class UNetSegmenter(BaseModel):
         if self.max_object_radius_px != MAX_OBJECT_RADIUS_PX:
             limit = self.max_object_radius_px
             extra += "@r-off" if limit is None else f"@r{limit:g}"
+        if self.waist_ratio != WAIST_RATIO:
+            ratio = self.waist_ratio
+            extra += "@waist-off" if ratio is None else f"@waist{ratio:g}"
         if self.reread_ratio is not None:
             extra += f"@reread{self.reread_ratio:g}"
         return self._engine.model_file.model_id + extra
@@ -197,6 +207,7 @@ class UNetSegmenter(BaseModel):
                 seed_threshold=self.seed_threshold,
                 min_area_px=self.min_area_px,
                 fragment_fraction=self.fragment_fraction,
+                waist_ratio=self.waist_ratio,
             )
             if self.reread_ratio is not None:
                 lab, s = self._reread(batch[i], p, lab, s, scales[i])

@@ -18,6 +18,7 @@ from smartscope.segment._postprocess import (
     FRAGMENT_FRACTION,
     REREAD_RATIO,
     REREAD_SIDE,
+    WAIST_RATIO,
     percentiles_text,
 )
 
@@ -252,7 +253,8 @@ Instances: interior components (p > 0.6) grown over the foreground
 (interior + boundary > 0.6) by up to 4 px; seedless foreground becomes its own
 object; a piece under {FRAGMENT_FRACTION:g} x the median object area that
 touches an object at least twice its size joins it (repeated until nothing
-more joins); objects under 8 px are
+more joins); an object of at least {WAIST_RATIO:g} x the median area is split
+where its shape has a waist; objects under 8 px are
 dropped (thresholds chosen on a tuning set of other seeds than the validation
 set). Objects of at least {REREAD_RATIO:g} x the median object area are read
 again, each in a crop of its own ({REREAD_SIDE} px at the network's input)
