@@ -22,8 +22,10 @@ Engine
   and the network sees the scale it was trained at.
 * Normalisation: per image, 5th–99.8th percentile (bit depth, offset and
   drift do not matter).
-* Post-processing: interior seeds grown over the foreground, whole-array
-  scipy operations only (see `probabilities_to_labels`).
+* Post-processing: interior seeds grown over the foreground, pieces joined
+  to their nucleus, objects of 2x the median area split at a waist (see
+  `probabilities_to_labels`); optionally large objects read again in crops
+  of their own (`reread_ratio`).
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class UNetSegmenter(BaseModel):
         (`smartscope.segment.reread_large`): two dim nuclei pressed together
         often show their dividing dip only at the crop's contrast. One more
         network pass per frame with such objects (a 512² frame of large
-        nuclei: ~10-15 ms more on 2 CPU cores), so it suits offline
+        nuclei: ~20-30 ms more on 2 CPU cores), so it suits offline
         segmentation more than the live loop's latency budget.
     """
 
