@@ -187,6 +187,21 @@ def test_bench_with_a_bad_segmenter_is_one_line(args, message):
     assert result.stdout == ""  # stopped before any arm ran
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--reread", "0.5"), "--reread must be more than 1"),
+        (("--scale", "0"), "--scale must be in"),
+    ],
+)
+def test_bench_segment_bad_model_options_are_one_line(args, message):
+    result = smartscope("bench", "segment", *args, "--json", timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert result.stdout == ""
+
+
 def test_bench_loop_reports_json():
     result = smartscope(
         "bench", "loop", "--json", "--frames", "8", "--repeats", "1", timeout=300

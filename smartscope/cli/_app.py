@@ -103,6 +103,14 @@ def check_device(device: str) -> None:
         bad_input(f"--device must be auto, cpu or cuda, not {device!r}")
 
 
+def check_model_options(scale: float, reread: float | None) -> None:
+    """``--scale`` and ``--reread`` of the commands that run the built-in model."""
+    if not 0.05 < scale <= 4:
+        bad_input(f"--scale must be in (0.05, 4], not {scale}")
+    if reread is not None and not reread > 1:
+        bad_input(f"--reread must be more than 1 (x the median area), not {reread}")
+
+
 def bad_input(message: str) -> None:
     err_console.print(f"error: {message}", markup=False, highlight=False)
     raise typer.Exit(EXIT_BAD_INPUT)

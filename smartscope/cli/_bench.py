@@ -14,6 +14,7 @@ from smartscope.cli._app import (
     bad_input,
     bench_app,
     check_device,
+    check_model_options,
     emit,
     err_console,
     user_errors,
@@ -203,6 +204,7 @@ def bench_segment_cmd(
     from smartscope.bench import bench_segment
 
     check_device(device)
+    check_model_options(scale, reread)
     with user_errors():
         result = bench_segment(
             model=model,

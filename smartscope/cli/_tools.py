@@ -19,6 +19,7 @@ from smartscope.cli._app import (
     app,
     bad_input,
     check_device,
+    check_model_options,
     console,
     err_console,
     user_errors,
@@ -281,10 +282,7 @@ def segment(
     from smartscope.segment._protocol import prepare
 
     check_device(device)
-    if not 0.05 < scale <= 4:
-        bad_input(f"--scale must be in (0.05, 4], not {scale}")
-    if reread is not None and not reread > 1:
-        bad_input(f"--reread must be more than 1 (x the median area), not {reread}")
+    check_model_options(scale, reread)
     with user_errors():
         arr = read_image(image)
         seg = segmenter_for_model(

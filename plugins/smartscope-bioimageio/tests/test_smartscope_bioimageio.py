@@ -85,6 +85,26 @@ def test_exported_package_matches_torch(package, torch_unet, weights):
         np.testing.assert_array_equal(batch[i], pairs[i][1])
 
 
+def test_the_reread_of_large_objects_matches_the_builtin_segmenters(package):
+    """`reread_ratio` reads large objects again in crops, as the built-in does."""
+    from smartscope.segment import UNetSegmenter
+
+    # frames where the built-in's re-read splits objects
+    images = [synth_sample(s, (256, 256), "nuclei")[0] for s in (32, 39, 45, 68)]
+    ref = UNetSegmenter(device="cpu", precision="fp32", threads=2, reread_ratio=1.7)
+    seg = BioimageioSegmenter(model=str(package), device="cpu", reread_ratio=1.7)
+    plain = BioimageioSegmenter(model=str(package), device="cpu")
+    pairs, split = [], 0
+    for img in images:
+        got = seg.segment(img).labels[0]
+        pairs.append((ref.segment(img).labels[0], got))
+        split += int(got.max()) - int(plain.segment(img).labels.max())
+    assert split > 0  # the re-read split objects on these frames
+    assert scores(pairs)["f1@0.5"] >= 0.99, scores(pairs)
+    with pytest.raises(ValueError, match="more than 1"):
+        BioimageioSegmenter(model=str(package), reread_ratio=0.5)
+
+
 def test_package_settings_are_read(package):
     seg = BioimageioSegmenter(model=str(package), device="cpu")
     assert seg.output_kind(3) == "boundary3"  # from config.smartscope

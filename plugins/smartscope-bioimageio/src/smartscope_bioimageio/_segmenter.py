@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 from smartscope._errors import SmartscopeError, first_line
 from smartscope.segment import Segmentation, as_batch
 from smartscope.segment._postprocess import FRAGMENT_FRACTION
@@ -151,6 +151,14 @@ class BioimageioSegmenter(BaseModel):
     min_distance_px: int = Field(3, ge=1)
 
     _descr: Any = PrivateAttr(None)
+
+    @field_validator("reread_ratio")
+    @classmethod
+    def _check_reread(cls, v: float | None) -> float | None:
+        if v is not None and 0 < v <= 1:
+            raise ValueError("must be 0 (off) or more than 1 (x the median area)")
+        return v
+
     _pipeline: Any = PrivateAttr(None)
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
     _build_lock: Any = PrivateAttr(default_factory=threading.Lock)
