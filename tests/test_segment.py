@@ -220,6 +220,39 @@ def test_large_objects_are_split_at_a_waist_not_along_a_long_axis():
     assert split_waists(lab, ratio=2.0, min_fraction=2.0) is lab
 
 
+def test_a_long_nucleus_turned_off_the_pixel_grid_is_not_split():
+    # the distance transform of a long, flat-sided nucleus turned by an angle
+    # has a ridge with several tops a fraction of a pixel apart: one peak,
+    # not several (an h-dome, not every top of it)
+    from smartscope.segment._postprocess import split_waists
+
+    yy, xx = np.indices((300, 400))
+    lab = np.zeros(yy.shape, np.int32)
+    for i, x in enumerate(range(20, 400, 40)):  # ten nuclei of radius 10
+        lab[(yy - 20) ** 2 + (xx - x) ** 2 <= 100] = i + 1
+    singles, angles = [], [15, 20, 30, 60, 75]
+    for j, (angle, cy, cx) in enumerate(
+        zip(angles, [90, 90, 90, 200, 200], [60, 180, 300, 60, 180])
+    ):
+        # a stadium: 24 px of straight sides, 13 px caps (3.6x the median area)
+        a = np.deg2rad(angle)
+        along = np.clip((yy - cy) * np.sin(a) + (xx - cx) * np.cos(a), -12, 12)
+        dy, dx = yy - cy - along * np.sin(a), xx - cx - along * np.cos(a)
+        single = dy**2 + dx**2 <= 13**2
+        lab[single] = 11 + j
+        singles.append(single)
+    # two nuclei pressed together, turned by 45 degrees, still split
+    d = 12 / np.sqrt(2)
+    pair = ((yy - 200 + d) ** 2 + (xx - 300 + d) ** 2 <= 14**2) | (
+        (yy - 200 - d) ** 2 + (xx - 300 - d) ** 2 <= 14**2
+    )
+    lab[pair] = 20
+    out = split_waists(lab)
+    for j, single in enumerate(singles):
+        assert (out[single] == 11 + j).all(), f"split at {angles[j]} degrees"
+    assert len(np.unique(out[pair])) == 2
+
+
 def test_reread_windows_pick_large_objects_and_keep_their_crops_in_the_frame():
     from smartscope.segment._postprocess import reread_windows
 

@@ -23,7 +23,7 @@ Engine
 * Normalisation: per image, 5th–99.8th percentile (bit depth, offset and
   drift do not matter).
 * Post-processing: interior seeds grown over the foreground, pieces joined
-  to their nucleus, objects of 2x the median area split at a waist (see
+  to their nucleus, objects of 1.5x the median area split at a waist (see
   `probabilities_to_labels`); optionally large objects read again in crops
   of their own (`reread_ratio`).
 """
@@ -96,7 +96,7 @@ class UNetSegmenter(BaseModel):
         larger object join it (`merge_fragments`); 0 keeps every piece.
     waist_ratio : float | None
         Objects of at least this many times the frame's median object area
-        (2.0) are split where their shape has a waist: two nuclei pressed
+        (1.5) are split where their shape has a waist: two nuclei pressed
         together that the network saw as one (`split_waists`; a few ms on a
         512² frame with several such objects). None turns it off.
     reread_ratio : float | None

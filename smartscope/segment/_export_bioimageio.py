@@ -38,6 +38,7 @@ from smartscope.segment._postprocess import (
     NORM_PERCENTILES,
     REREAD_RATIO,
     REREAD_SIDE,
+    WAIST_DYNAMIC,
     WAIST_RATIO,
 )
 
@@ -146,8 +147,8 @@ that no seed reaches becomes its own object; a piece under
 {POSTPROCESS["fragment_fraction"]} x the median object area that touches an
 object at least twice its size joins it (repeated until nothing more joins);
 an object of at least {WAIST_RATIO:g} x the median area is split where its
-shape has a waist (h-maxima of its distance transform, 0.1 x the deepest
-distance, seed a watershed); objects under
+shape has a waist (h-domes of its distance transform, {WAIST_DYNAMIC:g} x the
+deepest distance, seed a watershed); objects under
 {POSTPROCESS["min_area_px"]} px are dropped. In Python:
 `smartscope.segment._postprocess.probabilities_to_labels`, or the
 `smartscope-bioimageio` plugin (segmenter `bioimageio`) with this package.

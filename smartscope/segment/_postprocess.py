@@ -33,9 +33,11 @@ def percentiles_text() -> str:
 #: join it (`merge_fragments`); chosen on a synthetic tuning set
 FRAGMENT_FRACTION = 0.4
 #: objects of at least this many times the median object area are split at
-#: a waist of their shape (`split_waists`); chosen on the synthetic tuning
-#: sets (1.5 / 1.7 / 2.0 / 2.5 tried)
-WAIST_RATIO = 2.0
+#: a waist of their shape (`split_waists`), where a lobe stands this fraction
+#: of the object's deepest distance above the saddle; chosen on synthetic
+#: sets (ratio 1.2-2.5, fraction 0.03-0.15 tried; docs/benchmarks.md)
+WAIST_RATIO = 1.5
+WAIST_DYNAMIC = 0.075
 
 
 def normalize(image: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -315,7 +317,7 @@ def _large_objects(
 def split_waists(
     labels: np.ndarray,
     ratio: float = WAIST_RATIO,
-    dynamic: float = 0.1,
+    dynamic: float = WAIST_DYNAMIC,
     min_fraction: float = 0.4,
     min_area_px: int = 8,
 ) -> np.ndarray:
@@ -325,15 +327,16 @@ def split_waists(
     its maps between them) still show the notches where their outlines
     meet. In an object that large, the distance to its edge has one peak
     per lobe; peaks that stand at least `dynamic` x the object's deepest
-    distance above the saddle between them (h-maxima) seed a watershed of
-    the distance inside the object, and the object is split into those
-    parts unless one is under `min_fraction` x the median area (objects
-    under `min_area_px`, which will be dropped, do not count in the median).
-    A single convex nucleus has one peak, however large or elongated. Returns
+    distance above the saddle to a higher one (h-domes: one marker per dome,
+    however many tops a flat ridge has) seed a watershed of the distance
+    inside the object, and the object is split into those parts unless one
+    is under `min_fraction` x the median area (objects under `min_area_px`,
+    which will be dropped, do not count in the median). A single convex
+    nucleus has one peak, however large, elongated or turned. Returns
     `labels` itself when nothing splits, else a copy (new labels above the
     largest).
     """
-    from skimage.morphology import h_maxima
+    from skimage.morphology import local_maxima, reconstruction
     from skimage.segmentation import watershed
 
     lab = np.asarray(labels)
@@ -359,9 +362,14 @@ def split_waists(
         # pixel (h-maxima is the costly step: ~1 ms a 70 px object)
         step = 2 if max(mine.shape) > 48 else 1
         coarse = depth[::step, ::step]
-        found = h_maxima(coarse, dynamic * deepest) & mine[::step, ::step]
+        # the h-domes: each peak lowered by h stays a plateau of its own only
+        # where it stands h above the saddle to a higher one (skimage's
+        # `h_maxima` marks the tops themselves: the ridge of a long nucleus
+        # turned off the pixel grid has several, a fraction of a pixel apart)
+        domes = reconstruction(coarse - dynamic * deepest, coarse)
+        found = local_maxima(domes) & mine[::step, ::step]
         peaks = np.zeros(mine.shape, np.int32)
-        peaks[::step, ::step], k = ndi.label(found)
+        peaks[::step, ::step], k = ndi.label(found, np.ones((3, 3), bool))
         if k < 2:
             continue
         parts = watershed(-depth, peaks, mask=mine)
