@@ -530,8 +530,7 @@ def reread_large(
     raw `image` as ``(N, Y', X')`` crops (one batch) and handed to `read`,
     which must normalise each crop on its own and return its class
     probabilities (the model's own path); each crop's instances may split its
-    object
-    (`split_by_reread`). Returns the labels and scores unchanged when
+    object (`split_by_reread`). Returns the labels and scores unchanged when
     nothing splits; else renumbered labels (pieces merged and small objects
     dropped as `probabilities_to_labels` does) and fresh scores.
     """

@@ -151,14 +151,6 @@ class BioimageioSegmenter(BaseModel):
     min_distance_px: int = Field(3, ge=1)
 
     _descr: Any = PrivateAttr(None)
-
-    @field_validator("reread_ratio")
-    @classmethod
-    def _check_reread(cls, v: float | None) -> float | None:
-        if v is not None and 0 < v <= 1:
-            raise ValueError("must be 0 (off) or more than 1 (x the median area)")
-        return v
-
     _pipeline: Any = PrivateAttr(None)
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
     _build_lock: Any = PrivateAttr(default_factory=threading.Lock)
@@ -167,6 +159,13 @@ class BioimageioSegmenter(BaseModel):
     _axes: list[tuple[str, str, Any]] = PrivateAttr(default_factory=list)
     _out: Any = PrivateAttr(None)
     _config: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @field_validator("reread_ratio")
+    @classmethod
+    def _check_reread(cls, v: float | None) -> float | None:
+        if v is not None and 0 < v <= 1:
+            raise ValueError("must be 0 (off) or more than 1 (x the median area)")
+        return v
 
     def model_post_init(self, __context: Any) -> None:
         if "://" in self.model:
