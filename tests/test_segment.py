@@ -12,6 +12,7 @@ from smartscope.segment import (
     ThresholdSegmenter,
     available_segmenters,
     create_segmenter,
+    fill_non_finite,
 )
 
 
@@ -251,6 +252,29 @@ def test_a_long_nucleus_turned_off_the_pixel_grid_is_not_split():
     for j, single in enumerate(singles):
         assert (out[single] == 11 + j).all(), f"split at {angles[j]} degrees"
     assert len(np.unique(out[pair])) == 2
+
+
+def test_fill_non_finite_reads_nan_and_inf_as_each_planes_background():
+    rng = np.random.default_rng(3)
+    batch = rng.normal(100, 10, (3, 40, 50)).astype(np.float32)
+    batch[0, :4] = np.nan
+    batch[1, :, -2:] = np.inf
+    batch[1, 0, 0] = -np.inf
+    batch[2] = np.nan  # nothing finite: zeros
+    before = batch.copy()
+    out = fill_non_finite(batch)
+    np.testing.assert_array_equal(batch, before)  # the caller's array is kept
+    assert np.isfinite(out).all()
+    for i in (0, 1):
+        finite = np.isfinite(before[i])
+        np.testing.assert_array_equal(out[i][finite], before[i][finite])
+        expected = np.percentile(before[i][finite], 5)  # what normalize maps to 0
+        np.testing.assert_allclose(out[i][~finite], expected, rtol=1e-6)
+    assert not out[2].any()
+    ints = rng.integers(0, 4000, (30, 30)).astype(np.uint16)
+    assert fill_non_finite(ints) is ints
+    clean = before[:2, 10:20, :40]
+    assert fill_non_finite(clean) is clean
 
 
 def test_reread_windows_pick_large_objects_and_keep_their_crops_in_the_frame():

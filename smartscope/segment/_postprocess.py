@@ -77,6 +77,36 @@ def normalize(image: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     return out
 
 
+def fill_non_finite(images: np.ndarray) -> np.ndarray:
+    """`images` with NaN and infinite pixels set to their plane's background.
+
+    For a plugin whose model normalises the image itself (Cellpose's
+    percentiles, a bioimage.io package's ``scale_range``): a few NaN pixels
+    at the border of a registered or stitched float image turn those
+    percentiles, and so every pixel, into NaN (a Cellpose model then finds
+    nothing), and a network spreads NaN over everything its convolutions
+    reach. Each ``(Y, X)`` plane's non-finite pixels get the value
+    `normalize` maps to 0, the plane's lower `NORM_PERCENTILES` point of its
+    finite pixels (0 where it has none): background, as the built-in model
+    reads them. Integer images, and float images without such pixels, come
+    back as they are; otherwise a float32 copy.
+    """
+    arr = np.asarray(images)
+    if arr.dtype.kind != "f":
+        return arr
+    bad = ~np.isfinite(arr)
+    if not bad.any():
+        return arr
+    out = arr.astype(np.float32)  # a copy: `arr` is the caller's
+    planes = out.reshape(-1, *out.shape[-2:])
+    for plane, mask in zip(planes, bad.reshape(planes.shape), strict=True):
+        if mask.any():
+            good = plane[~mask]
+            fill = np.percentile(good, NORM_PERCENTILES[0]) if good.size else 0.0
+            plane[mask] = fill
+    return out
+
+
 def median_object_radius(
     foreground: np.ndarray, min_area_px: int = 8, step: int = 2
 ) -> float:

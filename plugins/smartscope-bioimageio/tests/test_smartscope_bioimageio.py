@@ -105,6 +105,21 @@ def test_the_reread_of_large_objects_matches_the_builtin_segmenters(package):
         BioimageioSegmenter(model=str(package), reread_ratio=0.5)
 
 
+def test_nan_pixels_are_background(package):
+    # a NaN border (registration, stitching) would spread NaN through the
+    # package's normalisation and network over everything near it
+    image, truth = synth_sample(21, (256, 256), "nuclei")[:2]
+    seg = BioimageioSegmenter(model=str(package), device="cpu")
+    clean = seg.segment(image).labels[0]
+    # 16 columns: the network's grid (a shift by 8 px alone moves an object)
+    holed = np.pad(image.astype(np.float32), ((0, 0), (16, 0)), constant_values=np.nan)
+    labels = seg.segment(holed).labels[0]
+    assert not labels[:, :16].any()
+    assert scores([(clean, labels[:, 16:])])["f1@0.5"] >= 0.95
+    f1 = scores([(truth, labels[:, 16:])])["f1@0.5"]
+    assert f1 >= scores([(truth, clean)])["f1@0.5"] - 0.03
+
+
 def test_package_settings_are_read(package):
     seg = BioimageioSegmenter(model=str(package), device="cpu")
     assert seg.output_kind(3) == "boundary3"  # from config.smartscope

@@ -145,6 +145,16 @@ def test_segments_with_a_local_model(segmenter, model_file):
         assert (score > 0.9).all()  # cell probability inside the squares
 
 
+def test_nan_pixels_are_background(segmenter):
+    # a float image with a NaN border (registration, stitching): Cellpose's
+    # percentile normalisation would turn every pixel into NaN and find nothing
+    image, truth = _squares(5, 2)  # squares from row 16 on
+    image[:6] = np.nan
+    image[:, -3:] = np.inf
+    labels = segmenter.segment(image).labels[0]
+    assert scores([(truth, labels)])["f1@0.5"] == 1.0
+
+
 def test_validating_a_spec_checks_the_file_but_builds_no_network(
     model_file, tmp_path, monkeypatch
 ):

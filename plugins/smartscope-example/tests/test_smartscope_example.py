@@ -68,6 +68,13 @@ def test_segmenter_finds_the_discs():
     assert seg.segment(np.full((64, 64), 7.0)).labels.max() == 0  # flat frame
 
 
+def test_segmenter_takes_nan_pixels_as_background():
+    image, truth = _discs()  # discs from row 20 on
+    image[:5] = np.nan  # the NaN border of a registered float image
+    labels = GaussianOtsuSegmenter().segment(image).labels[0]
+    assert scores([(truth, labels)])["f1@0.5"] == 1.0
+
+
 def test_segmenter_parameters():
     image, _ = _discs()
     all_three = GaussianOtsuSegmenter().segment(image).labels[0]

@@ -136,12 +136,20 @@ def test_the_reread_of_large_objects_matches_the_builtin_segmenters(builtin_onnx
     assert scores(pairs)["f1@0.5"] >= 0.99, scores(pairs)
 
 
-def test_a_nan_border_leaves_the_rest_of_the_image_as_it_was(builtin_onnx):
+@pytest.mark.parametrize("normalize", ["percentile", "none"])
+def test_a_nan_border_leaves_the_rest_of_the_image_as_it_was(builtin_onnx, normalize):
     """NaN pixels (a registered float image's border) made every percentile
-    NaN, so the whole image normalised to NaN and nothing was found."""
-    seg = OnnxSegmenter(model=str(builtin_onnx), device="cpu", threads=2)
+    NaN, so the whole image normalised to NaN and nothing was found; with
+    ``normalize: none`` the network spread them over their surroundings."""
+    seg = OnnxSegmenter(
+        model=str(builtin_onnx), device="cpu", threads=2, normalize=normalize
+    )
     img, _ = synth_sample(6, (384, 384), kind="nuclei", depth="16")
     img = img.astype(np.float32)
+    if normalize == "none":  # the user's own scaling
+        img = (img - np.percentile(img, 5)) / (
+            np.percentile(img, 99.8) - np.percentile(img, 5)
+        )
     border = img.copy()
     border[:6, :] = np.nan
     border[:, :6] = np.nan

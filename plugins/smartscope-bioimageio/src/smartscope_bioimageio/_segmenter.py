@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 from smartscope._errors import SmartscopeError, first_line
-from smartscope.segment import Segmentation, as_batch
+from smartscope.segment import Segmentation, as_batch, fill_non_finite
 from smartscope.segment._postprocess import FRAGMENT_FRACTION
 
 OutputKind = Literal["boundary3", "fg_boundary", "foreground", "distance"]
@@ -452,11 +452,16 @@ class BioimageioSegmenter(BaseModel):
         return n
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """The package's output for a ``(B, Y, X)`` batch: ``(B, C, Y, X)`` float32."""
+        """The package's output for a ``(B, Y, X)`` batch: ``(B, C, Y, X)`` float32.
+
+        NaN and infinite pixels (the border of a registered or stitched float
+        image) are read as background (`fill_non_finite`): through the
+        package's normalisation and network they would spread NaN.
+        """
         from bioimageio.core import Sample, Tensor
         from bioimageio.core.common import MemberId
 
-        batch = as_batch(images).astype(np.float32)
+        batch = fill_non_finite(as_batch(images)).astype(np.float32)
         self.prepare()
         b, h, w = batch.shape
         sizes = {name: size for name, _, size in self._axes}

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from smartscope._errors import SmartscopeError, first_line
-from smartscope.segment import Segmentation, as_batch
+from smartscope.segment import Segmentation, as_batch, fill_non_finite
 
 from smartscope_cellpose._compat import import_cellpose_models
 
@@ -201,9 +201,11 @@ class CellposeSegmenter(BaseModel):
         """Segment a ``(B, Y, X)`` batch (or one ``(Y, X)`` image).
 
         Scores are each object's mean cell probability (sigmoid of Cellpose's
-        cellprob output).
+        cellprob output). NaN and infinite pixels (the border of a registered
+        or stitched float image) are read as background (`fill_non_finite`):
+        Cellpose's own normalisation would turn the whole image into NaN.
         """
-        batch = as_batch(images)
+        batch = fill_non_finite(as_batch(images))
         with self._lock, _quiet_cellpose():
             masks, flows, _ = self._network().eval(
                 [np.asarray(img, np.float32) for img in batch],

@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
-from smartscope.segment import Segmentation, as_batch
+from smartscope.segment import Segmentation, as_batch, fill_non_finite
 
 
 class GaussianOtsuSegmenter(BaseModel):
@@ -55,6 +55,7 @@ class GaussianOtsuSegmenter(BaseModel):
         threads, e.g. ``smartscope reanalyze``).
         """
         batch = as_batch(images)  # (Y, X) → (1, Y, X); bad shapes: one-line error
+        batch = fill_non_finite(batch)  # NaN borders of float images → background
         labels = np.zeros(batch.shape, np.uint16)
         for i, image in enumerate(batch):
             labels[i] = self._segment_one(image.astype(np.float32))

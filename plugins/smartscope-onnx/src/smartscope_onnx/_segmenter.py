@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 from smartscope._errors import SmartscopeError, first_line
-from smartscope.segment import Segmentation, as_batch
+from smartscope.segment import Segmentation, as_batch, fill_non_finite
 from smartscope.segment._postprocess import FRAGMENT_FRACTION
 
 DEFAULT_PERCENTILES = (1.0, 99.8)
@@ -73,7 +73,8 @@ class OnnxSegmenter(BaseModel):
         The ``.onnx`` file (local; nothing is downloaded).
     normalize : "percentile" | "none"
         Scale each image so that `percentiles` map to 0 and 1, or feed raw
-        intensities (as float).
+        intensities (as float). Either way NaN and infinite pixels (the
+        border of a registered float image) are read as background.
     percentiles : (low, high), optional
         Default: the file's ``smartscope.normalize`` metadata, else (1, 99.8).
     output : "auto" | "boundary3" | "foreground"
@@ -345,8 +346,8 @@ class OnnxSegmenter(BaseModel):
         if self.normalize == "percentile":
             pct = self._percentiles()
             x = np.stack([percentile_scale(img, pct) for img in batch])
-        else:
-            x = batch.astype(np.float32)
+        else:  # NaN and infinite pixels as background, as percentile_scale reads them
+            x = fill_non_finite(batch).astype(np.float32)
         m = 1 if self._tile is not None else self._multiple()
         ph, pw = (-h) % m, (-w) % m
         if ph or pw:
