@@ -193,6 +193,15 @@ def test_bioimageio_folder_output_of_a_trained_model(tmp_path, tiny_model):
     assert "weights_torchscript.pt" in rdf and "scale_range" in rdf
     assert "step: 4" in rdf  # the input sizes the 3-level network takes
     assert "No metrics were recorded" in (out / "README.md").read_text()
+    # written over by the next export; a folder of other files is refused
+    assert export_model(tiny_model[0], "bioimageio", out) == out
+    mine = tmp_path / "my_images"
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes")
+    with pytest.raises(ExportError, match="folder with other files"):
+        export_model(tiny_model[0], "bioimageio", mine)
+    assert [p.name for p in mine.iterdir()] == ["README.md"]
+    assert (mine / "README.md").read_text() == "my notes"
 
 
 # -- dispatch and errors: one line each ---------------------------------------------

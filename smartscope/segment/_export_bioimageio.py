@@ -315,8 +315,9 @@ def export_bioimageio(model: str | Path, out: str | Path) -> Path:
     """Write `model` (``"builtin"`` or a ``.pt`` model file) as a bioimage.io package.
 
     `out` ending in ``.zip`` gets a zipped package, anything else a folder
-    holding ``rdf.yaml`` and the files it names. The package is validated
-    (offline) before this returns.
+    holding ``rdf.yaml`` and the files it names (a new or empty folder, or
+    one holding an earlier package, which is written over; never a folder of
+    other files). The package is validated (offline) before this returns.
 
     Raises
     ------
@@ -340,6 +341,18 @@ def export_bioimageio(model: str | Path, out: str | Path) -> Path:
         raise ExportError(f"{out} is a folder; give a .zip file or a folder name")
     if not out.parent.exists():
         raise ExportError(f"folder {out.parent} does not exist")
+    if (
+        out.suffix.lower() != ".zip"
+        and out.is_dir()
+        and any(out.iterdir())
+        and not (out / "rdf.yaml").exists()
+    ):
+        # the package's README.md, cover.png ... would land among (and over)
+        # the user's files; a folder holding a package is written over
+        raise ExportError(
+            f"{out} is a folder with other files in it; give a new or empty "
+            "folder, one holding an earlier package, or a .zip"
+        )
     net, mf = packaged_network(model)
     with tempfile.TemporaryDirectory(prefix="smartscope-bioimageio-") as tmp:
         work = Path(tmp)
