@@ -120,14 +120,17 @@ def test_fragments_join_the_larger_object_they_touch():
     lab[10:14, 25:28] = 2  # a piece split off it (12 px, 4 shared edges)
     lab[5:25, 35:55] = 3  # a second nucleus
     lab[30:34, 36:39] = 4  # a small object that touches nothing: a bead
-    lab[30:34, 10:13] = 5  # two small touching objects of one size:
-    lab[30:34, 13:16] = 6  # daughters, not fragments
+    lab[28:38, 6:16] = 5  # two small touching objects of one size, together
+    lab[28:38, 16:26] = 6  # over 0.4 x the median: daughters, not fragments
+    lab[28:32, 28:31] = 20  # two touching pieces that together are still a
+    lab[28:32, 31:34] = 21  # fragment: halves of one small, bright nucleus
     lab[25:27, 40:50] = 7  # a sliver along nucleus 3 (10 shared edges)
     for i, y in enumerate(range(40, 100, 20)):  # more nuclei: the median is theirs
         lab[y : y + 18, 5:27] = 8 + 2 * i
         lab[y : y + 18, 35:57] = 9 + 2 * i
     out = merge_fragments(lab, fraction=0.4)
     assert (out[lab == 2] == 1).all() and (out[lab == 7] == 3).all()
+    assert (out[(lab == 20) | (lab == 21)] == 20).all()
     for kept in (1, 3, 4, 5, 6, 8, 13):
         assert (out[lab == kept] == kept).all()
     assert merge_fragments(lab, fraction=0) is lab  # 0 turns it off

@@ -252,8 +252,9 @@ Input: {arch["input"]}. Output: {arch["output"]}.
 Instances: interior components (p > 0.6) grown over the foreground
 (interior + boundary > 0.6) by up to 4 px; seedless foreground becomes its own
 object; a piece under {FRAGMENT_FRACTION:g} x the median object area that
-touches an object at least twice its size joins it (repeated until nothing
-more joins); an object of at least {WAIST_RATIO:g} x the median area is split
+touches an object at least twice its size, or a smaller piece with which it
+is still under that area, joins it (repeated until nothing more joins); an
+object of at least {WAIST_RATIO:g} x the median area is split
 where its shape has a waist; objects under 8 px are
 dropped (thresholds chosen on a tuning set of other seeds than the validation
 set). Objects of at least {REREAD_RATIO:g} x the median object area are read
@@ -311,7 +312,7 @@ Speed and accuracy on real DemoCamera frames: `smartscope bench segment --json`.
 Trained on synthetic images only; it has not seen a real nucleus image.
 Measure it on a labelled image of yours with `smartscope bench segment
 --real-image IMAGE --real-mask LABELS` (the built-in model reads F1@0.5
-0.85-0.86 on a public annotated widefield image of 125 nuclei; its card
+0.85-0.88 on a public annotated widefield image of 125 nuclei; its card
 gives the details). Nuclei pressed side by side
 with no intensity dip between them are still the main source of errors on
 real images (two nuclei come out as one), and the outlines of very bright,

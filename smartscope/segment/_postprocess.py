@@ -208,8 +208,12 @@ def merge_fragments(
     shares at least `min_contact` 4-connected pixel edges with an object at
     least `ratio` times its size joins the neighbour it shares the most edges
     with (a piece split off a nucleus by a stray boundary, or a bright spot
-    seeded apart from its nucleus). Small objects that touch nothing, or
-    touch only objects of their own size (beads, daughter nuclei), stay.
+    seeded apart from its nucleus). Two touching pieces that together are
+    still under `fraction` x the median join too, the smaller into the
+    larger (halves of one small, bright nucleus the network cut in two; on
+    the synthetic sets no F1 lower, on a real image 2 of 125 nuclei). Other
+    small objects that touch nothing, or touch only objects of their own
+    size (beads, daughter nuclei), stay.
     Repeated (at most `rounds` times) until nothing more joins: a piece
     that touched only other pieces joins once they have joined their
     nucleus (a nucleus the network cut into several pieces; large nuclei
@@ -237,7 +241,8 @@ def _merge_fragments_once(
         return labels
     areas = np.bincount(lab.ravel(), minlength=n + 1)
     present = areas[1:][areas[1:] > 0]
-    small = areas < fraction * float(np.median(present))
+    limit = fraction * float(np.median(present))
+    small = areas < limit
     small[0] = False
     if not small.any():
         return labels
@@ -255,7 +260,13 @@ def _merge_fragments_once(
     dst = dst.astype(np.int64)
     keep = (dst > 0) & (dst != src)
     src, dst = src[keep], dst[keep]
-    keep = areas[dst] >= ratio * areas[src]
+    # a larger neighbour, or one that together with this piece is still a
+    # fragment (two halves of one small nucleus): the smaller joins the larger
+    # (the lower label between equals, so no two pieces swap)
+    larger = (areas[dst] > areas[src]) | ((areas[dst] == areas[src]) & (dst < src))
+    keep = (areas[dst] >= ratio * areas[src]) | (
+        larger & (areas[src] + areas[dst] < limit)
+    )
     if not keep.any():
         return labels
     pair, count = np.unique(src[keep] * (n + 1) + dst[keep], return_counts=True)
