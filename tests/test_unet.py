@@ -494,6 +494,43 @@ def test_train_cli_fine_tunes_on_user_tiff_pairs(tmp_path):
     assert res.returncode == 2 and "not found" in res.stderr
 
 
+def test_label_masks_that_are_no_label_images_are_one_line_errors(tmp_path):
+    """A mask for scoring (`bench segment --real-mask`) or training (`train
+    --data`) that is an RGB picture, fractional, NaN or negative was read
+    anyway (averaged to grey, truncated, -1 counted as an object)."""
+    from smartscope import SmartscopeError
+    from smartscope.bench._segment import real_image_set
+    from smartscope.segment._train import read_pairs
+
+    img, lab = synth_sample(100, (64, 64), kind="nuclei")
+    tifffile.imwrite(tmp_path / "img.tif", img)
+    bad = {
+        "rgb": (np.stack([lab] * 3, -1).astype(np.uint8), "RGB\\(A\\) picture"),
+        "fractional": (lab.astype(np.float32) + 0.5, "fractional"),
+        "nan": (np.where(lab > 0, lab, np.nan).astype(np.float32), "NaN"),
+        "negative": (lab.astype(np.int32) - 1, "negative labels"),
+    }
+    for name, (mask, words) in bad.items():
+        tifffile.imwrite(tmp_path / f"{name}.tif", mask)
+        with pytest.raises(SmartscopeError, match=words) as exc:
+            real_image_set(tmp_path / "img.tif", tmp_path / f"{name}.tif")
+        assert "\n" not in str(exc.value)
+        data = tmp_path / name
+        data.mkdir()
+        tifffile.imwrite(data / "a.tif", img)
+        tifffile.imwrite(data / "a_labels.tif", mask)
+        with pytest.raises(SmartscopeError, match=words):
+            read_pairs(data)
+    res = smartscope("train", "--out", str(tmp_path / "x"), "--data", str(data))
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("error: labels a_labels.tif has negative")
+    # whole numbers in a float mask are labels
+    tifffile.imwrite(tmp_path / "float.tif", lab.astype(np.float32))
+    ((image, truth),) = real_image_set(tmp_path / "img.tif", tmp_path / "float.tif")
+    np.testing.assert_array_equal(truth, lab)
+    np.testing.assert_array_equal(image, img)
+
+
 def test_bench_segment_reports_latency_and_accuracy(builtin, tmp_path):
     from smartscope.bench import bench_segment
     from smartscope.segment import available_segmenters

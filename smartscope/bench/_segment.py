@@ -77,12 +77,13 @@ def real_image_set(
 
     2D images or stacks (every plane whose mask holds objects). A clear
     `SmartscopeError` when the files are missing, unreadable or of different
-    shapes.
+    shapes, or the mask is no label image (`check_labels`).
     """
     from smartscope._errors import SmartscopeError
-    from smartscope.segment._io import read_image
+    from smartscope.segment._io import check_labels, read_image
 
-    img, lab = read_image(image), read_image(mask)
+    img = read_image(image)
+    lab = check_labels(read_image(mask, grey=False), f"real mask {Path(mask).name}")
     if img.shape != lab.shape:
         raise SmartscopeError(
             f"real image {Path(image).name} {img.shape} and mask "
@@ -91,7 +92,7 @@ def real_image_set(
     planes = zip(
         img.reshape(-1, *img.shape[-2:]), lab.reshape(-1, *lab.shape[-2:]), strict=True
     )
-    out = [(i, m.astype(np.int64)) for i, m in planes if m.any()]
+    out = [(i, m) for i, m in planes if m.any()]
     if not out:
         raise SmartscopeError(f"real mask {Path(mask).name} holds no objects")
     return out

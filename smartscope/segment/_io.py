@@ -13,11 +13,12 @@ from smartscope.segment._protocol import PSegmenter
 _TIFF = (".tif", ".tiff")
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, grey: bool = True) -> np.ndarray:
     """An image or stack as ``(..., Y, X)``; RGB(A) is averaged to grey.
 
     TIFF (any leading T/Z/C axes, 8/16-bit, float) through tifffile; PNG and
-    JPEG through scikit-image.
+    JPEG through scikit-image. `grey` False keeps RGB(A) as it is (for a
+    label mask, where it is an error: see `check_labels`).
     """
     path = Path(path)
     if not path.exists():
@@ -47,11 +48,35 @@ def read_image(path: str | Path) -> np.ndarray:
         arr = arr.astype(np.uint8)
     if arr.dtype.kind not in "uif":
         raise SmartscopeError(f"{path.name}: unsupported pixel type {arr.dtype}")
-    if arr.ndim >= 3 and arr.shape[-1] in (3, 4) and min(arr.shape[-3:-1]) > 4:
+    if grey and _is_rgb(arr):
         arr = arr[..., :3].astype(np.float32).mean(-1)  # RGB(A) → grey
     if arr.ndim < 2 or min(arr.shape[-2:]) < 2:
         raise SmartscopeError(f"{path.name}: not an image (shape {arr.shape})")
     return arr
+
+
+def _is_rgb(arr: np.ndarray) -> bool:
+    return arr.ndim >= 3 and arr.shape[-1] in (3, 4) and min(arr.shape[-3:-1]) > 4
+
+
+def check_labels(labels: np.ndarray, name: str) -> np.ndarray:
+    """A label mask (ground truth) as int64: whole numbers, 0 = background.
+
+    A clear `SmartscopeError` naming `name` for an RGB(A) picture, NaN or
+    fractional values, or negative labels (which scoring or training would
+    otherwise read as objects, or truncate).
+    """
+    arr = np.asarray(labels)
+    what = "a label image holds one whole number per pixel, 0 = background"
+    if _is_rgb(arr):
+        raise SmartscopeError(f"{name} is an RGB(A) picture, not a label mask ({what})")
+    if arr.dtype.kind == "f" and not (
+        np.isfinite(arr).all() and (arr == np.floor(arr)).all()
+    ):
+        raise SmartscopeError(f"{name} has NaN or fractional values ({what})")
+    if arr.size and arr.min() < 0:
+        raise SmartscopeError(f"{name} has negative labels (min {arr.min():g}; {what})")
+    return arr.astype(np.int64)
 
 
 def segment_array(

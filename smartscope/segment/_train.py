@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from smartscope._errors import SmartscopeError
+from smartscope.segment._io import check_labels, read_image
 from smartscope.segment._postprocess import boundary_classes, normalize
 from smartscope.segment._synth import apply_camera, render_scene
 
@@ -73,10 +74,10 @@ def read_pairs(folder: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
 
     Either ``images/NAME.tif`` with ``labels/NAME.tif``, or ``NAME.tif`` with
     ``NAME_labels.tif`` (or ``NAME_masks.tif``) side by side. Stacks are split
-    into their 2D planes.
+    into their 2D planes (RGB images averaged to grey). An unreadable file or
+    a label image that is none (RGB, fractional, negative) is a one-line
+    `SmartscopeError`.
     """
-    import tifffile
-
     root = Path(folder)
     if not root.is_dir():
         raise SmartscopeError(f"training data folder not found: {root}")
@@ -103,8 +104,10 @@ def read_pairs(folder: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
         )
     out: list[tuple[np.ndarray, np.ndarray]] = []
     for img_path, lab_path in pairs:
-        image = np.asarray(tifffile.imread(img_path))
-        truth = np.asarray(tifffile.imread(lab_path))
+        image = read_image(img_path)
+        truth = check_labels(
+            read_image(lab_path, grey=False), f"labels {lab_path.name}"
+        )
         if image.shape != truth.shape:
             raise SmartscopeError(
                 f"{img_path.name}: image shape {image.shape} != labels shape "
@@ -112,7 +115,7 @@ def read_pairs(folder: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
             )
         img2 = image.reshape(-1, *image.shape[-2:])
         lab2 = truth.reshape(-1, *truth.shape[-2:])
-        out.extend(zip(img2, lab2.astype(np.int64), strict=False))
+        out.extend(zip(img2, lab2, strict=False))
     return out
 
 
