@@ -251,10 +251,11 @@ level, {arch["parameters"]:,} parameters.
 Input: {arch["input"]}. Output: {arch["output"]}.
 Instances: interior components (p > 0.6) grown over the foreground
 (interior + boundary > 0.6) by up to 4 px; seedless foreground becomes its own
-object; a piece under {FRAGMENT_FRACTION:g} x the median object area that
-touches an object at least twice its size, or a smaller piece with which it
-is still under that area, joins it (repeated until nothing more joins); an
-object of at least {WAIST_RATIO:g} x the median area is split
+object; a piece under {FRAGMENT_FRACTION:g} x the median object area joins
+an object at least twice its size that it touches, or a larger piece it
+touches if the two together are still under that area (repeated until
+nothing more joins); an object of at least {WAIST_RATIO:g} x the median area
+is split
 where its shape has a waist; objects under 8 px are
 dropped (thresholds chosen on a tuning set of other seeds than the validation
 set). Objects of at least {REREAD_RATIO:g} x the median object area are read

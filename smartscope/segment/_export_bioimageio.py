@@ -144,9 +144,9 @@ Connected regions of interior probability > {POSTPROCESS["seed_threshold"]}
 (at least 2 px) are seeds; seeds grow over the foreground (interior + boundary
 probability > {POSTPROCESS["fg_threshold"]}) by up to 4 pixel rings; foreground
 that no seed reaches becomes its own object; a piece under
-{POSTPROCESS["fragment_fraction"]} x the median object area that touches an
-object at least twice its size, or a smaller piece with which it is still
-under that area, joins it (repeated until nothing more joins);
+{POSTPROCESS["fragment_fraction"]} x the median object area joins an object
+at least twice its size that it touches, or a larger piece it touches if the
+two together are still under that area (repeated until nothing more joins);
 an object of at least {WAIST_RATIO:g} x the median area is split where its
 shape has a waist (h-domes of its distance transform, {WAIST_DYNAMIC:g} x the
 deepest distance, seed a watershed); objects under
