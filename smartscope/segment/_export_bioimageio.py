@@ -338,12 +338,13 @@ def export_bioimageio(model: str | Path, out: str | Path) -> Path:
     from smartscope.segment._dl import quiet_torchscript
 
     out = Path(out)
-    if out.suffix.lower() == ".zip" and out.is_dir():
+    zipped = out.suffix.lower() == ".zip"
+    if zipped and out.is_dir():
         raise ExportError(f"{out} is a folder; give a .zip file or a folder name")
     if not out.parent.exists():
         raise ExportError(f"folder {out.parent} does not exist")
     if (
-        out.suffix.lower() != ".zip"
+        not zipped
         and out.is_dir()
         and any(out.iterdir())
         and not (out / "rdf.yaml").exists()
@@ -381,7 +382,7 @@ def export_bioimageio(model: str | Path, out: str | Path) -> Path:
         _cover(image, probs[0], files["cover"])
         _documentation(mf, files["documentation"])
         descr = _describe(mf, files)
-        if out.suffix.lower() == ".zip":
+        if zipped:
             written = save_bioimageio_package(descr, output_path=out)
         else:
             written = save_bioimageio_package_as_folder(descr, output_path=out)
