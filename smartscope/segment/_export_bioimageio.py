@@ -157,7 +157,7 @@ Optionally (smartscope's `reread_ratio`, off by default), objects of at
 least {REREAD_RATIO} x the median object area are read again, each in a
 {REREAD_SIDE} px crop around it (pre-processed as above, so normalised on its
 own), and split where the crop's instances give two or more parts of at least
-0.3 x the median area (`smartscope.segment.reread_large`).
+0.4 x the median area (`smartscope.segment.reread_large`).
 
 ## Training data and metrics
 Trained on synthetic images only (star-convex nuclei, beads, empty fields,

@@ -572,8 +572,9 @@ def reread_large(
     raw `image` as ``(N, Y', X')`` crops (one batch) and handed to `read`,
     which must normalise each crop on its own and return its class
     probabilities (the model's own path); each crop's instances may split its
-    object (`split_by_reread`). Returns the labels and scores unchanged when
-    nothing splits; else renumbered labels (pieces merged and small objects
+    object (`split_by_reread`, parts of at least 0.3 x the median area and
+    never under `fragment_fraction` x it). Returns the labels and scores
+    unchanged when nothing splits; else renumbered labels (small objects
     dropped as `probabilities_to_labels` does) and fresh scores.
     """
     found = reread_windows(labels, ratio, side)
@@ -592,11 +593,20 @@ def reread_large(
             fragment_fraction=fragment_fraction,
             waist_ratio=None,  # a crop's median is not the frame's
         )
+        # no part is a piece `merge_fragments` would fold into a neighbour:
+        # the re-read only splits (parts of 0.3-0.4 x the median, folded
+        # again frame-wide, joined other objects they touched)
         next_label = split_by_reread(
-            out, label, y, x, crop_labels, next_label, found.median_area
+            out,
+            label,
+            y,
+            x,
+            crop_labels,
+            next_label,
+            found.median_area,
+            min_fraction=max(0.3, fragment_fraction),
         )
     if next_label == first:
         return labels, scores  # nothing split
-    out = merge_fragments(out, fragment_fraction)
     fg_prob = probs[1] + probs[2]
     return finish_labels(out, fg_prob, fg_prob > fg_threshold, min_area_px)
