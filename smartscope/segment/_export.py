@@ -185,22 +185,80 @@ def _command(tr: dict[str, Any], init: str | None) -> str:
     if tr.get("threads"):
         opts += f" --threads {tr['threads']}"
     cmd = f"`smartscope train --out OUT {opts}" + (f" --init {init}`" if init else "`")
-    # a TrainConfig field that is not a command option
-    cmd += f" (contact boundary width {tr.get('contact_width', 1)} px)"
+    # TrainConfig fields that are not command options
+    edge = tr.get("nucleus_edge_fraction")
+    labels = (
+        "its full extent" if edge is None else f"{edge:g} of the way to its interior"
+    )
+    cmd += (
+        f" (contact boundary width {tr.get('contact_width', 1)} px;"
+        f" a nucleus labelled to {labels})"
+    )
     return cmd
 
 
-def _stages(tr: dict[str, Any]) -> str:
-    """The training command(s), oldest first (a fine-tune records its start)."""
+def _chain(tr: dict[str, Any]) -> list[dict[str, Any]]:
+    """A training record's stages, oldest first (a fine-tune records its start)."""
     chain = []
     while tr:
         chain.append(tr)
         tr = (tr.get("extra") or {}).get("init_training") or {}
+    return chain[::-1]
+
+
+def _same_stage(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    def key(stage: dict[str, Any]) -> str:
+        return json.dumps(
+            {k: v for k, v in stage.items() if k not in ("extra", "init")},
+            sort_keys=True,
+        )
+
+    return key(a) == key(b)
+
+
+def _stages(tr: dict[str, Any]) -> str:
+    """The training command(s), oldest first, one numbered line each.
+
+    A model averaged from several fine-tunes (`average_models`) lists the
+    stages they share once, then each one's own stages (6a, 7a, 6b, ...),
+    then the average.
+    """
+    members = [_chain(m) for m in tr.get("average_of", [])]
+    chains = members or [_chain(tr)]
+    shared = 0
+    while all(len(c) > shared for c in chains) and all(
+        _same_stage(c[shared], chains[0][shared]) for c in chains
+    ):
+        shared += 1
+    if not members:
+        shared = len(chains[0])
     lines = []
-    for i, stage in enumerate(reversed(chain), start=1):
+    for i, stage in enumerate(chains[0][:shared], start=1):
         init = f"STAGE{i - 1}/model.pt" if i > 1 else None
-        seconds = stage.get("seconds")
-        lines.append(f"{i}. {_command(stage, init)} ({seconds} s)")
+        lines.append(f"{i}. {_command(stage, init)} ({stage.get('seconds')} s)")
+    if not members:
+        return "\n".join(lines)
+    last = []
+    listed: list[tuple[dict[str, Any], str]] = []  # a stage two members share
+    for letter, chain in zip("abcdefgh", members, strict=False):
+        init = f"STAGE{shared}/model.pt" if shared else None
+        name = str(shared)
+        for j, stage in enumerate(chain[shared:], start=shared + 1):
+            known = [n for st, n in listed if _same_stage(st, stage)]
+            if known:
+                name = known[0]
+            else:
+                name = f"{j}{letter}"
+                line = f"{_command(stage, init)} ({stage.get('seconds')} s)"
+                lines.append(f"{name}. {line}")
+                listed.append((stage, name))
+            init = f"STAGE{name}/model.pt"
+        last.append(f"STAGE{name}")
+    final = shared + 1 + max(len(c) - shared for c in members)
+    lines.append(
+        f"{final}. the weights of {', '.join(last)} averaged"
+        " (`smartscope.segment._train.average_models`)"
+    )
     return "\n".join(lines)
 
 
@@ -208,6 +266,8 @@ def write_card_markdown(card: dict[str, Any], path: str | Path) -> Path:
     """Human-readable model card (``MODEL_CARD.md``) from the card data."""
     arch = card["architecture"]
     tr = card.get("training", {})
+    # an averaged model: its members' settings (they share them) stand for it
+    first = (tr.get("average_of") or [tr])[0]
     val = card.get("metrics", {}).get("synthetic_val", {})
     rows = []
     for name in ("model", "threshold_baseline"):
@@ -267,7 +327,7 @@ normalised on its own, and split where that read finds two or more parts
 {_WHY}
 ## Training recipe
 {_stages(tr)}
-(AdamW, weight decay {tr.get("weight_decay")}, linear warm-up then cosine decay,
+(AdamW, weight decay {first.get("weight_decay")}, linear warm-up then cosine decay,
 cross-entropy with class weights background 1, interior 1, boundary 2.5
 (pixels where two objects touch weighted 1 + contact weight times more) plus
 0.5 x soft Dice on the foreground, bf16 autocast on CPU where supported,
@@ -275,7 +335,7 @@ gradient clipping 5; at the end the BatchNorm statistics are recomputed
 over 40 fresh batches). Each stage ran on
 {card.get("platform", {}).get("machine", "?")} with 2 CPU cores (seconds
 above; a stage with `--threads 1` shared them with another run); final
-smoothed loss {tr.get("final_loss") and round(tr["final_loss"], 4)}.
+smoothed loss {first.get("final_loss") and round(first["final_loss"], 4)}.
 
 ## Data
 Synthetic only, generated in process from the seed (`smartscope/segment/_synth.py`):
@@ -291,8 +351,13 @@ crowded nuclei pressed together with flat contacts or, in half the scenes,
 overlapping with their light added, so the overlap is brighter, as in a
 widefield projection; out-of-focus ghosts that are wide blurred blobs well
 below the in-focus brightness; softer PSF);
-DemoCamera-like Gaussian beads; empty fields. A pool of
-{tr.get("pool_size")} scenes is refreshed by one scene per step, and every
+A nucleus's label ends at its visible edge, where the blurred image stands
+half way from its surroundings to its interior (the half-maximum line
+annotators draw on real nuclei; stages recorded without
+`nucleus_edge_fraction` labelled a nucleus to its full extent before the
+blur, about 1 px wider). DemoCamera-like Gaussian beads (labelled above
+25 % of their peak); empty fields. A pool of
+{first.get("pool_size")} scenes is refreshed by one scene per step, and every
 crop gets a fresh camera: Poisson (8-3000 photons at peak) and Gaussian read
 noise, offsets, 8/12/16-bit or float, dim 8-bit files, saturation; flips and
 90° rotations. Normalisation: percentiles {percentiles_text()}.

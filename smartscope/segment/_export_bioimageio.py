@@ -162,6 +162,8 @@ own), and split where the crop's instances give two or more parts of at least
 ## Training data and metrics
 Trained on synthetic images only (star-convex nuclei, beads, empty fields,
 simulated cameras), generated in process by smartscope; nothing downloaded.
+A nucleus is labelled to its half-maximum edge, the line annotators draw on
+real nuclei.
 
 {_metrics_table(mf)}
 
