@@ -224,16 +224,16 @@ def _stages(tr: dict[str, Any]) -> str:
     then the average.
     """
     members = [_chain(m) for m in tr.get("average_of", [])]
-    chains = members or [_chain(tr)]
-    shared = 0
-    while all(len(c) > shared for c in chains) and all(
-        _same_stage(c[shared], chains[0][shared]) for c in chains
-    ):
-        shared += 1
-    if not members:
-        shared = len(chains[0])
+    first = members[0] if members else _chain(tr)
+    shared = len(first)
+    if members:  # the stages every member shares, oldest first
+        shared = 0
+        while all(len(c) > shared for c in members) and all(
+            _same_stage(c[shared], first[shared]) for c in members
+        ):
+            shared += 1
     lines = []
-    for i, stage in enumerate(chains[0][:shared], start=1):
+    for i, stage in enumerate(first[:shared], start=1):
         init = f"STAGE{i - 1}/model.pt" if i > 1 else None
         lines.append(f"{i}. {_command(stage, init)} ({stage.get('seconds')} s)")
     if not members:

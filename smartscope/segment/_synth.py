@@ -36,6 +36,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 from scipy import ndimage as ndi
 
+from smartscope.segment._postprocess import boundary_classes
+
 SceneKind = Literal["nuclei", "beads", "empty"]
 SceneStyle = Literal["classic", "widefield"]
 Overlap = Literal["press", "add"]
@@ -308,16 +310,10 @@ def _visible_edges(
     n = int(lab.max())
     if n == 0:
         return labels
-    pad = np.pad(lab, 1, mode="edge")
-    mid = pad[1:-1, 1:-1]
-    outline = (
-        (pad[:-2, 1:-1] != mid)
-        | (pad[2:, 1:-1] != mid)
-        | (pad[1:-1, :-2] != mid)
-        | (pad[1:-1, 2:] != mid)
-    )
     inside = lab > 0
-    deep = ndi.distance_transform_edt(inside & ~outline) + 1 >= rim_px
+    # interior: object pixels whose 4-neighbours are all of the same object
+    interior = boundary_classes(lab) == 1
+    deep = ndi.distance_transform_edt(interior) + 1 >= rim_px
     deep &= inside
     index = np.arange(n + 1)
     counts = np.bincount(lab[deep], minlength=n + 1)
