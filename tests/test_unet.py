@@ -174,6 +174,26 @@ def test_inference_layout_gives_the_networks_outputs(widths):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_graph_keeps_float32_logits():
+    # the CPU bf16 graph computes its last (class) convolution in float32:
+    # float32 logits, and the same classes as the float32 graph
+    import torch
+
+    from smartscope.segment._postprocess import normalize
+
+    img, _truth = synth_sample(21, (256, 256), kind="nuclei")
+    bf16 = UNetSegmenter(device="cpu", precision="bf16")
+    fp32 = UNetSegmenter(device="cpu", precision="fp32")
+    x = torch.from_numpy(normalize(img)[None, None].copy()).to(torch.bfloat16)
+    with torch.inference_mode():
+        out = bf16._engine.net(x.contiguous(memory_format=torch.channels_last))
+    assert out.dtype == torch.float32
+    p_bf16 = bf16.probabilities(img)
+    p_fp32 = fp32.probabilities(img)
+    assert np.mean(p_bf16.argmax(0) == p_fp32.argmax(0)) > 0.99
+    assert np.abs(p_bf16 - p_fp32).max() < 0.25
+
+
 def test_tiling_matches_whole_frame(builtin):
     img, _truth = synth_sample(12, (300, 340), kind="nuclei")
     whole = builtin.segment(img).labels[0]
