@@ -257,6 +257,68 @@ def test_a_long_nucleus_turned_off_the_pixel_grid_is_not_split():
     assert len(np.unique(out[pair])) == 2
 
 
+def test_nuclei_pressed_side_by_side_are_split_between_their_notches():
+    # two elongated nuclei pressed together along their long sides: one peak
+    # of the distance to the edge (on the contact), so no waist, but a notch
+    # at each end of the contact and two convex halves
+    from smartscope.segment._postprocess import (
+        probabilities_to_labels,
+        split_notches,
+        split_waists,
+    )
+
+    yy, xx = np.indices((260, 400))
+    lab = np.zeros(yy.shape, np.int32)
+    for i, x in enumerate(range(20, 400, 40)):  # ten nuclei of radius 10
+        lab[(yy - 20) ** 2 + (xx - x) ** 2 <= 100] = i + 1
+
+    def ellipse(cy, cx, a, b, angle):
+        t = np.deg2rad(angle)
+        u = (xx - cx) * np.cos(t) + (yy - cy) * np.sin(t)
+        v = -(xx - cx) * np.sin(t) + (yy - cy) * np.cos(t)
+        return (u / a) ** 2 + (v / b) ** 2 <= 1
+
+    pairs = []
+    for j, (cy, cx, angle) in enumerate([(90, 80, 0), (90, 220, 30), (200, 80, 75)]):
+        # centres 14 px apart across the long axes (minor semi-axes 9: pressed
+        # 4 px into each other; at 16 px apart the waist split finds them)
+        dy, dx = 7 * np.cos(np.deg2rad(angle)), -7 * np.sin(np.deg2rad(angle))
+        first = ellipse(cy + dy, cx + dx, 16, 9, angle)
+        second = ellipse(cy - dy, cx - dx, 16, 9, angle)
+        lab[first | second] = 11 + j
+        pairs.append((first & ~second, second & ~first, first | second))
+    # singles of the same size stay whole: a long ellipse, a bean (one notch)
+    single = ellipse(200, 220, 23, 12.5, 20)
+    lab[single] = 20
+    bean = ((yy - 200) ** 2 + (xx - 330) ** 2 <= 17**2) & ~(
+        (yy - 200) ** 2 + (xx - 352) ** 2 <= 9**2
+    )
+    lab[bean] = 21
+
+    assert all(len(np.unique(split_waists(lab)[union])) == 1 for *_, union in pairs)
+    out = split_notches(lab)
+    for first, second, union in pairs:
+        assert len(np.unique(out[union])) == 2
+        for half in (first, second):  # each part is one of the two nuclei
+            part = out == np.bincount(out[half]).argmax()
+            assert (part & half).sum() / (part | half).sum() > 0.85
+    assert (out[single] == 20).all() and (out[bean] == 21).all()
+    for kept in range(1, 11):
+        assert (out[lab == kept] == kept).all()
+    assert split_notches(lab, ratio=8.0) is lab
+    assert split_notches(lab, min_solidity=0.999) is lab
+
+    # in the instance step: a seed over both nuclei still gives two objects,
+    # unless the shape splits are off
+    probs = np.zeros((3, *lab.shape), np.float32)
+    probs[1] = lab > 0
+    probs[0] = 1 - probs[1]
+    labels, _ = probabilities_to_labels(probs)
+    assert all(len(np.unique(labels[union])) == 2 for *_, union in pairs)
+    labels, _ = probabilities_to_labels(probs, waist_ratio=None)
+    assert all(len(np.unique(labels[union])) == 1 for *_, union in pairs)
+
+
 def test_fill_non_finite_reads_nan_and_inf_as_each_planes_background():
     rng = np.random.default_rng(3)
     batch = rng.normal(100, 10, (3, 40, 50)).astype(np.float32)

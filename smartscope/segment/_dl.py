@@ -97,9 +97,11 @@ class UNetSegmenter(BaseModel):
         larger object join it (`merge_fragments`); 0 keeps every piece.
     waist_ratio : float | None
         Objects of at least this many times the frame's median object area
-        (1.5) are split where their shape has a waist: two nuclei pressed
-        together that the network saw as one (`split_waists`; a few ms on a
-        512² frame with several such objects). None turns it off.
+        (1.5) are split where their shape has a waist, or else between two
+        notches of their outline into two convex parts: two nuclei pressed
+        together that the network saw as one (`split_waists`,
+        `split_notches`; 5-10 ms on a 512² frame with ten such objects).
+        None turns both off.
     reread_ratio : float | None
         Off (None) by default. Objects of at least this many times the
         frame's median object area (1.7 recommended, `REREAD_RATIO`) are

@@ -315,8 +315,8 @@ object; a piece under {FRAGMENT_FRACTION:g} x the median object area joins
 an object at least twice its size that it touches, or a larger piece it
 touches if the two together are still under that area (repeated until
 nothing more joins); an object of at least {WAIST_RATIO:g} x the median area
-is split
-where its shape has a waist; objects under 8 px are
+is split where its shape has a waist, or else between two notches of its
+outline into two convex parts; objects under 8 px are
 dropped (thresholds chosen on a tuning set of other seeds than the validation
 set). Objects of at least {REREAD_RATIO:g} x the median object area are read
 again, each in a crop of its own ({REREAD_SIDE} px at the network's input)

@@ -36,6 +36,9 @@ from smartscope.segment._model import ModelFile
 from smartscope.segment._postprocess import (
     FRAGMENT_FRACTION,
     NORM_PERCENTILES,
+    NOTCH_CUT,
+    NOTCH_DEPTH_PX,
+    NOTCH_SOLIDITY,
     REREAD_RATIO,
     REREAD_SIDE,
     WAIST_DYNAMIC,
@@ -149,7 +152,10 @@ at least twice its size that it touches, or a larger piece it touches if the
 two together are still under that area (repeated until nothing more joins);
 an object of at least {WAIST_RATIO:g} x the median area is split where its
 shape has a waist (h-domes of its distance transform, {WAIST_DYNAMIC:g} x the
-deepest distance, seed a watershed); objects under
+deepest distance, seed a watershed), or else along the straight cut between
+two notches of its outline (at least {NOTCH_DEPTH_PX:g} px deep from its
+convex hull, the cut at most {NOTCH_CUT:g} x their summed depth) when both
+parts are convex (solidity at least {NOTCH_SOLIDITY:g}); objects under
 {POSTPROCESS["min_area_px"]} px are dropped. In Python:
 `smartscope.segment._postprocess.probabilities_to_labels`, or the
 `smartscope-bioimageio` plugin (segmenter `bioimageio`) with this package.
