@@ -275,3 +275,28 @@ def test_a_disk_that_fills_during_the_run_fails_it_cleanly(tmp_path):
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
         shutil.rmtree(mnt, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["segment", "{image}", "-o", "{out}/labels.tif"],
+        ["export", "builtin", "-o", "{out}/model.onnx"],
+        ["export", "builtin", "-f", "bioimageio", "-o", "{out}/model.zip"],
+        ["train", "--out", "{out}/model", "--steps", "1", "--no-eval"],
+    ],
+    ids=["segment", "export_onnx", "export_bioimageio", "train"],
+)
+def test_model_commands_refuse_an_output_under_a_file(command, tmp_path):
+    import numpy as np
+    import tifffile
+
+    image = tmp_path / "nuclei.tif"
+    tifffile.imwrite(image, np.zeros((64, 64), np.uint16))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    args = [a.format(image=image, out=a_file) for a in command]
+    result = smartscope(*args)
+    _check_one_line(result, f"error: {a_file}")
+    assert f"{a_file} is a file, not a folder" in result.stderr
+    assert a_file.read_text() == "not a directory"

@@ -452,6 +452,7 @@ def test_segment_cli_stack_and_output_option(tmp_path):
         (["BAD"], "cannot read"),
         (["IMG", "--reread", "0.5"], "--reread must be more than 1"),
         (["IMG", "--reread", "1.7", "--model", "IMG"], "--reread applies to"),
+        (["IMG", "--model", "DIR"], "a folder without rdf.yaml or bioimageio.yaml"),
     ],
 )
 def test_segment_cli_bad_input_is_one_line(tmp_path, args, message):
@@ -459,7 +460,8 @@ def test_segment_cli_bad_input_is_one_line(tmp_path, args, message):
     tifffile.imwrite(img, np.zeros((64, 64), np.uint8))
     bad = tmp_path / "bad.tif"
     bad.write_bytes(b"II*\x00garbage")
-    args = [str(img) if a == "IMG" else str(bad) if a == "BAD" else a for a in args]
+    names = {"IMG": str(img), "BAD": str(bad), "DIR": str(tmp_path)}
+    args = [names.get(a, a) for a in args]
     res = smartscope("segment", *args)
     assert res.returncode == 2
     assert res.stderr.startswith("error:") and message in res.stderr

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from smartscope._errors import SmartscopeError
 from smartscope.cli import _bench, _run, _tools  # noqa: F401  (register commands)
-from smartscope.cli._app import EXIT_BAD_INPUT, app, err_console
+from smartscope.cli._app import EXIT_BAD_INPUT, app, err_console, user_error_message
 
 __all__ = ["app", "main"]
 
@@ -22,6 +21,9 @@ def main() -> None:
     """Entry point of the ``smartscope`` console script."""
     try:
         app()
-    except SmartscopeError as e:  # raised outside a guarded block
-        err_console.print(f"error: {e}", markup=False, highlight=False)
+    except Exception as e:  # a user error raised outside a guarded block
+        message = user_error_message(e)
+        if message is None:
+            raise
+        err_console.print(f"error: {message}", markup=False, highlight=False)
         sys.exit(EXIT_BAD_INPUT)

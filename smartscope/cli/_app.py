@@ -86,16 +86,36 @@ DeviceOpt = Annotated[
 
 
 class user_errors:
-    """Turn bad input into one ``error:`` line and exit code 2."""
+    """Turn bad input into one ``error:`` line and exit code 2.
+
+    Bad input is a `SmartscopeError`, or an `OSError` on a file the user
+    named (an output folder that cannot be created, a read-only path).
+    """
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is None or not isinstance(exc, SmartscopeError):
+        message = user_error_message(exc) if exc is not None else None
+        if message is None:
             return
-        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        err_console.print(f"error: {message}", markup=False, highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message of a user error, None for anything else (a bug)."""
+    if isinstance(exc, SmartscopeError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        path = Path(exc.filename)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            # mkdir under a file says "File exists": name the file instead
+            for part in (path, *path.parents):
+                if part.is_file():
+                    return f"{path}: {part} is a file, not a folder"
+        return f"{path}: {exc.strerror or exc}"
+    return None
 
 
 def check_device(device: str) -> None:

@@ -250,7 +250,16 @@ def segment(
         Optional[Path],  # noqa: UP045
         typer.Option("--out", "-o", help="Labels TIFF (default: IMAGE_labels.tif)."),
     ] = None,
-    model: ModelOpt = "builtin",
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="'builtin', a model file from `smartscope train`, or a plugin's "
+            "model: .onnx, a bioimage.io package (.zip, rdf.yaml, folder), a "
+            "Cellpose file.",
+        ),
+    ] = "builtin",
     device: DeviceOpt = "auto",
     scale: Annotated[
         float, typer.Option(help="Resize before the network (0.5 for large nuclei).")

@@ -149,6 +149,11 @@ def model_spec(
         plugin, params = "bioimageio", {"model": name, "device": device}
     elif path.is_file():
         plugin, params = "cellpose", {"model": name, "device": device}
+    elif path.is_dir():
+        raise RegistryError(
+            f"{name}: a folder without rdf.yaml or bioimageio.yaml, so not a "
+            "bioimage.io package (the only model that is a folder)"
+        )
     else:
         raise RegistryError(f"{name}: not a model file smartscope knows")
     if reread_ratio is not None:
