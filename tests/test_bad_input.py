@@ -300,3 +300,17 @@ def test_model_commands_refuse_an_output_under_a_file(command, tmp_path):
     _check_one_line(result, f"error: {a_file}")
     assert f"{a_file} is a file, not a folder" in result.stderr
     assert a_file.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "x.yaml", "--bogus"], "No such option: --bogus"),
+        (["segment"], "Missing argument 'image'. (see smartscope segment --help)"),
+        (["bench", "segment", "--repeats", "1"], "Invalid value for '--repeats'"),
+        (["frobnicate"], "No such command 'frobnicate'. (see smartscope --help)"),
+    ],
+    ids=["unknown_option", "missing_argument", "out_of_range", "unknown_command"],
+)
+def test_usage_errors_are_one_line(args, expected):
+    _check_one_line(smartscope(*args), expected)

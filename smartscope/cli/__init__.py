@@ -18,12 +18,35 @@ __all__ = ["app", "main"]
 
 
 def main() -> None:
-    """Entry point of the ``smartscope`` console script."""
+    """Entry point of the ``smartscope`` console script.
+
+    Usage errors (an unknown option, a value out of range, a missing
+    argument) are one ``error:`` line too, naming the command's ``--help``.
+    """
+    import typer
+
+    # click's base exception: typer >= 0.20 vendors click, older typer uses it
+    click_exception = next(
+        c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
+    )
     try:
-        app()
+        code = app(prog_name="smartscope", standalone_mode=False)
+    except click_exception as e:
+        ctx = getattr(e, "ctx", None)
+        where = ctx.command_path if ctx is not None else "smartscope"
+        message = " ".join(e.format_message().split())
+        if not message:  # a group called without its command: help was printed
+            sys.exit(e.exit_code)
+        err_console.print(
+            f"error: {message} (see {where} --help)", markup=False, highlight=False
+        )
+        sys.exit(e.exit_code)
+    except typer.Abort:  # end of input at a prompt
+        sys.exit(1)
     except Exception as e:  # a user error raised outside a guarded block
         message = user_error_message(e)
         if message is None:
             raise
         err_console.print(f"error: {message}", markup=False, highlight=False)
         sys.exit(EXIT_BAD_INPUT)
+    sys.exit(code if isinstance(code, int) else 0)
