@@ -10,6 +10,7 @@ failed run exits 1, an interrupted one 130.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from smartscope.cli import _bench, _run, _tools  # noqa: F401  (register commands)
 from smartscope.cli._app import EXIT_BAD_INPUT, app, err_console, user_error_message
@@ -26,27 +27,27 @@ def main() -> None:
     import typer
 
     # click's base exception: typer >= 0.20 vendors click, older typer uses it
-    click_exception = next(
+    click_exception: type[Exception] = next(
         c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
     )
     try:
         code = app(prog_name="smartscope", standalone_mode=False)
     except click_exception as e:
-        ctx = getattr(e, "ctx", None)
+        usage: Any = e
+        ctx = getattr(usage, "ctx", None)
         where = ctx.command_path if ctx is not None else "smartscope"
-        message = " ".join(e.format_message().split())
-        if not message:  # a group called without its command: help was printed
-            sys.exit(e.exit_code)
-        err_console.print(
-            f"error: {message} (see {where} --help)", markup=False, highlight=False
-        )
-        sys.exit(e.exit_code)
+        message = " ".join(usage.format_message().split())
+        if message:  # (empty: a group called without its command printed help)
+            err_console.print(
+                f"error: {message} (see {where} --help)", markup=False, highlight=False
+            )
+        sys.exit(usage.exit_code)
     except typer.Abort:  # end of input at a prompt
         sys.exit(1)
     except Exception as e:  # a user error raised outside a guarded block
-        message = user_error_message(e)
-        if message is None:
+        error = user_error_message(e)
+        if error is None:
             raise
-        err_console.print(f"error: {message}", markup=False, highlight=False)
+        err_console.print(f"error: {error}", markup=False, highlight=False)
         sys.exit(EXIT_BAD_INPUT)
     sys.exit(code if isinstance(code, int) else 0)
