@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from smartscope import RegistryError
 from smartscope.detections import Detections
@@ -255,6 +256,66 @@ def test_a_long_nucleus_turned_off_the_pixel_grid_is_not_split():
     for j, single in enumerate(singles):
         assert (out[single] == 11 + j).all(), f"split at {angles[j]} degrees"
     assert len(np.unique(out[pair])) == 2
+
+
+def test_regional_maxima_are_counted_as_local_maxima_counts_them():
+    # `split_waists` skips an object whose distance map has one regional
+    # maximum; the quick count must agree with skimage's on plateaus, ridges
+    # and ties, or a waist would go unsplit
+    from skimage.morphology import local_maxima
+
+    from smartscope.segment._postprocess import _regional_maxima
+
+    rng = np.random.default_rng(5)
+    eight = np.ones((3, 3), bool)
+    yy, xx = np.indices((40, 40))
+    counts = []
+    for i in range(600):
+        if i % 2:  # random levels: plateaus, ties, many maxima
+            h, w = rng.integers(3, 30, 2)
+            img = rng.integers(0, rng.integers(2, 6), (h, w)).astype(np.float64)
+            mask = rng.random((h, w)) < 0.9
+        else:  # the distance map of one to three overlapping discs
+            mask = np.zeros(yy.shape, bool)
+            for _ in range(rng.integers(1, 4)):
+                cy, cx, r = rng.uniform(10, 30), rng.uniform(10, 30), rng.uniform(3, 10)
+                mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            img = ndi.distance_transform_edt(mask)[:: 1 + i % 4 // 2, :: 1 + i % 4 // 2]
+            mask = mask[:: 1 + i % 4 // 2, :: 1 + i % 4 // 2]
+        expected = ndi.label(local_maxima(img) & mask, eight)[1]
+        assert _regional_maxima(img, mask) == expected
+        counts.append(expected)
+    assert counts.count(1) > 100 and max(counts) >= 3  # both branches ran
+    assert _regional_maxima(np.ones((5, 5)), np.zeros((5, 5), bool)) == 0
+
+
+def test_probabilities_to_labels_splits_as_the_public_splits_do():
+    # `probabilities_to_labels` shares one count of the objects between the
+    # fragment merge and both splits: the same labels as the public splits
+    # called one after another on its labels without them
+    from smartscope.segment._dl import UNetSegmenter
+    from smartscope.segment._postprocess import (
+        finish_labels,
+        probabilities_to_labels,
+        split_notches,
+        split_waists,
+    )
+    from smartscope.segment._synth import render_scene
+
+    seg = UNetSegmenter(max_object_radius_px=None)
+    split_frames = 0
+    for seed in (3, 11, 29, 47):
+        rng = np.random.default_rng(seed)
+        scene = render_scene(rng, (256, 256), kind="nuclei", style="widefield")
+        probs = seg.probabilities(scene.image)
+        got, _ = probabilities_to_labels(probs)
+        whole, _ = probabilities_to_labels(probs, waist_ratio=None)
+        split = split_notches(split_waists(whole))
+        fg_prob = probs[1] + probs[2]
+        expected, _ = finish_labels(split, fg_prob, fg_prob > 0.6)
+        np.testing.assert_array_equal(got, expected)
+        split_frames += split is not whole
+    assert split_frames >= 1
 
 
 def test_nuclei_pressed_side_by_side_are_split_between_their_notches():

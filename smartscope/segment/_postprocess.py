@@ -231,30 +231,48 @@ def merge_fragments(
     follows the small objects' pixels. Labels keep their numbers (merged
     ones vanish); `labels` itself comes back when nothing joins.
     """
+    return _merge_fragments(labels, fraction, ratio, min_contact, rounds)[0]
+
+
+def _merge_fragments(
+    labels: np.ndarray,
+    fraction: float = FRAGMENT_FRACTION,
+    ratio: float = 2.0,
+    min_contact: int = 2,
+    rounds: int = 8,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`merge_fragments`, and the areas of its result.
+
+    The areas (a bincount) when its last round counted them, else None: the
+    splits after it need them too.
+    """
     out = labels
     for _ in range(max(1, rounds)):
-        merged = _merge_fragments_once(out, fraction, ratio, min_contact)
+        merged, areas = _merge_fragments_once(out, fraction, ratio, min_contact)
         if merged is out:
-            break
+            return out, areas
         out = merged
-    return out
+    return out, None
 
 
 def _merge_fragments_once(
     labels: np.ndarray, fraction: float, ratio: float, min_contact: int
-) -> np.ndarray:
-    """One round of `merge_fragments` (`labels` itself when nothing joins)."""
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One round of `merge_fragments` (`labels` itself when nothing joins).
+
+    Also the per-label areas of `labels` (None where they were not counted).
+    """
     lab = np.asarray(labels)
     n = int(lab.max()) if lab.size else 0
     if n < 2 or fraction <= 0:
-        return labels
+        return labels, None
     areas = np.bincount(lab.ravel(), minlength=n + 1)
     present = areas[1:][areas[1:] > 0]
     limit = fraction * float(np.median(present))
     small = areas < limit
     small[0] = False
     if not small.any():
-        return labels
+        return labels, areas
     # the 4-neighbours of the small objects' pixels only (flat indices into a
     # zero-padded copy), so the cost follows the fragments, not the frame
     h, w = lab.shape
@@ -277,7 +295,7 @@ def _merge_fragments_once(
         larger & (areas[src] + areas[dst] < limit)
     )
     if not keep.any():
-        return labels
+        return labels, areas
     pair, count = np.unique(src[keep] * (n + 1) + dst[keep], return_counts=True)
     frm, to = pair // (n + 1), pair % (n + 1)
     order = np.lexsort((-count, frm))  # per fragment, most shared edges first
@@ -286,7 +304,7 @@ def _merge_fragments_once(
     first[1:] = frm[1:] != frm[:-1]
     ok = first & (count >= min_contact)
     if not ok.any():
-        return labels
+        return labels, areas
     target = np.arange(n + 1)
     target[frm[ok]] = to[ok]
     # a fragment may join a fragment that joins another (areas at least double
@@ -298,7 +316,7 @@ def _merge_fragments_once(
         target = nxt
     out = lab.copy()
     out.ravel()[(at // stride - 1) * w + at % stride - 1] = target[own]
-    return out
+    return out, None
 
 
 def probabilities_to_labels(
@@ -341,29 +359,51 @@ def probabilities_to_labels(
         small[0] = False
         if small.any():
             seeds[small[seeds]] = 0
-    labels = merge_fragments(_grow(seeds, fg, grow_steps), fragment_fraction)
+    labels, areas = _merge_fragments(_grow(seeds, fg, grow_steps), fragment_fraction)
     if waist_ratio is not None:
-        labels = split_waists(labels, waist_ratio, min_area_px=min_area_px)
-        labels = split_notches(labels, waist_ratio, min_area_px=min_area_px)
+        # both splits look at the same large objects: counted and boxed once
+        # unless the first split changed them
+        large: _Large | None = _large_objects(labels, waist_ratio, min_area_px, areas)
+        split = split_waists(labels, waist_ratio, min_area_px=min_area_px, large=large)
+        if split is not labels:
+            labels, large = split, None
+        labels = split_notches(
+            labels, waist_ratio, min_area_px=min_area_px, large=large
+        )
     return finish_labels(labels, fg_prob, fg, min_area_px)
 
 
+class _Large(NamedTuple):
+    """The objects of at least some multiple of a frame's median area."""
+
+    labels: np.ndarray  #: their labels, ascending
+    median: float  #: the median object area (px)
+    boxes: list  #: `ndi.find_objects` slices, by label - 1 (up to the last)
+
+
 def _large_objects(
-    labels: np.ndarray, ratio: float, min_area_px: int = 1
-) -> tuple[np.ndarray, float]:
-    """Labels of the objects of at least `ratio` x the median area, and it.
+    labels: np.ndarray,
+    ratio: float,
+    min_area_px: int = 1,
+    areas: np.ndarray | None = None,
+) -> _Large:
+    """The objects of at least `ratio` x the median area, the median, boxes.
 
     The median counts objects of at least `min_area_px`; no labels (and a
-    median of 0) with fewer than two such objects.
+    median of 0) with fewer than two such objects. `areas` (a bincount of
+    `labels`) when already counted.
     """
-    n = int(labels.max()) if labels.size else 0
-    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    if areas is None:
+        n = int(labels.max()) if labels.size else 0
+        areas = np.bincount(labels.ravel(), minlength=n + 1)
     present = areas[1:][areas[1:] >= max(1, min_area_px)]
     if present.size < 2:
-        return np.zeros(0, np.int64), 0.0
+        return _Large(np.zeros(0, np.int64), 0.0, [])
     median = float(np.median(present))
     big = np.flatnonzero(areas >= ratio * median)
-    return big[big > 0], median
+    big = big[big > 0]
+    boxes = ndi.find_objects(labels, max_label=int(big[-1])) if big.size else []
+    return _Large(big, median, boxes)
 
 
 def split_waists(
@@ -372,6 +412,7 @@ def split_waists(
     dynamic: float = WAIST_DYNAMIC,
     min_fraction: float = 0.4,
     min_area_px: int = 8,
+    large: _Large | None = None,
 ) -> np.ndarray:
     """Split objects of at least `ratio` x the median area at a waist.
 
@@ -386,16 +427,15 @@ def split_waists(
     which will be dropped, do not count in the median). A single convex
     nucleus has one peak, however large, elongated or turned. Returns
     `labels` itself when nothing splits, else a copy (new labels above the
-    largest).
+    largest). `large`: those objects when already found (`_large_objects`).
     """
     from skimage.morphology import local_maxima, reconstruction
     from skimage.segmentation import watershed
 
     lab = np.asarray(labels)
-    big, median = _large_objects(lab, ratio, min_area_px)
+    big, median, boxes = large or _large_objects(lab, ratio, min_area_px)
     if big.size == 0:
         return labels
-    boxes = ndi.find_objects(lab, max_label=int(big[-1]))
     n = int(lab.max())
     out: np.ndarray | None = None
     next_label = n + 1
@@ -414,6 +454,11 @@ def split_waists(
         # pixel (the domes are the costly step: ~0.8 ms a 70 px object)
         step = 2 if max(mine.shape) > 48 else 1
         coarse = depth[::step, ::step]
+        # each dome's top holds a regional maximum of the distance (the domes
+        # only remove maxima): with a single one, as most large single nuclei
+        # have, there is no waist, and the domes need not be built
+        if _regional_maxima(coarse, mine[::step, ::step]) < 2:
+            continue
         # the h-domes: each peak lowered by h stays a plateau of its own only
         # where it stands h above the saddle to a higher one (skimage's
         # `h_maxima` marks the tops themselves: the ridge of a long nucleus
@@ -437,6 +482,23 @@ def split_waists(
     return labels if out is None else out
 
 
+def _regional_maxima(image: np.ndarray, mask: np.ndarray) -> int:
+    """How many regional maxima (8-connected plateaus) `image` has in `mask`.
+
+    The pixels that equal their 3x3 maximum hold every regional maximum, and
+    two maxima never share a connected piece of them (neighbours in such a
+    piece are equal): one piece, so one maximum, is settled without
+    `local_maxima` (4x the cost).
+    """
+    from skimage.morphology import local_maxima
+
+    eight = np.ones((3, 3), bool)
+    flat_tops = (image == ndi.maximum_filter(image, footprint=eight)) & mask
+    if ndi.label(flat_tops, eight)[1] < 2:
+        return int(flat_tops.any())
+    return int(ndi.label(local_maxima(image) & mask, eight)[1])
+
+
 def split_notches(
     labels: np.ndarray,
     ratio: float = WAIST_RATIO,
@@ -445,6 +507,7 @@ def split_notches(
     min_solidity: float = NOTCH_SOLIDITY,
     min_fraction: float = 0.4,
     min_area_px: int = 8,
+    large: _Large | None = None,
 ) -> np.ndarray:
     """Split objects of at least `ratio` x the median area between two notches.
 
@@ -464,16 +527,16 @@ def split_notches(
     into two convex halves. Outline geometry only (no per-pixel work but
     the final split): ~0.6 ms an object on 2 CPU cores. Returns `labels`
     itself when nothing splits, else a copy (new labels above the largest).
+    `large`: those objects when already found (`_large_objects`).
     """
     from scipy.spatial import ConvexHull, QhullError
     from skimage.draw import polygon
     from skimage.measure import find_contours
 
     lab = np.asarray(labels)
-    big, median = _large_objects(lab, ratio, min_area_px)
+    big, median, boxes = large or _large_objects(lab, ratio, min_area_px)
     if big.size == 0:
         return labels
-    boxes = ndi.find_objects(lab, max_label=int(big[-1]))
     out: np.ndarray | None = None
     next_label = int(lab.max()) + 1
     for i in big:
@@ -614,10 +677,9 @@ def reread_windows(
     or none that large.
     """
     lab = np.asarray(labels)
-    big, median = _large_objects(lab, ratio)
+    big, median, boxes = _large_objects(lab, ratio)
     if big.size == 0:
         return Rereads([], (0, 0), median)
-    boxes = ndi.find_objects(lab, max_label=int(big[-1]))
     h, w = lab.shape
     extent = max(
         max(boxes[i - 1][0].stop - boxes[i - 1][0].start for i in big),
