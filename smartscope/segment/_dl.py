@@ -100,7 +100,7 @@ class UNetSegmenter(BaseModel):
         (1.5) are split where their shape has a waist, or else between two
         notches of their outline into two convex parts: two nuclei pressed
         together that the network saw as one (`split_waists`,
-        `split_notches`; ~8 and ~6 ms on a 512² frame with eleven such
+        `split_notches`; ~4 and ~5 ms on a 512² frame with eleven such
         objects, 2 CPU cores). None turns both off.
     reread_ratio : float | None
         Off (None) by default. Objects of at least this many times the
