@@ -512,7 +512,7 @@ def _regional_maxima(image: np.ndarray, mask: np.ndarray) -> int:
     The pixels that equal their 3x3 maximum hold every regional maximum, and
     two maxima never share a connected piece of them (neighbours in such a
     piece are equal): one piece, so one maximum, is settled without
-    `local_maxima` (4x the cost).
+    `local_maxima` (~45 against ~120 µs on a nucleus-sized window).
     """
     from skimage.morphology import local_maxima
 
