@@ -697,7 +697,7 @@ class Scheduler(Iterator[MDAEvent]):
                 dose_position=bkey or None,
             )
             stamped = self._stamp(event, tag, key)
-            due = float(event.min_start_time) if event.min_start_time else -math.inf
+            due = _due(event)
             self._added.append(
                 (-action.priority, next(self._counter), due, stamped, bkey)
             )
@@ -1607,7 +1607,7 @@ class Scheduler(Iterator[MDAEvent]):
                 "c": int(index.get("c", 0)),
                 "z": int(index.get("z", 0)),
             }
-            due = float(event.min_start_time) if event.min_start_time else -math.inf
+            due = _due(event)
             if due > -math.inf:
                 tag["due_s"] = round(due, 6)
             stamped = self._stamp(event, tag, key)
@@ -1686,7 +1686,12 @@ def _tag_pos(event: MDAEvent) -> str | None:
 
 
 def _due(event: MDAEvent) -> float:
-    """When `event` may start (its ``min_start_time``; -inf: at once)."""
+    """When `event` may start (its ``min_start_time``; -inf: at once).
+
+    A ``min_start_time`` of 0 (every frame of a zero-interval time plan, and
+    the first of any) is no constraint: untimed like None, so such a visit's
+    wait counts from when it was read, not from the start of the run.
+    """
     return float(event.min_start_time) if event.min_start_time else -math.inf
 
 
