@@ -640,7 +640,7 @@ def test_bench_segment_reports_latency_and_accuracy(builtin, tmp_path):
     from smartscope.segment import available_segmenters
 
     # a local annotated image stands in for a real one (nothing is downloaded)
-    real, real_truth = synth_sample(31, (192, 160), kind="nuclei", depth="16")
+    real, real_truth = synth_sample(33, (192, 160), kind="nuclei", depth="16")
     tifffile.imwrite(tmp_path / "real.tif", real)
     tifffile.imwrite(tmp_path / "real_mask.tif", real_truth)
     # a model file of the user's, run by the plugin its type picks
@@ -685,6 +685,17 @@ def test_bench_segment_reports_latency_and_accuracy(builtin, tmp_path):
     assert got["f1@0.5"] == pytest.approx(expected["f1@0.5"], abs=1e-6)
     assert got["mean_ap"] == pytest.approx(expected["mean_ap"], abs=1e-6)
     assert result["validation"]["real_images"] == 1
+    # the same image turned and mirrored (8 views): how far the figure moves
+    views = result["real_nuclei_8_views"]["builtin"]["f1@0.5"]
+    assert views["views"] == 8
+    turned = evaluate(builtin, [np.rot90(real)], [np.rot90(real_truth)])["f1@0.5"]
+    mirrored = evaluate(builtin, [real[::-1]], [real_truth[::-1]])["f1@0.5"]
+    for f1 in (expected["f1@0.5"], turned, mirrored):  # three of the eight
+        assert views["min"] - 1e-4 <= f1 <= views["max"] + 1e-4
+    assert views["min"] > 0.5  # each view scored against its own turned truth
+    assert views["min"] <= views["mean"] <= views["max"]
+    assert rows["builtin"]["real_nuclei_8_views.f1@0.5_min"] == views["min"]
+    assert rows["builtin"]["real_nuclei_8_views.f1@0.5_mean"] == views["mean"]
     for name in ("builtin", "threshold"):
         assert result["latency_ms"][name]["128"]["n"] == 3
         for dataset in ("synthetic_val", "synthetic_large_nuclei", "democam_beads"):
