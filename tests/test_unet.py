@@ -441,6 +441,13 @@ def test_segment_cli_stack_and_output_option(tmp_path):
     labels = tifffile.imread(out)
     assert labels.shape == stack.shape and labels.dtype == np.uint16
     np.testing.assert_array_equal(labels[0, 0], labels[1, 1])
+    # the same stack as a NumPy file: the same labels
+    np.save(tmp_path / "stack.npy", stack)
+    res = smartscope("segment", str(tmp_path / "stack.npy"), "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    np.testing.assert_array_equal(
+        tifffile.imread(tmp_path / "stack_labels.tif"), labels
+    )
 
 
 @pytest.mark.parametrize(
@@ -453,6 +460,8 @@ def test_segment_cli_stack_and_output_option(tmp_path):
         (["IMG", "--reread", "0.5"], "--reread must be more than 1"),
         (["IMG", "--reread", "1.7", "--model", "IMG"], "--reread applies to"),
         (["IMG", "--model", "DIR"], "a folder without rdf.yaml or bioimageio.yaml"),
+        (["BADPNG"], "cannot read bad.png: not an image file smartscope reads"),
+        (["OBJ"], "cannot read obj.npy: Object arrays cannot be loaded"),
     ],
 )
 def test_segment_cli_bad_input_is_one_line(tmp_path, args, message):
@@ -460,7 +469,15 @@ def test_segment_cli_bad_input_is_one_line(tmp_path, args, message):
     tifffile.imwrite(img, np.zeros((64, 64), np.uint8))
     bad = tmp_path / "bad.tif"
     bad.write_bytes(b"II*\x00garbage")
-    names = {"IMG": str(img), "BAD": str(bad), "DIR": str(tmp_path)}
+    (tmp_path / "bad.png").write_bytes(b"not a picture")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object))
+    names = {
+        "IMG": str(img),
+        "BAD": str(bad),
+        "DIR": str(tmp_path),
+        "BADPNG": str(tmp_path / "bad.png"),
+        "OBJ": str(tmp_path / "obj.npy"),
+    }
     args = [names.get(a, a) for a in args]
     res = smartscope("segment", *args)
     assert res.returncode == 2

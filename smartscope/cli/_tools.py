@@ -244,7 +244,10 @@ def gui(
 @app.command()
 def segment(
     image: Annotated[
-        Path, typer.Argument(help="TIFF (2D or a stack with leading T/Z/C axes), PNG.")
+        Path,
+        typer.Argument(
+            help="TIFF (2D or a stack with leading T/Z/C axes), PNG, JPEG, .npy."
+        ),
     ],
     out: Annotated[
         Optional[Path],  # noqa: UP045

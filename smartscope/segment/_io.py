@@ -11,13 +11,16 @@ from smartscope._errors import SmartscopeError, first_line
 from smartscope.segment._protocol import PSegmenter
 
 _TIFF = (".tif", ".tiff")
+#: what `read_image` reads, for messages and help
+FORMATS = "TIFF, PNG, JPEG or .npy"
 
 
 def read_image(path: str | Path, grey: bool = True) -> np.ndarray:
     """An image or stack as ``(..., Y, X)``; RGB(A) is averaged to grey.
 
-    TIFF (any leading T/Z/C axes, 8/16-bit, float) through tifffile; PNG and
-    JPEG through scikit-image. `grey` False keeps RGB(A) as it is (for a
+    TIFF (any leading T/Z/C axes, 8/16-bit, float) through tifffile; a
+    NumPy ``.npy`` array (no pickled objects); PNG, JPEG and the other
+    formats scikit-image reads. `grey` False keeps RGB(A) as it is (for a
     label mask, where it is an error: see `check_labels`).
     """
     path = Path(path)
@@ -36,12 +39,17 @@ def read_image(path: str | Path, grey: bool = True) -> np.ndarray:
                 arr = np.asarray(tifffile.imread(path))
             finally:
                 log.setLevel(level)
+        elif path.suffix.lower() == ".npy":
+            arr = np.asarray(np.load(path, allow_pickle=False))
         else:
             from skimage import io
 
             arr = np.asarray(io.imread(path))
     except Exception as exc:  # any reader failure is a bad-input error
-        raise SmartscopeError(f"cannot read {path.name}: {first_line(exc)}") from None
+        reason = first_line(exc)
+        if "Could not find a backend" in reason:  # imageio's "no reader for this"
+            reason = f"not an image file smartscope reads ({FORMATS})"
+        raise SmartscopeError(f"cannot read {path.name}: {reason}") from None
     if arr.size == 0:
         raise SmartscopeError(f"cannot read {path.name}: no image data")
     if arr.dtype == bool:
