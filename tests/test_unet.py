@@ -203,6 +203,38 @@ def test_tiling_matches_whole_frame(builtin):
     assert matched >= 0.9 * max(whole.max(), 1)
 
 
+def test_eight_views_average_the_turned_and_mirrored_readings(builtin):
+    """`views=8`: the mean of the network's readings of the frame turned by
+    0/90/180/270° and mirrored, each turned back; so a turned frame gives the
+    turned probabilities, which one reading does not."""
+    img, _ = synth_sample(44, (160, 160), kind="nuclei")
+    eight = UNetSegmenter(device="cpu", views=8, max_object_radius_px=None)
+    one = UNetSegmenter(device="cpu", max_object_radius_px=None)
+    expected = np.zeros((3, *img.shape), np.float32)
+    for k in range(4):
+        for mirror in (False, True):
+            view = np.rot90(img, k)
+            view = view[:, ::-1] if mirror else view
+            p = one.probabilities(np.ascontiguousarray(view))
+            p = p[:, :, ::-1] if mirror else p
+            expected += np.rot90(p, -k, axes=(1, 2))
+    got = eight.probabilities(img)
+    np.testing.assert_allclose(got, expected / 8, atol=1e-5)
+    turned = eight.probabilities(np.ascontiguousarray(np.rot90(img)))
+    np.testing.assert_allclose(turned, np.rot90(got, axes=(1, 2)), atol=1e-5)
+    single = one.probabilities(img)
+    assert (
+        np.abs(
+            one.probabilities(np.rot90(img).copy()) - np.rot90(single, axes=(1, 2))
+        ).max()
+        > 1e-3
+    )  # one reading depends on the orientation
+    # a frame that is not square, through the whole segment call
+    wide, _ = synth_sample(45, (96, 200), kind="nuclei")
+    assert eight.segment(wide).labels.shape == (1, 96, 200)
+    assert eight.model_id.endswith("@views8") and "@views" not in builtin.model_id
+
+
 def test_registry_builds_unet_with_params():
     seg = create_segmenter("unet", {"scale": 0.5, "device": "cpu"})
     assert seg.model_id.endswith("@x0.5")
@@ -412,6 +444,19 @@ def test_segment_cli_rereads_large_objects_when_asked(tmp_path):
     assert b.max() > a.max()
 
 
+def test_segment_cli_views_8_is_the_averaged_reading(tmp_path):
+    img, _ = synth_sample(46, (128, 128), "nuclei")
+    path = tmp_path / "img.tif"
+    tifffile.imwrite(path, img)
+    res = smartscope(
+        "segment", str(path), "--views", "8", "-o", str(tmp_path / "a.tif")
+    )
+    assert res.returncode == 0, res.stderr
+    assert "@views8" in res.stderr
+    expected = UNetSegmenter(device="cpu", views=8).segment(img).labels[0]
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "a.tif"), expected)
+
+
 def test_segment_cli_round_trips_tiff(tmp_path):
     img, truth = synth_sample(21, (256, 320), kind="nuclei", depth="16")
     src = tmp_path / "nuclei.tif"
@@ -462,6 +507,8 @@ def test_segment_cli_stack_and_output_option(tmp_path):
         (["IMG", "--model", "DIR"], "a folder without rdf.yaml or bioimageio.yaml"),
         (["BADPNG"], "cannot read bad.png: not an image file smartscope reads"),
         (["OBJ"], "cannot read obj.npy: Object arrays cannot be loaded"),
+        (["IMG", "--views", "4"], "--views must be 1 or 8, not 4"),
+        (["IMG", "--views", "8", "--model", "IMG"], "--views applies to the built-in"),
     ],
 )
 def test_segment_cli_bad_input_is_one_line(tmp_path, args, message):

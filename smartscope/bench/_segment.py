@@ -255,6 +255,7 @@ def bench_segment(
     threads: int | None = None,
     scale: float = 1.0,
     reread_ratio: float | None = None,
+    views: int = 1,
     config: str | Path | None = None,
     real_image: str | Path | None = None,
     real_mask: str | Path | None = None,
@@ -289,7 +290,8 @@ def bench_segment(
     says what each row ran. ``table`` has one row per segmenter: F1@0.5 and
     mean AP on each data set, p50/p99 ms at each size. `reread_ratio`
     turns on the re-read of large objects (`reread_large`) for the model and
-    its exports.
+    its exports; `views` 8 the model's test-time augmentation (its exports
+    read each frame once).
     """
     from smartscope.segment._dl import UNetSegmenter
 
@@ -307,6 +309,7 @@ def bench_segment(
         threads=threads,
         scale=scale,
         reread_ratio=reread_ratio,
+        views=views,
     )
     main = "builtin" if model == "builtin" else "model"
     # bioimageio.spec leaves the package's files open for the garbage
@@ -440,6 +443,7 @@ def _measure(
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "scale": scale,
+            "views": dl.views,
             "tile": dl.tile,
             "torch": torch.__version__,
         },

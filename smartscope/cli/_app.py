@@ -123,12 +123,14 @@ def check_device(device: str) -> None:
         bad_input(f"--device must be auto, cpu or cuda, not {device!r}")
 
 
-def check_model_options(scale: float, reread: float | None) -> None:
-    """``--scale`` and ``--reread`` of the commands that run the built-in model."""
+def check_model_options(scale: float, reread: float | None, views: int = 1) -> None:
+    """``--scale``, ``--reread`` and ``--views`` of the commands that run models."""
     if not 0.05 < scale <= 4:
         bad_input(f"--scale must be in (0.05, 4], not {scale}")
     if reread is not None and not reread > 1:
         bad_input(f"--reread must be more than 1 (x the median area), not {reread}")
+    if views not in (1, 8):
+        bad_input(f"--views must be 1 or 8, not {views}")
 
 
 def bad_input(message: str) -> None:

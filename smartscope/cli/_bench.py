@@ -159,6 +159,13 @@ def bench_segment_cmd(
             "times the median area again in crops of their own (off by default)."
         ),
     ] = None,
+    views: Annotated[
+        int,
+        typer.Option(
+            help="The model averages its reading over the frame turned and "
+            "mirrored 8 ways (8) or reads it once (1)."
+        ),
+    ] = 1,
     real_image: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
@@ -206,7 +213,7 @@ def bench_segment_cmd(
     from smartscope.bench import bench_segment
 
     check_device(device)
-    check_model_options(scale, reread)
+    check_model_options(scale, reread, views)
     with user_errors():
         result = bench_segment(
             model=model,
@@ -215,6 +222,7 @@ def bench_segment_cmd(
             threads=threads,
             scale=scale,
             reread_ratio=reread,
+            views=views,
             config=config,
             real_image=real_image,
             real_mask=real_mask,

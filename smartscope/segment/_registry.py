@@ -81,6 +81,7 @@ def segmenter_for_model(
     threads: int | None = None,
     scale: float = 1.0,
     reread_ratio: float | None = None,
+    views: int = 1,
 ) -> PSegmenter:
     """The segmenter that runs a model file, chosen from what the file is.
 
@@ -92,7 +93,12 @@ def segmenter_for_model(
         If the file does not exist, or its plugin is not installed.
     """
     spec = model_spec(
-        model, device=device, threads=threads, scale=scale, reread_ratio=reread_ratio
+        model,
+        device=device,
+        threads=threads,
+        scale=scale,
+        reread_ratio=reread_ratio,
+        views=views,
     )
     return create_segmenter(spec.pop("name"), spec)
 
@@ -104,6 +110,7 @@ def model_spec(
     threads: int | None = None,
     scale: float = 1.0,
     reread_ratio: float | None = None,
+    views: int = 1,
 ) -> dict[str, Any]:
     """The segmenter spec (``{"name": ..., <params>}``) that runs a model file.
 
@@ -113,7 +120,8 @@ def model_spec(
     the ``bioimageio`` plugin; any other file: the ``cellpose`` plugin.
     `device` and `threads` are passed on where the segmenter takes them;
     `reread_ratio` (the re-read of large objects in crops of their own) to
-    the built-in U-Net, ``onnx`` and ``bioimageio``.
+    the built-in U-Net, ``onnx`` and ``bioimageio``; `scale` and `views`
+    (test-time augmentation) to the built-in U-Net only.
 
     Raises
     ------
@@ -131,9 +139,13 @@ def model_spec(
             params["threads"] = threads
         if reread_ratio is not None:
             params["reread_ratio"] = reread_ratio
+        if views != 1:
+            params["views"] = views
         return {"name": "unet", **params}
     if scale != 1.0:
         raise RegistryError("--scale applies to the built-in model only")
+    if views != 1:
+        raise RegistryError("--views applies to the built-in model only")
     if suffix == ".onnx":
         plugin, params = "onnx", {"model": name, "device": device}
         if threads:
