@@ -99,7 +99,7 @@ def real_image_set(
 
 
 def _view_spread(seg: Any, real: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
-    """Scores on the real images turned and flipped: the 8 views of a square.
+    """Scores on the real images turned by 90° steps and mirrored (8 views).
 
     A network on a pixel grid is not exactly equivariant, so the same nuclei
     turned by 90° or mirrored are read a little differently; the spread over

@@ -11,7 +11,7 @@ from smartscope._errors import SmartscopeError, first_line
 from smartscope.segment._protocol import PSegmenter
 
 _TIFF = (".tif", ".tiff")
-#: what `read_image` reads, for messages and help
+#: what `read_image` reads, for its error messages
 FORMATS = "TIFF, PNG, JPEG or .npy"
 
 
