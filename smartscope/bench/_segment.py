@@ -106,22 +106,23 @@ def _view_spread(seg: Any, real: list[tuple[np.ndarray, np.ndarray]]) -> dict[st
     the 8 views says how far one image's figure can move by that alone.
     ``{"f1@0.5": {mean, min, max, views}, "mean_ap": {...}}``.
     """
+    from smartscope.segment._dl import VIEWS
     from smartscope.segment._evaluate import evaluate
+
+    def view(a: np.ndarray, turns: int, mirror: bool) -> np.ndarray:
+        a = np.rot90(a, turns)
+        return np.ascontiguousarray(a[:, ::-1] if mirror else a)
 
     f1: list[float] = []
     ap: list[float] = []
-    for k in range(4):
-        for flip in (False, True):
-            pairs = [(np.rot90(img, k), np.rot90(lab, k)) for img, lab in real]
-            if flip:
-                pairs = [(img[:, ::-1], lab[:, ::-1]) for img, lab in pairs]
-            got = evaluate(
-                seg,
-                [np.ascontiguousarray(p[0]) for p in pairs],
-                [np.ascontiguousarray(p[1]) for p in pairs],
-            )
-            f1.append(got["f1@0.5"])
-            ap.append(got["mean_ap"])
+    for turns, mirror in VIEWS:  # the views `UNetSegmenter(views=8)` averages
+        got = evaluate(
+            seg,
+            [view(img, turns, mirror) for img, _ in real],
+            [view(lab, turns, mirror) for _, lab in real],
+        )
+        f1.append(got["f1@0.5"])
+        ap.append(got["mean_ap"])
 
     def spread(values: list[float]) -> dict[str, float]:
         return {
