@@ -176,6 +176,36 @@ def test_probabilities_to_labels_merges_a_split_off_piece():
     assert (joined[8:40, 8:40] == 1).all()
 
 
+def test_debris_does_not_set_the_median_object_area():
+    from smartscope.segment._postprocess import typical_area
+
+    nuclei = [6000, 6600, 7000, 7500, 7800, 11900, 13000]
+    specks = [10, 11, 12, 15, 20, 25, 30, 50, 80, 90, 100, 130]
+    assert typical_area(np.array(nuclei + specks)) == 7500  # their median
+    assert np.median(nuclei + specks) == 90  # a plain median is a speck's
+    # nuclei within a 4-fold spread of sizes all count; a lone object is its
+    # own median
+    spread = np.array([200, 250, 300, 400, 500, 600, 800])
+    assert typical_area(spread) == 400
+    assert typical_area(np.array([42])) == 42
+
+
+def test_a_piece_joins_its_nucleus_among_many_specks():
+    from smartscope.segment._postprocess import probabilities_to_labels
+
+    classes = np.zeros((48, 140), np.int64)  # 0 background, 1 interior, 2 boundary
+    classes[8:40, 8:40] = 1
+    classes[8:40, 8] = classes[8:40, 39] = classes[8, 8:40] = classes[39, 8:40] = 2
+    classes[34, 30:39] = classes[34:39, 30] = 2  # a corner cut off: a piece
+    for y in range(4, 44, 6):  # 35 specks of 3 x 3, more than the objects
+        for x in range(60, 136, 16):
+            classes[y : y + 3, x : x + 3] = 1
+    probs = np.eye(3, dtype=np.float32)[classes].transpose(2, 0, 1)
+    labels, _ = probabilities_to_labels(probs)
+    assert (labels[9:39, 9:39] == labels[20, 20]).all()  # one nucleus, corner in
+    assert labels.max() == 1 + 35  # the specks stay objects of their own
+
+
 def test_median_object_radius_measures_pieces_of_foreground():
     from smartscope.segment._postprocess import median_object_radius
 
@@ -423,7 +453,7 @@ def test_reread_windows_pick_large_objects_and_keep_their_crops_in_the_frame():
     assert reread_windows(lab, ratio=5.0).windows == []
     # an object larger than the crop widens every crop (1.25 x its extent);
     # the frame caps the crop
-    lab[20:110, 100:180] = 9
+    lab[20:110, 100:140] = 9
     assert reread_windows(lab, ratio=1.7, side=96).shape == (113, 113)
     assert reread_windows(lab, ratio=1.7, side=250).shape == (200, 250)
     one = np.zeros((64, 64), np.uint16)

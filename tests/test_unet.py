@@ -807,16 +807,19 @@ def test_live_loop_runs_with_the_builtin_model(tmp_path):
 
 
 def test_large_nuclei_are_segmented_again_at_a_smaller_scale(builtin):
-    # nuclei of 40-70 px radius: the network alone splits them; the test-time
-    # scale from object size (max_object_radius_px) brings them to its range
+    # nuclei of 40-70 px radius: the network alone cuts them into pieces
+    # (which mostly join again); the test-time scale from object size
+    # (max_object_radius_px) brings them to its range
     from smartscope.segment._synth import large_nuclei_set
 
     frames = large_nuclei_set(6)
     images, truths = [f[0] for f in frames], [f[1] for f in frames]
     off = UNetSegmenter(device="cpu", max_object_radius_px=None)
-    auto = evaluate(builtin, images, truths)["f1@0.5"]
-    plain = evaluate(off, images, truths)["f1@0.5"]
-    assert auto >= plain + 0.08, (auto, plain)  # measured 0.72 vs 0.57
+    auto = evaluate(builtin, images, truths)
+    plain = evaluate(off, images, truths)
+    # measured F1 0.917 vs 0.878, mean AP 0.870 vs 0.672 (bf16)
+    assert auto["f1@0.5"] >= plain["f1@0.5"] + 0.02, (auto, plain)
+    assert auto["mean_ap"] >= plain["mean_ap"] + 0.1, (auto, plain)
     assert off.model_id == builtin.model_id + "@r-off"
     # frames of small nuclei are left as they are
     img, _ = synth_sample(11, (256, 256), kind="nuclei")
