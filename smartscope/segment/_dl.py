@@ -124,8 +124,9 @@ class UNetSegmenter(BaseModel):
         passes: a 512² frame ~3x slower on a CPU, so it suits offline
         segmentation (``smartscope segment --views 8``) more than the live
         loop. F1@0.5 +0.001-0.013 on every synthetic set (docs/
-        benchmarks.md); averaging only 2 or 4 of the views lowered large
-        nuclei, hence 1 or 8.
+        benchmarks.md); averaging only 2 of the views (the frame and its
+        mirror image) lowers large nuclei, 4 gain less than 8, hence 1 or
+        8.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
