@@ -188,6 +188,7 @@ def test_debris_does_not_set_the_median_object_area():
     spread = np.array([200, 250, 300, 400, 500, 600, 800])
     assert typical_area(spread) == 400
     assert typical_area(np.array([42])) == 42
+    assert typical_area(np.zeros(0)) == 0.0
 
 
 def test_a_piece_joins_its_nucleus_among_many_specks():

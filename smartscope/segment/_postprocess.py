@@ -412,7 +412,7 @@ DEBRIS_FRACTION = 0.25
 
 
 def typical_area(areas: np.ndarray) -> float:
-    """A frame's median object area (px) from its objects' `areas` (all > 0).
+    """A frame's median object area (px) from its objects' `areas` (0 for none).
 
     The median of the objects of at least `DEBRIS_FRACTION` x the
     area-weighted median (the area of the object that holds the median
@@ -424,6 +424,8 @@ def typical_area(areas: np.ndarray) -> float:
     as large (docs/benchmarks.md, Session 35).
     """
     a = np.sort(np.asarray(areas, np.float64).ravel())
+    if a.size == 0:
+        return 0.0
     cum = np.cumsum(a)
     weighted = a[min(int(np.searchsorted(cum, cum[-1] / 2)), a.size - 1)]
     return float(np.median(a[a >= DEBRIS_FRACTION * weighted]))
