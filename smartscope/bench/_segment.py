@@ -106,12 +106,11 @@ def _view_spread(seg: Any, real: list[tuple[np.ndarray, np.ndarray]]) -> dict[st
     the 8 views says how far one image's figure can move by that alone.
     ``{"f1@0.5": {mean, min, max, views}, "mean_ap": {...}}``.
     """
-    from smartscope.segment._dl import VIEWS
+    from smartscope.segment._dl import VIEWS, turned
     from smartscope.segment._evaluate import evaluate
 
     def view(a: np.ndarray, turns: int, mirror: bool) -> np.ndarray:
-        a = np.rot90(a, turns)
-        return np.ascontiguousarray(a[:, ::-1] if mirror else a)
+        return np.ascontiguousarray(turned(a, turns, mirror))
 
     f1: list[float] = []
     ap: list[float] = []

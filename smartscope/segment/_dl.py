@@ -55,6 +55,19 @@ from smartscope.segment._protocol import Segmentation, as_batch
 
 #: the 8 views of `UNetSegmenter.views`: (turns by 90°, then mirrored)
 VIEWS = tuple((turns, mirror) for turns in range(4) for mirror in (False, True))
+
+
+def turned(a: np.ndarray, turns: int, mirror: bool) -> np.ndarray:
+    """One of the `VIEWS` of `a` (``(..., Y, X)``): turned, then mirrored."""
+    a = np.rot90(a, turns, axes=(-2, -1))
+    return a[..., ::-1] if mirror else a
+
+
+def unturned(a: np.ndarray, turns: int, mirror: bool) -> np.ndarray:
+    """`a` read in a view (`turned`) back in the frame's orientation."""
+    return np.rot90(a[..., ::-1] if mirror else a, -turns, axes=(-2, -1))
+
+
 #: frames whose median object is larger than this radius (px) at the network's
 #: input are segmented again at a smaller scale; chosen on a synthetic tuning set
 MAX_OBJECT_RADIUS_PX = 28.0
@@ -444,13 +457,9 @@ class _Engine:
             return [self._finish(p, shape) for p in self._read(prepared)]
         total = np.zeros((len(batch), 3, *prepared.shape[1:]), np.float32)
         for turns, mirror in VIEWS:
-            view = np.rot90(prepared, turns, axes=(1, 2))
-            if mirror:
-                view = view[:, :, ::-1]
-            for i, probs in enumerate(self._read(np.ascontiguousarray(view))):
-                if mirror:  # back to the frame's orientation
-                    probs = probs[:, :, ::-1]
-                total[i] += np.rot90(probs, -turns, axes=(1, 2))
+            view = np.ascontiguousarray(turned(prepared, turns, mirror))
+            for i, probs in enumerate(self._read(view)):
+                total[i] += unturned(probs, turns, mirror)
         total /= len(VIEWS)
         return [self._finish(p, shape) for p in total]
 
