@@ -371,14 +371,20 @@ def test_nuclei_pressed_side_by_side_are_split_between_their_notches():
         return (u / a) ** 2 + (v / b) ** 2 <= 1
 
     pairs = []
-    for j, (cy, cx, angle) in enumerate([(90, 80, 0), (90, 220, 30), (200, 80, 75)]):
-        # centres 14 px apart across the long axes (minor semi-axes 9: pressed
-        # 4 px into each other; at 16 px apart the waist split finds them)
-        dy, dx = 7 * np.cos(np.deg2rad(angle)), -7 * np.sin(np.deg2rad(angle))
+    # centres 14 px apart across the long axes (minor semi-axes 9: pressed
+    # 4 px into each other; at 16 px apart the waist split finds them); the
+    # last pair 11 px apart (p = 0.39 of the minor semi-axis: the cut is ~3.8x
+    # the summed notch depth, as for the pairs merged on the real image)
+    setup = [(90, 80, 0, 7), (90, 220, 30, 7), (200, 80, 75, 7), (90, 330, 50, 5.5)]
+    for j, (cy, cx, angle, half) in enumerate(setup):
+        dy, dx = half * np.cos(np.deg2rad(angle)), -half * np.sin(np.deg2rad(angle))
         first = ellipse(cy + dy, cx + dx, 16, 9, angle)
         second = ellipse(cy - dy, cx - dx, 16, 9, angle)
-        lab[first | second] = 11 + j
-        pairs.append((first & ~second, second & ~first, first | second))
+        union = first | second
+        lab[union] = 11 + j
+        # pressed, they meet along the straight contact between their centres
+        near = (yy - cy) * dy + (xx - cx) * dx > 0
+        pairs.append((union & near, union & ~near, union))
     # singles of the same size stay whole: a long ellipse, a bean (one notch)
     single = ellipse(200, 220, 23, 12.5, 20)
     lab[single] = 20

@@ -381,8 +381,8 @@ Speed and accuracy on real DemoCamera frames: `smartscope bench segment --json`.
 Trained on synthetic images only; it has not seen a real nucleus image.
 Measure it on a labelled image of yours with `smartscope bench segment
 --real-image IMAGE --real-mask LABELS` (the built-in model reads F1@0.5
-0.85-0.88 on a public annotated widefield image of 125 nuclei; its card
-gives the details). Nuclei pressed side by side
+0.88-0.92 on a public annotated widefield image of 125 nuclei turned and
+mirrored; its card gives the details). Nuclei pressed side by side
 with no intensity dip between them are still the main source of errors on
 real images (two nuclei come out as one), and the outlines of very bright,
 saturated nuclei are the least accurate.

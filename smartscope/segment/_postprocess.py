@@ -42,9 +42,12 @@ WAIST_DYNAMIC = 0.075
 #: its outline (`split_notches`) at least this deep (px, from its convex hull)
 #: when the cut is at most `NOTCH_CUT` x their summed depth and both parts are
 #: convex (area over convex-hull area at least `NOTCH_SOLIDITY`); chosen on
-#: the synthetic sets (docs/benchmarks.md, Session 32)
+#: the synthetic sets (docs/benchmarks.md, Session 32); the cut limit 5 (was
+#: 3: pairs pressed up to 0.45 of their short semi-axis into each other, whose
+#: cut is 5.06x the summed depth) on a world of strongly pressed pairs of
+#: real-sized nuclei (Session 36)
 NOTCH_DEPTH_PX = 1.5
-NOTCH_CUT = 3.0
+NOTCH_CUT = 5.0
 NOTCH_SOLIDITY = 0.93
 
 
