@@ -373,8 +373,9 @@ def test_nuclei_pressed_side_by_side_are_split_between_their_notches():
     pairs = []
     # centres 14 px apart across the long axes (minor semi-axes 9: pressed
     # 4 px into each other; at 16 px apart the waist split finds them); the
-    # last pair 11 px apart (p = 0.39 of the minor semi-axis: the cut is ~3.8x
-    # the summed notch depth, as for the pairs merged on the real image)
+    # last pair 11 px apart (p = 0.39 of the minor semi-axis: the cut is 3.8x
+    # the ellipses' summed notch depth, 4-4.5x on the pixel outline; the pairs
+    # merged on the real image read 3.5-3.6x), which only cut limits over 4 split
     setup = [(90, 80, 0, 7), (90, 220, 30, 7), (200, 80, 75, 7), (90, 330, 50, 5.5)]
     for j, (cy, cx, angle, half) in enumerate(setup):
         dy, dx = half * np.cos(np.deg2rad(angle)), -half * np.sin(np.deg2rad(angle))
