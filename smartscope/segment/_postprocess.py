@@ -424,7 +424,11 @@ def typical_area(areas: np.ndarray) -> float:
     median and do not count in the median, which stays that of the
     nuclei. A plain median of 7 nuclei and 12 specks is a speck's area, so
     the pieces of a nucleus stopped joining it and every nucleus counted
-    as large (docs/benchmarks.md, Session 35).
+    as large (docs/benchmarks.md, Session 35). An object holding over half
+    of all object pixels sets the median itself, so it is never "large": a
+    clump of nuclei stays whole, and so does one large nucleus among a few
+    small ones (leaving it out cut such nuclei on the synthetic sets; Session
+    36).
     """
     a = np.sort(np.asarray(areas, np.float64).ravel())
     if a.size == 0:
