@@ -2,8 +2,9 @@
 
 Each plugin's own behaviour is tested in ``plugins/<name>/tests``; here, that
 an installed plugin is found by name, validated as part of an experiment,
-built in the analysis child process, and drives a real run. Tests of a plugin
-that is not installed are skipped.
+built in the analysis child process, and drives a real run. A plugin that is
+not installed fails its tests with the command that installs it (the README's
+test command installs all four).
 """
 
 from __future__ import annotations
