@@ -699,6 +699,68 @@ def test_label_masks_that_are_no_label_images_are_one_line_errors(tmp_path):
     np.testing.assert_array_equal(image, img)
 
 
+def test_dsb_mask_folders_are_label_images(tmp_path):
+    """The Data Science Bowl 2018 ships one binary PNG per nucleus in
+    ``ID/masks/`` beside ``ID/images/ID.png``: `bench segment --real-mask`
+    and `train --data` read that layout as they read a label image."""
+    import imageio.v3 as iio
+    from skimage.segmentation import relabel_sequential
+
+    from smartscope import SmartscopeError
+    from smartscope.bench._segment import real_image_set
+    from smartscope.segment._train import read_pairs
+
+    img, lab = synth_sample(103, (64, 80), kind="nuclei")
+    ids = np.unique(lab)[1:]
+    assert len(ids) == 5
+    sample = tmp_path / "data" / "a1"
+    (sample / "images").mkdir(parents=True)
+    (sample / "masks").mkdir()
+    grey = (255 * (img - img.min()) / np.ptp(img)).astype(np.uint8)
+    iio.imwrite(
+        sample / "images" / "a1.png", np.stack([grey] * 3 + [grey * 0 + 255], -1)
+    )
+    for k, i in enumerate(ids):  # reversed names: file order is not label order
+        iio.imwrite(
+            sample / "masks" / f"m{len(ids) - k:03d}.png", (lab == i) * np.uint8(255)
+        )
+    iio.imwrite(sample / "masks" / "m000.png", np.zeros(lab.shape, np.uint8))  # empty
+    # a mask overlapping the first file's object keeps only what nobody has
+    extra = (lab == ids[-1]) | (np.arange(lab.shape[1]) < 3)[None, :]
+    iio.imwrite(sample / "masks" / "z_extra.png", extra * np.uint8(255))
+
+    # objects numbered 1..K in file order: m001 holds the last id, and so on
+    expected = np.zeros(lab.shape, np.int64)
+    for k, i in enumerate(ids[::-1], start=1):
+        expected[lab == i] = k
+    expected[(expected == 0) & extra] = len(ids) + 1
+    ((image, truth),) = real_image_set(sample / "images" / "a1.png", sample / "masks")
+    np.testing.assert_array_equal(truth, expected)
+    np.testing.assert_array_equal(image, grey)  # RGBA averaged to grey
+    for root in (tmp_path / "data", sample):  # a folder of samples, or one
+        ((image, truth),) = read_pairs(root)
+        np.testing.assert_array_equal(truth, expected)
+    # the same objects as the label image, up to numbering
+    seq = relabel_sequential(lab)[0]
+    for k in range(1, len(ids) + 1):
+        assert len(np.unique(seq[expected == k])) == 1
+
+    (sample / "images" / "b.png").write_bytes(
+        (sample / "images" / "a1.png").read_bytes()
+    )
+    with pytest.raises(SmartscopeError, match="a1/images holds 2 files"):
+        read_pairs(tmp_path / "data")
+    iio.imwrite(sample / "masks" / "zz_small.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(
+        SmartscopeError, match=r"zz_small\.png \(8, 8\) differs in shape"
+    ):
+        real_image_set(sample / "images" / "a1.png", sample / "masks")
+    (tmp_path / "none").mkdir()
+    with pytest.raises(SmartscopeError, match="empty folder") as exc:
+        real_image_set(sample / "images" / "a1.png", tmp_path / "none")
+    assert "\n" not in str(exc.value)
+
+
 def test_bench_segment_reports_latency_and_accuracy(builtin, tmp_path):
     from smartscope.bench import bench_segment
     from smartscope.segment import available_segmenters

@@ -75,15 +75,17 @@ def real_image_set(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """``(image, labels)`` planes of a local annotated image and its label mask.
 
-    2D images or stacks (every plane whose mask holds objects). A clear
-    `SmartscopeError` when the files are missing, unreadable or of different
-    shapes, or the mask is no label image (`check_labels`).
+    2D images or stacks (every plane whose mask holds objects). `mask` is a
+    label image or a folder of one mask per object (the Data Science Bowl
+    2018's ``masks/``; `read_labels`). A clear `SmartscopeError` when the
+    files are missing, unreadable or of different shapes, or the mask is no
+    label image (`check_labels`).
     """
     from smartscope._errors import SmartscopeError
-    from smartscope.segment._io import check_labels, read_image
+    from smartscope.segment._io import read_image, read_labels
 
     img = read_image(image)
-    lab = check_labels(read_image(mask, grey=False), f"real mask {Path(mask).name}")
+    lab = read_labels(mask, f"real mask {Path(mask).name}")
     if img.shape != lab.shape:
         raise SmartscopeError(
             f"real image {Path(image).name} {img.shape} and mask "

@@ -176,7 +176,9 @@ def bench_segment_cmd(
     real_mask: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
-            help="Its ground-truth instance labels [env SMARTSCOPE_BENCH_REAL_MASK]."
+            help="Its ground-truth instance labels: a label image, or a folder "
+            "of one mask per object (DSB-2018 masks/) [env "
+            "SMARTSCOPE_BENCH_REAL_MASK]."
         ),
     ] = None,
     add_model: Annotated[

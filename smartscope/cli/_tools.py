@@ -383,8 +383,9 @@ def train(
         Optional[Path],  # noqa: UP045
         typer.Option(
             "--data",
-            help="Folder of image/label TIFF pairs (images/ + labels/, or "
-            "NAME.tif + NAME_labels.tif). Without it: synthetic data only.",
+            help="Folder of image/label pairs (images/ + labels/ TIFFs, "
+            "NAME.tif + NAME_labels.tif, or DSB-2018's ID/images/ + ID/masks/). "
+            "Without it: synthetic data only.",
         ),
     ] = None,
     init: Annotated[

@@ -87,6 +87,47 @@ def check_labels(labels: np.ndarray, name: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def read_labels(path: str | Path, name: str) -> np.ndarray:
+    """Ground-truth instance labels (int64) from a label image or a mask folder.
+
+    A file is a label image (`check_labels`). A folder holds one mask per
+    object, as the Data Science Bowl 2018 ships its annotations
+    (``ID/masks/*.png``): every image file in it, in name order, is one
+    object (its non-zero pixels; an empty mask is skipped), numbered from 1;
+    a pixel two masks claim stays with the first. `name` names the labels
+    in errors: a folder with no masks, a mask that is no 2D image, or masks
+    of different shapes is a one-line `SmartscopeError`.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return check_labels(read_image(path, grey=False), name)
+    files = sorted(f for f in path.iterdir() if f.is_file() and f.name[0] != ".")
+    if not files:
+        raise SmartscopeError(f"{name} is an empty folder (one mask file per object)")
+    labels: np.ndarray | None = None
+    for k, file in enumerate(files, start=1):
+        mask = read_image(file)
+        if mask.ndim != 2:
+            raise SmartscopeError(
+                f"{name}: {file.name} is no 2D mask (shape {mask.shape}; a mask "
+                "folder holds one 2D image per object)"
+            )
+        if labels is None:
+            labels = np.zeros(mask.shape, np.int64)
+        elif mask.shape != labels.shape:
+            raise SmartscopeError(
+                f"{name}: {file.name} {mask.shape} differs in shape from "
+                f"{files[0].name} {labels.shape}"
+            )
+        labels[(mask != 0) & (labels == 0)] = k
+    assert labels is not None
+    # number the objects 1..K in file order (empty masks leave no gap)
+    present = np.unique(labels)
+    lut = np.zeros(int(present[-1]) + 1, np.int64)
+    lut[present] = np.arange(len(present))
+    return lut[labels]
+
+
 def segment_array(
     segmenter: PSegmenter, image: np.ndarray, batch_size: int = 4
 ) -> np.ndarray:

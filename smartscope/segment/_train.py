@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from smartscope._errors import SmartscopeError
-from smartscope.segment._io import check_labels, read_image
+from smartscope.segment._io import read_image, read_labels
 from smartscope.segment._postprocess import boundary_classes, normalize
 from smartscope.segment._synth import (
     NUCLEUS_EDGE_FRACTION,
@@ -78,19 +78,33 @@ class TrainProgress:
 
 
 def read_pairs(folder: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Image/label TIFF pairs from `folder`.
+    """Image/label pairs from `folder`.
 
     Either ``images/NAME.tif`` with ``labels/NAME.tif``, or ``NAME.tif`` with
-    ``NAME_labels.tif`` (or ``NAME_masks.tif``) side by side. Stacks are split
-    into their 2D planes (RGB images averaged to grey). An unreadable file or
-    a label image that is none (RGB, fractional, negative) is a one-line
-    `SmartscopeError`.
+    ``NAME_labels.tif`` (or ``NAME_masks.tif``) side by side, or the Data
+    Science Bowl 2018 layout: a folder per image, ``ID/images/ID.png`` (one
+    image file) with ``ID/masks/`` holding one mask per object
+    (`read_labels`). Stacks are split into their 2D planes (RGB images
+    averaged to grey). An unreadable file or a label image that is none (RGB,
+    fractional, negative) is a one-line `SmartscopeError`.
     """
     root = Path(folder)
     if not root.is_dir():
         raise SmartscopeError(f"training data folder not found: {root}")
     pairs: list[tuple[Path, Path]] = []
-    if (root / "images").is_dir() and (root / "labels").is_dir():
+    samples = [d for d in sorted(root.iterdir()) if (d / "masks").is_dir()]
+    if (root / "masks").is_dir():  # one such folder itself
+        samples = [root]
+    if samples:  # the DSB-2018 layout
+        for d in samples:
+            found = [f for f in sorted((d / "images").glob("*")) if f.is_file()]
+            if len(found) != 1:
+                raise SmartscopeError(
+                    f"{d.name}/images holds {len(found)} files (one image beside "
+                    f"{d.name}/masks)"
+                )
+            pairs.append((found[0], d / "masks"))
+    elif (root / "images").is_dir() and (root / "labels").is_dir():
         for img in sorted((root / "images").glob("*.tif*")):
             lab = root / "labels" / img.name
             if lab.exists():
@@ -107,15 +121,14 @@ def read_pairs(folder: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
                     break
     if not pairs:
         raise SmartscopeError(
-            f"no image/label TIFF pairs in {root} (expected images/NAME.tif + "
-            "labels/NAME.tif, or NAME.tif + NAME_labels.tif)"
+            f"no image/label pairs in {root} (expected images/NAME.tif + "
+            "labels/NAME.tif, NAME.tif + NAME_labels.tif, or ID/images/ID.png + "
+            "ID/masks/*.png)"
         )
     out: list[tuple[np.ndarray, np.ndarray]] = []
     for img_path, lab_path in pairs:
         image = read_image(img_path)
-        truth = check_labels(
-            read_image(lab_path, grey=False), f"labels {lab_path.name}"
-        )
+        truth = read_labels(lab_path, f"labels {lab_path.name}")
         if image.shape != truth.shape:
             raise SmartscopeError(
                 f"{img_path.name}: image shape {image.shape} != labels shape "
