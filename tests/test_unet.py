@@ -755,6 +755,9 @@ def test_dsb_mask_folders_are_label_images(tmp_path):
         SmartscopeError, match=r"zz_small\.png \(8, 8\) differs in shape"
     ):
         real_image_set(sample / "images" / "a1.png", sample / "masks")
+    (sample / "images" / "b.png").unlink()
+    with pytest.raises(SmartscopeError, match=r"^labels a1/masks: zz_small\.png"):
+        read_pairs(sample)
     (tmp_path / "none").mkdir()
     with pytest.raises(SmartscopeError, match="empty folder") as exc:
         real_image_set(sample / "images" / "a1.png", tmp_path / "none")

@@ -128,7 +128,8 @@ def read_pairs(folder: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
     out: list[tuple[np.ndarray, np.ndarray]] = []
     for img_path, lab_path in pairs:
         image = read_image(img_path)
-        truth = read_labels(lab_path, f"labels {lab_path.name}")
+        where = f"{lab_path.parent.name}/" if lab_path.is_dir() else ""
+        truth = read_labels(lab_path, f"labels {where}{lab_path.name}")
         if image.shape != truth.shape:
             raise SmartscopeError(
                 f"{img_path.name}: image shape {image.shape} != labels shape "
