@@ -204,6 +204,55 @@ def test_bioimageio_folder_output_of_a_trained_model(tmp_path, tiny_model):
     assert (mine / "README.md").read_text() == "my notes"
 
 
+def test_a_failed_export_leaves_no_half_file_and_the_earlier_one_whole(
+    tmp_path, tiny_model, monkeypatch
+):
+    """An export that fails after writing part of its output (a fault injected
+    into its last step) leaves nothing at a new path and the earlier export at
+    an old one as it was: files are written beside the output and moved onto
+    it in one rename."""
+    onnx = importlib.import_module("onnx")
+    spec = importlib.import_module("bioimageio.spec")
+    from smartscope.segment import _export_bioimageio
+
+    pt = tiny_model[0]
+    before = {
+        "onnx": export_model(pt, "onnx", tmp_path / "m.onnx").read_bytes(),
+        "zip": export_model(pt, "bioimageio", tmp_path / "m.zip").read_bytes(),
+    }
+    folder = export_model(pt, "bioimageio", tmp_path / "pkg")
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    listing = sorted(p.name for p in tmp_path.iterdir())
+
+    def injected(*args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(onnx.checker, "check_model", injected)
+    for name in ("m.onnx", "new.onnx"):
+        with pytest.raises(RuntimeError, match="injected"):
+            export_model(pt, "onnx", tmp_path / name)
+    monkeypatch.undo()
+    monkeypatch.setattr(_export_bioimageio, "validate_package", injected)
+    for name in ("m.zip", "new.zip"):
+        with pytest.raises(RuntimeError, match="injected"):
+            export_model(pt, "bioimageio", tmp_path / name)
+    monkeypatch.undo()
+    real = spec.save_bioimageio_package_as_folder
+
+    def written_then_failed(descr, output_path):
+        real(descr, output_path=output_path)
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(spec, "save_bioimageio_package_as_folder", written_then_failed)
+    for name in ("pkg", "new_pkg"):
+        with pytest.raises(RuntimeError, match="injected"):
+            export_model(pt, "bioimageio", tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing  # no partials
+    assert (tmp_path / "m.onnx").read_bytes() == before["onnx"]
+    assert (tmp_path / "m.zip").read_bytes() == before["zip"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
+
+
 # -- dispatch and errors: one line each ---------------------------------------------
 def test_default_paths_and_unknown_format(tmp_path):
     assert str(default_export_path("builtin", "onnx")) == "builtin.onnx"

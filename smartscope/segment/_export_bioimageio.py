@@ -31,6 +31,7 @@ from smartscope.segment._export_onnx import (
     export_onnx,
     input_multiple,
     packaged_network,
+    written_whole,
 )
 from smartscope.segment._model import ModelFile
 from smartscope.segment._postprocess import (
@@ -326,7 +327,9 @@ def export_bioimageio(model: str | Path, out: str | Path) -> Path:
     `out` ending in ``.zip`` gets a zipped package, anything else a folder
     holding ``rdf.yaml`` and the files it names (a new or empty folder, or
     one holding an earlier package, which is written over; never a folder of
-    other files). The package is validated (offline) before this returns.
+    other files). The package is written beside `out` and validated
+    (offline) there, then moved onto `out` (`written_whole`): a failed export
+    leaves no half package.
 
     Raises
     ------
@@ -390,9 +393,12 @@ def export_bioimageio(model: str | Path, out: str | Path) -> Path:
         _cover(image, probs[0], files["cover"])
         _documentation(mf, files["documentation"])
         descr = _describe(mf, files)
-        if zipped:
-            written = save_bioimageio_package(descr, output_path=out)
-        else:
-            written = save_bioimageio_package_as_folder(descr, output_path=out)
-    validate_package(written)
-    return Path(written)
+        # written beside `out` and validated there: a failed or killed export
+        # leaves no half package (and an earlier one untouched)
+        with written_whole(out) as partial:
+            if zipped:
+                save_bioimageio_package(descr, output_path=partial)
+            else:
+                save_bioimageio_package_as_folder(descr, output_path=partial)
+            validate_package(partial)
+    return out

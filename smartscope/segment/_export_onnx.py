@@ -55,6 +55,36 @@ def _require(module: str, purpose: str) -> Any:
         ) from None
 
 
+@contextlib.contextmanager
+def written_whole(out: Path) -> Iterator[Path]:
+    """A hidden path beside `out` to write to; moved onto `out` only on success.
+
+    An export that fails or is killed part way leaves no half-written file
+    (or folder) at `out`, and an earlier one there untouched: the new one
+    replaces it in one rename (a folder: the old one is moved aside first).
+    """
+    import shutil
+
+    partial = out.with_name(f".{out.stem}.partial{out.suffix}")  # same suffix
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.unlink(missing_ok=True)
+    try:
+        yield partial
+        if partial.is_dir() and out.is_dir():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            partial.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            partial.replace(out)
+    finally:
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+
+
 def packaged_network(model: str | Path = "builtin") -> tuple[nn.Module, ModelFile]:
     """The exported network of `model` (eval mode, fp32, CPU) and its model file.
 
@@ -123,7 +153,8 @@ def metadata(mf: ModelFile) -> dict[str, str]:
 def export_onnx(model: str | Path, out: str | Path, opset: int = OPSET) -> Path:
     """Write `model` (``"builtin"`` or a ``.pt`` model file) as an ONNX file.
 
-    Batch, Y and X are dynamic axes; the file passes ``onnx.checker``.
+    Batch, Y and X are dynamic axes; the file passes ``onnx.checker``. It is
+    written beside `out` and moved onto it once checked (`written_whole`).
 
     Raises
     ------
@@ -133,14 +164,23 @@ def export_onnx(model: str | Path, out: str | Path, opset: int = OPSET) -> Path:
         If the ``onnx`` package is not installed or `out` cannot be written.
     """
     onnx = _require("onnx", "ONNX export")
-    import torch
-
     net, mf = packaged_network(model)
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"{out} is a folder; give the .onnx file to write")
     if not out.parent.exists():
         raise ExportError(f"folder {out.parent} does not exist")
+    with written_whole(out) as partial:
+        _write_onnx(onnx, net, mf, partial, opset)
+    return out
+
+
+def _write_onnx(
+    onnx: Any, net: nn.Module, mf: ModelFile, out: Path, opset: int
+) -> None:
+    """The ONNX export of `net` with `mf`'s metadata, checked, at `out`."""
+    import torch
+
     dummy = torch.zeros(1, 1, 64, 64)
     axes = {0: "batch", 2: "y", 3: "x"}
     with quiet_onnx_export(), torch.no_grad():
@@ -168,4 +208,3 @@ def export_onnx(model: str | Path, out: str | Path, opset: int = OPSET) -> Path:
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out))
-    return out
