@@ -200,6 +200,8 @@ def test_bioimageio_folder_output_of_a_trained_model(tmp_path, tiny_model):
     (mine / "README.md").write_text("my notes")
     with pytest.raises(ExportError, match="folder with other files"):
         export_model(tiny_model[0], "bioimageio", mine)
+    with pytest.raises(ExportError, match=r"README\.md is a file; give a folder"):
+        export_model(tiny_model[0], "bioimageio", mine / "README.md")
     assert [p.name for p in mine.iterdir()] == ["README.md"]
     assert (mine / "README.md").read_text() == "my notes"
 

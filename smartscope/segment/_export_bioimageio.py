@@ -354,6 +354,11 @@ def export_bioimageio(model: str | Path, out: str | Path) -> Path:
         raise ExportError(f"{out} is a folder; give a .zip file or a folder name")
     if not out.parent.exists():
         raise ExportError(f"folder {out.parent} does not exist")
+    if not zipped and out.is_file():
+        raise ExportError(
+            f"{out} is a file; give a folder (new, empty or holding an earlier "
+            "package) or a .zip"
+        )
     if (
         not zipped
         and out.is_dir()
