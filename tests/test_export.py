@@ -6,6 +6,7 @@ import gc
 import importlib
 import json
 import socket
+import sys
 import zipfile
 
 import numpy as np
@@ -280,6 +281,15 @@ def test_bad_model_and_output_paths(tmp_path):
         export_model("builtin", "onnx", tmp_path / "no" / "x.onnx")
     with pytest.raises(ExportError, match="is a folder"):
         export_model("builtin", "onnx", tmp_path)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc is Linux's")
+def test_an_output_folder_that_cannot_be_written_is_named(tmp_path):
+    # /proc takes no new files whoever runs the tests (root included)
+    importlib.import_module("onnx")
+    for fmt, name in (("onnx", "m.onnx"), ("bioimageio", "m.zip")):
+        with pytest.raises(ExportError, match=rf"^cannot write /proc/{name}: "):
+            export_model("builtin", fmt, f"/proc/{name}")
 
 
 def test_card_of_export_matches_model(builtin_onnx):

@@ -62,6 +62,8 @@ def written_whole(out: Path) -> Iterator[Path]:
     An export that fails or is killed part way leaves no half-written file
     (or folder) at `out`, and an earlier one there untouched: the new one
     replaces it in one rename (a folder: the old one is moved aside first).
+    An `OSError` on the way (not writable, disk full) is an `ExportError`
+    naming `out`.
     """
     import shutil
 
@@ -78,6 +80,9 @@ def written_whole(out: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             partial.replace(out)
+    except OSError as exc:  # a folder not writable, a full disk ...
+        reason = exc.strerror or first_line(exc)
+        raise ExportError(f"cannot write {out}: {reason}") from None
     finally:
         if partial.is_dir():
             shutil.rmtree(partial, ignore_errors=True)
