@@ -758,6 +758,15 @@ def test_dsb_mask_folders_are_label_images(tmp_path):
     (sample / "images" / "b.png").unlink()
     with pytest.raises(SmartscopeError, match=r"^labels a1/masks: zz_small\.png"):
         read_pairs(sample)
+    # masks that cover every pixel: no object is read as background
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    half = (np.arange(lab.shape[0]) < 30)[:, None] & np.ones(lab.shape, bool)
+    iio.imwrite(whole / "a.png", half * np.uint8(255))
+    iio.imwrite(whole / "b.png", ~half * np.uint8(255))
+    np.testing.assert_array_equal(
+        real_image_set(sample / "images" / "a1.png", whole)[0][1], 2 - half
+    )
     (tmp_path / "none").mkdir()
     with pytest.raises(SmartscopeError, match="empty folder") as exc:
         real_image_set(sample / "images" / "a1.png", tmp_path / "none")

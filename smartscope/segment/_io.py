@@ -120,12 +120,11 @@ def read_labels(path: str | Path, name: str) -> np.ndarray:
                 f"{files[0].name} {labels.shape}"
             )
         labels[(mask != 0) & (labels == 0)] = k
+    from skimage.segmentation import relabel_sequential
+
     assert labels is not None
     # number the objects 1..K in file order (empty masks leave no gap)
-    present = np.unique(labels)
-    lut = np.zeros(int(present[-1]) + 1, np.int64)
-    lut[present] = np.arange(len(present))
-    return lut[labels]
+    return relabel_sequential(labels)[0]
 
 
 def segment_array(
